@@ -1,0 +1,115 @@
+"""Architecture tables: where a model's blocks are and which linears share which input.
+
+Every method reads these tables and nothing else about a model family: GPTQ's true-sequential
+order is the order of ``groups``; AWQ / SmoothQuant read the ``feeder`` of each group (the norm
+or linear whose output is the group's input, ``None`` where no exact fold exists, e.g. across a
+GELU or from outside the block). A new family is a new entry, not new branches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears (names relative to the block) that read the same input tensor."""
+
+    feeder: str | None
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    blocks: str  # dotted path of the ModuleList of blocks
+    groups: tuple[LinearGroup, ...]  # in execution (true-sequential) order
+    kind: str = "causal-lm"  # or "encoder"
+
+
+def _g(feeder: str | None, *linears: str) -> LinearGroup:
+    return LinearGroup(feeder, linears)
+
+
+_LLAMA_GROUPS = (
+    _g("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    _g("self_attn.v_proj", "self_attn.o_proj"),
+    _g("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj"),
+    _g("mlp.up_proj", "mlp.down_proj"),
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS),
+    "MistralForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS),
+    "Qwen2ForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS),
+    "OPTForCausalLM": ArchSpec(
+        "model.decoder.layers",
+        (
+            _g("self_attn_layer_norm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            _g("self_attn.v_proj", "self_attn.out_proj"),
+            _g("final_layer_norm", "fc1"),
+            _g("fc1", "fc2"),  # ReLU is positively homogeneous: positive scales fold through it
+        ),
+    ),
+    "GPT2LMHeadModel": ArchSpec(
+        "transformer.h",
+        (
+            _g("ln_1", "attn.c_attn"),
+            _g("attn.c_attn", "attn.c_proj"),  # v is the last third of c_attn's output
+            _g("ln_2", "mlp.c_fc"),
+            _g(None, "mlp.c_proj"),  # behind a GELU: no exact fold
+        ),
+    ),
+    "BertModel": ArchSpec(
+        "encoder.layer",
+        (
+            _g(None, "attention.self.query", "attention.self.key", "attention.self.value"),
+            _g("attention.self.value", "attention.output.dense"),
+            _g("attention.output.LayerNorm", "intermediate.dense"),
+            _g(None, "output.dense"),  # behind a GELU: no exact fold
+        ),
+        kind="encoder",
+    ),
+}
+
+
+def arch_for(model: nn.Module) -> ArchSpec:
+    """The table for ``model``'s class, or a ValueError listing the supported classes."""
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {name}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[name]
+
+
+def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    return model.get_submodule(spec.blocks)
+
+
+def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """The quantizable linears of a block, in table order; the table must cover them all."""
+    found = {n: m for n, m in block.named_modules() if is_linear(m)}
+    listed = [name for group in spec.groups for name in group.linears]
+    missing = set(found) - set(listed)
+    if missing:
+        raise ValueError(f"architecture table misses linear(s) {sorted(missing)} of the block")
+    return {name: block.get_submodule(name) for name in listed}
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(out, in)`` fp32 — GPT-2's Conv1D stores it transposed as (in, out)."""
+    w = module.weight.detach()
+    return (w.t() if isinstance(module, Conv1D) else w).float()
+
+
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Write an ``(out, in)`` matrix back in the module's own layout and dtype."""
+    w = w.t() if isinstance(module, Conv1D) else w
+    module.weight.data.copy_(w.to(module.weight.dtype))

@@ -1,0 +1,180 @@
+"""Input capture and block on/offload for the sequential pipeline (DESIGN.md §4).
+
+The model runs up to its first block once; a forward pre-hook (with kwargs) records the
+block's positional and keyword arguments (masks, rotary position embeddings, …) and stops the
+forward. Later blocks are then run one at a time on the recorded arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from blockquant.arch import LinearGroup
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states of each calibration batch and the other arguments a block is called with."""
+
+    hidden: list[Tensor]  # one (B, T, C) tensor per batch
+    args: list[tuple[Any, ...]]  # positional arguments after the hidden states, per batch
+    kwargs: list[dict[str, Any]]  # keyword arguments, per batch
+
+    def with_hidden(self, hidden: list[Tensor]) -> "BlockInputs":
+        return BlockInputs(hidden, self.args, self.kwargs)
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move tensors inside nested tuples / lists / dicts."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> None:
+    """Move every parameter and buffer that is not inside a block (embeddings, norms, head)."""
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in inside:
+                p.data = p.data.to(device)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if id(b) not in inside:
+                module._buffers[name] = b.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    batches: list[dict[str, Tensor]],
+    device: torch.device | str,
+) -> BlockInputs:
+    """Run ``model`` on each batch until block 0 and record block 0's call arguments."""
+    captured: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _StopForward
+
+    move_outside_blocks(model, blocks, device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    hidden, rest, kw = [], [], []
+    try:
+        for batch in batches:
+            try:
+                model(**to_device(batch, device), use_cache=False)
+            except _StopForward:
+                pass
+            args = captured.pop("args")
+            kwargs = dict(captured.pop("kwargs"))
+            if args:
+                hidden.append(args[0])
+                rest.append(tuple(args[1:]))
+            else:
+                hidden.append(kwargs.pop("hidden_states"))
+                rest.append(())
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("past_key_value", None)
+            kw.append(kwargs)
+    finally:
+        handle.remove()
+        move_outside_blocks(model, blocks, "cpu")
+    return BlockInputs(hidden, rest, kw)
+
+
+def block_output(out: Any) -> Tensor:
+    """Blocks return a tensor (transformers 5) or a tuple whose first item is the hidden states."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, transform: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+    """Outputs of ``block`` on every captured batch (optionally transformed, e.g. to CPU)."""
+    outs = []
+    for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        y = block_output(block(h, *a, **k))
+        outs.append(transform(y) if transform else y)
+    return outs
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of one block: its captured (quantized-stream) inputs and device."""
+
+    index: int
+    inputs: BlockInputs
+    groups: tuple[LinearGroup, ...]  # from the architecture table, in execution order
+    device: torch.device
+
+    def linear(self, block: nn.Module, name: str) -> nn.Module:
+        return block.get_submodule(name)
+
+
+@dataclass
+class LayerResult:
+    """A quantized layer: grid parameters and its relative output error on calibration data."""
+
+    scale: Tensor  # (out, n_groups)
+    zero: Tensor  # (out, n_groups)
+    g_idx: Tensor | None  # (in,) group of each input column, when act-order permuted them
+    error: float  # ‖(Ŵ − W)X‖² / ‖WX‖² over the calibration inputs
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """``H = 2/N Σ x xᵀ`` (fp32) of each named layer's input over all calibration tokens.
+
+    Each batch's forward stops as soon as every named layer has seen its input, so the
+    Hessians of a block's first linears cost almost nothing.
+    """
+    hessians: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    seen: set[str] = set()
+
+    def make_hook(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
+            if name not in hessians:
+                hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                counts[name] = 0
+            total = counts[name] + x.shape[0]
+            hessians[name].mul_(counts[name] / total).addmm_(x.t(), x, alpha=2.0 / total)
+            counts[name] = total
+            seen.add(name)
+            if len(seen) == len(layers):
+                raise _StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            seen.clear()
+            try:
+                block(h, *a, **k)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def relative_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: the layer's relative output error on its inputs."""
+    d = (w_hat - w).float()
+    num = torch.sum((d @ hessian) * d)
+    den = torch.sum((w.float() @ hessian) * w.float()).clamp(min=1e-30)
+    return float(num / den)

@@ -1,0 +1,71 @@
+"""Evaluation: perplexity on held-out text, embedding fidelity for encoders (DESIGN.md §5)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
+    """Non-overlapping ``seqlen`` windows of a 1-D token stream (remainder dropped): (W, seqlen)."""
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: Tensor,
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> float:
+    """``exp`` of the mean next-token NLL over non-overlapping windows (shared/README.md)."""
+    chunks = windows(ids, seqlen, max_windows)
+    if chunks.shape[0] == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    model.eval().to(device)
+    total, count = 0.0, 0
+    for batch in tqdm(chunks.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def mean_pooled_embeddings(
+    model: nn.Module, batches: list[dict[str, Tensor]], device: str | torch.device = "cpu"
+) -> Tensor:
+    """Sentence embeddings as sentence-transformers computes them: mask-weighted token mean."""
+    model.eval().to(device)
+    out = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = model(**batch).last_hidden_state.float()  # (B, T, C)
+        mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+    return torch.cat(out)
+
+
+def embedding_cosine(quantized: Tensor, reference: Tensor) -> float:
+    """Mean cosine between matching rows of two embedding matrices."""
+    return float(F.cosine_similarity(quantized, reference, dim=-1).mean())
+
+
+def paragraph_batches(tokenizer, paragraphs: list[str], max_length: int = 128, batch_size: int = 32) -> list[dict[str, Tensor]]:
+    """Tokenized, padded batches of paragraphs for an encoder."""
+    batches = []
+    for i in range(0, len(paragraphs), batch_size):
+        enc = tokenizer(paragraphs[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches

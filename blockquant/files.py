@@ -1,0 +1,151 @@
+"""Reading models and calibration text, and writing outputs atomically.
+
+Every user mistake becomes a ``ValueError`` whose message says what is wrong and how to fix
+it; the CLI prints it as one line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from blockquant.arch import ARCHITECTURES
+from blockquant.evaluate import windows
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "blockquant.json"
+
+
+def model_class_name(model_dir: str | Path) -> str:
+    """The architecture named in ``config.json``, checked against the supported tables."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ValueError(f"model directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not a Hugging Face model directory: it has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    names = config.get("architectures") or []
+    if not names:
+        raise ValueError(f"{config_file} names no 'architectures'; cannot tell which model class to load")
+    if names[0] not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {names[0]}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    return names[0]
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """Model (in ``dtype``, on CPU, eval mode) and tokenizer from a local directory."""
+    cls = getattr(transformers, model_class_name(model_dir))
+    try:
+        model = cls.from_pretrained(str(model_dir), dtype=dtype)
+    except Exception as e:  # transformers raises many types for a broken checkpoint
+        raise ValueError(f"cannot load the model in {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise ValueError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    return model.eval(), tokenizer
+
+
+def read_text(path: str | Path, what: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} file {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} file {p} is not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError(f"{what} file {p} is empty")
+    return text
+
+
+def tokenize_stream(tokenizer: Any, text: str) -> Tensor:
+    """The whole text as one 1-D token stream (no length limit, no warning about it)."""
+    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def load_calibration(path: str | Path, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0) -> Tensor:
+    """``nsamples`` random non-overlapping ``seqlen``-token windows of a text file: (N, seqlen).
+
+    A file too short for ``nsamples`` windows gives fewer, with a warning; one too short for
+    a single window is an error.
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
+    ids = tokenize_stream(tokenizer, read_text(path, "calibration"))
+    chunks = windows(ids, seqlen)
+    if chunks.shape[0] == 0:
+        raise ValueError(
+            f"calibration file {path} has {ids.numel()} tokens, fewer than one sample of {seqlen}; "
+            "use a longer file or a smaller --seqlen"
+        )
+    if chunks.shape[0] < nsamples:
+        log.warning(
+            "calibration file %s yields only %d samples of %d tokens (%d requested); proceeding with %d",
+            path, chunks.shape[0], seqlen, nsamples, chunks.shape[0],
+        )
+    order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(seed))
+    return chunks[order[:nsamples]]
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an existing output before any work is done."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ValueError(f"output directory {out} exists; choose another --output or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a directory")
+    if not out.resolve().parent.is_dir():
+        raise ValueError(f"the parent directory of --output {out} does not exist")
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory and rename it to ``out_dir`` only on success.
+
+    An error or interrupt removes the temporary directory: nothing half-written is left.
+    """
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path, record: dict[str, Any], overwrite: bool = False) -> Path:
+    """A plain Hugging Face directory (dequantized weights) plus ``blockquant.json``.
+
+    The record is kept out of ``config.json`` on purpose: a ``quantization_config`` there
+    would tell runtimes to expect packed integer weights, which this layout does not hold.
+    """
+    with atomic_dir(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
+    return Path(out_dir)

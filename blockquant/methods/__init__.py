@@ -1,0 +1,24 @@
+"""The methods a recipe can chain, listed in one literal dict (no registry, no import magic).
+
+A method is an options dataclass plus ``apply(block, ctx, spec, options) -> {layer: LayerResult}``
+that quantizes one block in place, given the block's captured calibration inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from blockquant.methods import gptq, rtn
+
+
+@dataclass(frozen=True)
+class Method:
+    options: type
+    apply: Callable[..., dict[str, Any]]
+    summary: str
+
+
+METHODS: dict[str, Method] = {
+    "rtn": Method(rtn.RTNOptions, rtn.apply, "round-to-nearest, optional clipping search"),
+    "gptq": Method(gptq.GPTQOptions, gptq.apply, "GPTQ: Hessian-aware column-wise error feedback"),
+}

@@ -1,0 +1,43 @@
+"""Round-to-nearest with optional clipping search — the baseline every table includes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from blockquant.arch import set_weight_matrix, weight_matrix
+from blockquant.capture import BlockContext, LayerResult, collect_hessians, relative_error
+from blockquant.primitives import clip_search, compute_qparams, fake_quantize
+from blockquant.recipe import QuantSpec
+
+
+@dataclass
+class RTNOptions:
+    clip_search: bool = False  # search a per-group range shrink minimising the error
+    input_weighted: bool = True  # with clip_search: weight each column's error by E[x²]
+
+
+def rtn_quantize(w: Tensor, spec: QuantSpec, search: bool = False, col_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Fake-quantized ``w`` (fp32) with its scale and zero point (min–max or searched)."""
+    w = w.float()
+    scale, zero = clip_search(w, spec, col_weight) if search else compute_qparams(w, spec)
+    return fake_quantize(w, scale, zero, spec), scale, zero
+
+
+@torch.no_grad()
+def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: RTNOptions) -> dict[str, LayerResult]:
+    # One pass before quantizing: the Hessians serve the error record (and the weighted search).
+    firsts = {g.linears[0]: ctx.linear(block, g.linears[0]) for g in ctx.groups}
+    hessians = collect_hessians(block, ctx.inputs, firsts)
+    results = {}
+    for group in ctx.groups:
+        h = hessians[group.linears[0]]
+        for name in group.linears:
+            layer = ctx.linear(block, name)
+            w = weight_matrix(layer)
+            col_weight = torch.diag(h) if opts.input_weighted else None
+            w_hat, scale, zero = rtn_quantize(w, spec, opts.clip_search, col_weight)
+            set_weight_matrix(layer, w_hat)
+            results[name] = LayerResult(scale.cpu(), zero.cpu(), None, relative_error(w, w_hat, h))
+    return results

@@ -1,0 +1,136 @@
+"""Pure tensor math of the uniform affine quantizer (DESIGN.md §2).
+
+``q = clamp(round(w / s) + z, qmin, qmax)`` and ``ŵ = s · (q − z)``. Weights are 2-D
+``(out, in)``; scales and zero points are ``(out, n_groups)`` where group j covers input
+columns ``[j·g, min((j+1)·g, in))`` — the last group is shorter when g does not divide ``in``.
+Per-channel is one group of the whole width, per-tensor a single (1, 1) scale.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from blockquant.recipe import QuantSpec
+
+_MIN_SCALE = 1e-10
+
+
+def group_width(spec: QuantSpec, in_features: int) -> int:
+    """Columns per group: the whole row for per-channel and per-tensor specs."""
+    return in_features if spec.group_size == -1 or spec.per_tensor else spec.group_size
+
+
+def n_groups(spec: QuantSpec, in_features: int) -> int:
+    return math.ceil(in_features / group_width(spec, in_features))
+
+
+def expand(params: Tensor, in_features: int, width: int) -> Tensor:
+    """Repeat per-group params ``(out|1, n_groups)`` over their columns ``(out|1, in)``."""
+    return params.repeat_interleave(width, dim=1)[:, :in_features]
+
+
+def _group_minmax(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Per-group min and max, each ``(out, n_groups)`` (``(1, 1)`` per tensor)."""
+    if spec.per_tensor:
+        return w.min().reshape(1, 1), w.max().reshape(1, 1)
+    out, cols = w.shape
+    g = group_width(spec, cols)
+    pad = n_groups(spec, cols) * g - cols
+    if pad:  # pad the ragged last group with copies of its own first column (changes no min/max)
+        w = torch.cat([w, w[:, cols - (cols % g) :][:, :1].expand(out, pad)], dim=1)
+    w = w.reshape(out, -1, g)
+    return w.amin(dim=2), w.amax(dim=2)
+
+
+def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale and zero point for a range; the range always includes 0 so that 0 is exact."""
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    if spec.sym:
+        absmax = torch.maximum(-lo, hi)
+        scale = (absmax / ((spec.qmax - spec.qmin) / 2)).clamp(min=_MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=_MIN_SCALE)
+    zero = torch.round(-lo / scale).clamp(spec.qmin, spec.qmax)
+    return scale, zero
+
+
+def compute_qparams(w: Tensor, spec: QuantSpec, shrink: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """Min–max scale and zero per group (``shrink`` < 1 clips the range, per group or scalar)."""
+    lo, hi = _group_minmax(w.float(), spec)
+    return qparams_from_range(lo * shrink, hi * shrink, spec)
+
+
+def quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """Integer codes (as float tensor) in ``[qmin, qmax]``."""
+    width = group_width(spec, w.shape[1])
+    s, z = expand(scale, w.shape[1], width), expand(zero, w.shape[1], width)
+    return torch.clamp(torch.round(w / s) + z, spec.qmin, spec.qmax)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    width = group_width(spec, q.shape[1])
+    return expand(scale, q.shape[1], width) * (q - expand(zero, q.shape[1], width))
+
+
+def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """``dequantize(quantize(w))`` in fp32."""
+    return dequantize(quantize(w.float(), scale, zero, spec), scale, zero, spec)
+
+
+def quantize_column(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """Fake-quantize one column ``(out,)`` with its group's ``(out,)`` scale and zero (GPTQ)."""
+    q = torch.clamp(torch.round(w / scale) + zero, spec.qmin, spec.qmax)
+    return scale * (q - zero)
+
+
+def clip_search(
+    w: Tensor,
+    spec: QuantSpec,
+    col_weight: Tensor | None = None,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero per group minimising ``Σ c_j |w − ŵ|^norm`` over shrunk ranges.
+
+    Tries ``grid`` shrink factors from 1 down to ``1 − max_shrink`` (the GPTQ reference's
+    "mse" search); ``col_weight`` (e.g. ``diag(H)``, the mean squared input per column) turns
+    it into an input-weighted error.
+    """
+    w = w.float()
+    out, cols = w.shape
+    width = group_width(spec, cols)
+    best_err = best_scale = best_zero = None
+    for i in range(grid):
+        p = 1 - max_shrink * i / grid
+        scale, zero = compute_qparams(w, spec, p)
+        err = (fake_quantize(w, scale, zero, spec) - w).abs().pow(norm)
+        if col_weight is not None:
+            err = err * col_weight.float().reshape(1, -1)
+        # sum the error of each group: (out, n_groups), or (1, 1) per tensor
+        err_g = _group_sums(err, spec, width)
+        if best_err is None:
+            best_err, best_scale, best_zero = err_g, scale, zero
+            continue
+        better = err_g < best_err
+        best_err = torch.where(better, err_g, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _group_sums(err: Tensor, spec: QuantSpec, width: int) -> Tensor:
+    if spec.per_tensor:
+        return err.sum().reshape(1, 1)
+    out, cols = err.shape
+    pad = n_groups(spec, cols) * width - cols
+    if pad:
+        err = torch.cat([err, err.new_zeros(out, pad)], dim=1)
+    return err.reshape(out, -1, width).sum(dim=2)
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Straight-through round: forward ``round(x)``, gradient 1 (for fine-tuning methods)."""
+    return x + (torch.round(x) - x).detach()

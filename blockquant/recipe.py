@@ -1,0 +1,138 @@
+"""Dataclass configs: what to quantize to (QuantSpec) and how (Recipe = chain of method steps).
+
+Every rule is checked in ``__post_init__`` and broken rules raise ``ValueError`` with the fix,
+so the CLI, YAML files and the Python API all give the same message.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A uniform affine weight quantizer (DESIGN.md §2).
+
+    group_size: ``g >= 1`` groups of g input columns (the last group is shorter when g does
+    not divide the width), ``-1`` one scale per output channel. ``per_tensor`` overrides both
+    with a single scale for the whole weight (library only; the CLI does not expose it).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    per_tensor: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of 2, 3, 4 or 8, got {self.bits}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(
+                f"group size must be >= 1 (columns per group) or -1 (one scale per output "
+                f"channel), got {self.group_size}"
+            )
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.sym else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.sym else 2**self.bits - 1
+
+    def describe(self) -> str:
+        gran = "tensor" if self.per_tensor else ("channel" if self.group_size == -1 else f"g{self.group_size}")
+        return f"W{self.bits} {gran} {'sym' if self.sym else 'asym'}"
+
+
+@dataclass
+class Step:
+    """One method of a recipe chain with its options dataclass (see ``methods.METHODS``)."""
+
+    method: str
+    options: Any
+
+
+@dataclass
+class Recipe:
+    """What ``blockquant.quantize`` does: a weight spec and the chain of methods to apply."""
+
+    spec: QuantSpec = field(default_factory=QuantSpec)
+    steps: list[Step] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError("a recipe needs at least one method, e.g. 'rtn' or 'gptq'")
+
+    @property
+    def name(self) -> str:
+        return ",".join(s.method for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": dataclasses.asdict(self.spec),
+            "steps": [{"method": s.method, **dataclasses.asdict(s.options)} for s in self.steps],
+        }
+
+
+def make_step(method: str, options: dict[str, Any] | None = None) -> Step:
+    """Build a Step, checking the method name and its option names."""
+    from blockquant.methods import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    options_cls = METHODS[method].options
+    known = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = set(options or {}) - known
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for method {method!r}; "
+            f"it takes: {', '.join(sorted(known)) or 'no options'}"
+        )
+    return Step(method, options_cls(**(options or {})))
+
+
+def parse_recipe(text: str, spec: QuantSpec) -> Recipe:
+    """``text`` is a method name, a comma chain (``awq,gptq``) or a path to a YAML file.
+
+    YAML layout::
+
+        wbits: 4            # optional, overrides the command line
+        group_size: 128
+        sym: false
+        steps:
+          - method: gptq
+            act_order: true
+    """
+    path = Path(text)
+    if text.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"recipe file {text} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe file {text} is not valid YAML: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+            raise ValueError(f"recipe file {text} needs a 'steps:' list of {{method: NAME, ...}}")
+        spec = QuantSpec(
+            bits=int(data.get("wbits", spec.bits)),
+            group_size=int(data.get("group_size", spec.group_size)),
+            sym=bool(data.get("sym", spec.sym)),
+        )
+        steps = []
+        for item in data["steps"]:
+            if isinstance(item, str):
+                item = {"method": item}
+            if not isinstance(item, dict) or "method" not in item:
+                raise ValueError(f"recipe file {text}: each step needs 'method:', got {item!r}")
+            opts = {k: v for k, v in item.items() if k != "method"}
+            steps.append(make_step(str(item["method"]), opts))
+        return Recipe(spec, steps)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return Recipe(spec, [make_step(n) for n in names])
