@@ -7,7 +7,6 @@ quantized one (inputs of the next quantized block). Peak memory ≈ one block + 
 """
 from __future__ import annotations
 
-import copy
 import logging
 import resource
 import time
@@ -148,11 +147,9 @@ def quantize(
         block = blocks[i]
         home = next(block.parameters()).device
         block.to(device)
-        linears = block_linears(block, arch)  # also checks the table covers every linear
-        fp_block = copy.deepcopy(block) if len(linears) else block
-        fp_out = run_block(fp_block, fp_stream)
-        _check_finite_outputs(fp_block, fp_stream, fp_out, f"block {i} (full precision)")
-        del fp_block
+        block_linears(block, arch)  # checks that the table covers every linear of the block
+        fp_out = run_block(block, fp_stream)  # targets, before any method touches the block
+        _check_finite_outputs(block, fp_stream, fp_out, f"block {i} (full precision)")
         ctx = BlockContext(i, q_stream, arch.groups, device)
         for step in recipe.steps:
             layer_results = METHODS[step.method].apply(block, ctx, recipe.spec, step.options)

@@ -104,9 +104,12 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as ``(out, in)`` fp32 — GPT-2's Conv1D stores it transposed as (in, out)."""
+    """The weight as ``(out, in)`` fp32 — GPT-2's Conv1D stores it transposed as (in, out).
+
+    Always a copy: the methods keep it as the original weight after writing ŵ back.
+    """
     w = module.weight.detach()
-    return (w.t() if isinstance(module, Conv1D) else w).float()
+    return (w.t() if isinstance(module, Conv1D) else w).to(torch.float32, copy=True)
 
 
 def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:

@@ -62,7 +62,7 @@ def run_demo(
     calibration = chunks[order[:nsamples]]
     batches = paragraph_batches(tokenizer, paragraphs[:eval_paragraphs])
     reference = mean_pooled_embeddings(model, batches, device)
-    rows = [DemoRow("fp", None, None, 1.0, 0.0)]
+    rows = [DemoRow("fp32", None, None, 1.0, 0.0)]
     for bits in (4, 3):
         for method in ("rtn", "gptq"):
             quantized = copy.deepcopy(model)
@@ -78,7 +78,7 @@ def run_demo(
 def format_rows(rows: list[DemoRow]) -> str:
     lines = ["| method | bits | group | mean cosine vs FP | seconds |", "|---|---|---|---|---|"]
     for r in rows:
-        bits = "16" if r.bits is None else str(r.bits)
+        bits = "-" if r.bits is None else str(r.bits)
         group = "-" if r.group_size is None else str(r.group_size)
         lines.append(f"| {r.method} | {bits} | {group} | {r.cosine:.4f} | {r.seconds:.1f} |")
     return "\n".join(lines)

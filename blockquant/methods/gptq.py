@@ -24,7 +24,7 @@ class GPTQOptions:
     damp: float = 0.01  # H += damp · mean(diag H) · I
     block_size: int = 128  # lazy-batch width (rounded to a multiple of the group size)
     act_order: bool = True  # quantize columns in order of decreasing diag(H)
-    static_groups: bool = False  # with act_order: group params from the unpermuted weight, up front
+    static_groups: bool = True  # group params from the unpermuted weight, up front (plain groups, no g_idx)
     true_sequential: bool = True  # each linear group sees inputs from the already-quantized ones
     clip_search: bool = False  # search each group's range instead of min–max
 

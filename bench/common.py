@@ -1,0 +1,41 @@
+"""Shared bench plumbing: locate ../shared, run one configuration per subprocess, write tables.
+
+Each quantization runs in its own process so that its peak RSS is its own.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "bench" / "results"
+
+
+def run_child(script: Path, args: list[str]) -> dict:
+    """Run ``script --one ARGS`` and parse the JSON line it prints last."""
+    proc = subprocess.run([sys.executable, str(script), "--one", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_result(name: str, title: str, body: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    env = f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    path.write_text(f"# {title}\n\n{time.strftime('%Y-%m-%d')}, {env}\n\n{body}\n")
+    return path
