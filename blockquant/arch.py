@@ -26,6 +26,9 @@ class LinearGroup:
 class ArchSpec:
     blocks: str  # dotted path of the ModuleList of blocks
     groups: tuple[LinearGroup, ...]  # in execution (true-sequential) order
+    input_norm: str | None  # the norm a block applies to its input (None: post-norm blocks)
+    final_norm: str | None  # model-level norm after the last block
+    head: str | None  # the LM head (None for encoders)
     kind: str = "causal-lm"  # or "encoder"
 
 
@@ -41,9 +44,9 @@ _LLAMA_GROUPS = (
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS),
-    "MistralForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS),
-    "Qwen2ForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS),
+    "LlamaForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS, "input_layernorm", "model.norm", "lm_head"),
+    "MistralForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS, "input_layernorm", "model.norm", "lm_head"),
+    "Qwen2ForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS, "input_layernorm", "model.norm", "lm_head"),
     "OPTForCausalLM": ArchSpec(
         "model.decoder.layers",
         (
@@ -52,6 +55,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             _g("final_layer_norm", "fc1"),
             _g("fc1", "fc2"),  # ReLU is positively homogeneous: positive scales fold through it
         ),
+        "self_attn_layer_norm",  # pre-norm OPT; post-norm variants (OPT-350m) normalise later
+        "model.decoder.final_layer_norm",
+        "lm_head",
     ),
     "GPT2LMHeadModel": ArchSpec(
         "transformer.h",
@@ -61,6 +67,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             _g("ln_2", "mlp.c_fc"),
             _g(None, "mlp.c_proj"),  # behind a GELU: no exact fold
         ),
+        "ln_1",
+        "transformer.ln_f",
+        "lm_head",
     ),
     "BertModel": ArchSpec(
         "encoder.layer",
@@ -70,6 +79,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             _g("attention.output.LayerNorm", "intermediate.dense"),
             _g(None, "output.dense"),  # behind a GELU: no exact fold
         ),
+        None,  # post-norm: a block's input is already the previous block's LayerNorm output
+        None,
+        None,
         kind="encoder",
     ),
 }

@@ -99,7 +99,7 @@ def _check_device(name: str) -> torch.device:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from blockquant.api import quantize
-    from blockquant.files import check_output_dir, load_calibration, load_model, save_quantized
+    from blockquant.files import check_output_dir, load_calibration, load_model, read_text, save_quantized
 
     device = _check_device(args.device)
     if args.model_dir is None:
@@ -112,6 +112,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_output_dir(args.output, args.overwrite)
+    read_text(args.calib, "calibration")  # fail before a long model load
     model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and args.seqlen > limit:
@@ -155,10 +156,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("an encoder has no perplexity: give --reference FP_DIR to measure embedding cosine")
     text = read_text(args.data, "evaluation")
     model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not encoder and limit is not None and args.seqlen > limit:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
     out: dict = {"model": str(args.model_dir), "data": str(args.data)}
     if encoder:
         paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()][: args.max_windows]
-        batches = paragraph_batches(tokenizer, paragraphs, max_length=min(args.seqlen, 512))
+        batches = paragraph_batches(tokenizer, paragraphs, max_length=min(args.seqlen, limit or 512, 512))
         reference, _ = load_model(args.reference, DTYPES[args.dtype])
         out["cosine"] = embedding_cosine(mean_pooled_embeddings(model, batches, device), mean_pooled_embeddings(reference, batches, device))
         out["paragraphs"] = len(paragraphs)
@@ -186,6 +190,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="blockquant: %(levelname)s: %(message)s")
     args = _parser().parse_args(argv)
+    # --quiet also silences transformers' own bars (loading / writing weights) on stderr
+    from transformers.utils import logging as hf_logging
+
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    if args.quiet:
+        hf_logging.disable_progress_bar()
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
     except (ValueError, OSError) as e:
@@ -194,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("blockquant: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if hf_bars:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

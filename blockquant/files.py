@@ -38,8 +38,8 @@ def model_class_name(model_dir: str | Path) -> str:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-    names = config.get("architectures") or []
-    if not names:
+    names = config.get("architectures") if isinstance(config, dict) else None
+    if not names or not isinstance(names, list):
         raise ValueError(f"{config_file} names no 'architectures'; cannot tell which model class to load")
     if names[0] not in ARCHITECTURES:
         raise ValueError(f"unsupported architecture {names[0]}; supported: {', '.join(sorted(ARCHITECTURES))}")

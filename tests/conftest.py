@@ -105,8 +105,8 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     lines = [" ".join(WORDS)] + make_text(600, seed=123).splitlines()
-    tok.train_from_iterator(lines, trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    tok.train_from_iterator(lines, trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["[UNK]", "[PAD]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
     assert len(fast) <= VOCAB
     return fast
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import blockquant
 from blockquant import QuantSpec, parse_recipe
-from blockquant.arch import ARCHITECTURES, ArchSpec, arch_for, block_linears, get_blocks, weight_matrix
+from blockquant.arch import ARCHITECTURES, arch_for, block_linears, get_blocks, weight_matrix
 from blockquant.recipe import Recipe, make_step
 
 from conftest import ARCH_NAMES, assert_on_grid, build_tiny
@@ -165,7 +166,7 @@ def test_block_linears_covers_every_linear(name):
 def test_block_linears_rejects_incomplete_table():
     model = build_tiny("llama")
     arch = arch_for(model)
-    incomplete = ArchSpec(arch.blocks, arch.groups[:-1])
+    incomplete = dataclasses.replace(arch, groups=arch.groups[:-1])
     with pytest.raises(ValueError, match="down_proj"):
         block_linears(get_blocks(model, arch)[0], incomplete)
 

@@ -1,0 +1,437 @@
+"""The command line, in-process through ``blockquant.cli.main`` (and a few child processes)."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import blockquant.api
+from blockquant import QuantSpec, parse_recipe
+from blockquant.arch import weight_matrix
+from blockquant.cli import main
+from blockquant.files import atomic_dir
+from blockquant.methods import METHODS
+
+from conftest import assert_on_grid, make_text, save_tiny, subprocess_env
+
+QUANT_ARGS = ["--wbits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "16", "--quiet"]
+
+
+def quantize_args(model_dir, calib, out, *extra) -> list[str]:
+    return ["quantize", str(model_dir), "--calib", str(calib), "--output", str(out), *QUANT_ARGS, *extra]
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temporary siblings an interrupted or failed write could leave behind."""
+    return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def assert_usage_error(capsys, rc: int, *fragments: str) -> str:
+    """Exit code 2 and exactly one ``blockquant: error: …`` line on stderr, nothing on stdout."""
+    captured = capsys.readouterr()
+    assert rc == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("blockquant: error: ")
+    assert "Traceback" not in captured.err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert captured.out == ""
+    return lines[0]
+
+
+@pytest.fixture
+def spy_quantize(monkeypatch):
+    """Record the model and result of the CLI's in-memory quantization."""
+    seen = {}
+    real = blockquant.api.quantize
+
+    def spy(model, recipe, calibration, **kwargs):
+        seen["model"], seen["calibration"] = model, calibration
+        seen["result"] = real(model, recipe, calibration, **kwargs)
+        return seen["result"]
+
+    monkeypatch.setattr(blockquant.api, "quantize", spy)
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Success
+
+
+LOAD_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out, dest = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(out)
+assert not any(m == "blockquant" or m.startswith("blockquant.") for m in sys.modules), "blockquant was imported"
+torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, dest)
+print(type(model).__name__, len(tok))
+"""
+
+
+def test_quantize_writes_a_plain_hf_checkpoint(llama_dir, calib_file, tmp_path, capsys, spy_quantize):
+    out = tmp_path / "out"
+    rc = main(quantize_args(llama_dir, calib_file, out))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "blockquant: error" not in captured.err
+    assert str(out) in captured.out and "gptq W4 g32 asym" in captured.out
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert leftovers(tmp_path) == []
+
+    record = json.loads((out / "blockquant.json").read_text())
+    assert (record["method"], record["bits"], record["group_size"], record["sym"]) == ("gptq", 4, 32, False)
+    result, model = spy_quantize["result"], spy_quantize["model"]
+    assert set(record["layers"]) == set(result.layers) and len(record["layers"]) == 14
+    assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 16
+    assert tuple(spy_quantize["calibration"].shape) == (4, 16)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+    # loads with plain transformers in a fresh process that never imports blockquant
+    dest = tmp_path / "loaded.pt"
+    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(out), str(dest)], cwd=tmp_path,
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "LlamaForCausalLM"
+    loaded = torch.load(dest)
+    expected = model.state_dict()
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    # and the saved weights are the quantized ones: on the recorded grids, unlike the source
+    spec = QuantSpec(4, 32)
+    for name, layer in result.layers.items():
+        w = loaded[name + ".weight"]
+        assert_on_grid(w, layer.scale, layer.zero, spec, layer.g_idx)
+        assert torch.equal(w, weight_matrix(model.get_submodule(name)))
+    from safetensors.torch import load_file
+
+    source = load_file(llama_dir / "model.safetensors")
+    assert not torch.equal(source["model.layers.0.mlp.down_proj.weight"], loaded["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(source["model.embed_tokens.weight"], loaded["model.embed_tokens.weight"])
+
+
+def test_rtn_sym_and_yaml_recipe(llama_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "rtn"
+    assert main(quantize_args(llama_dir, calib_file, out, "--recipe", "rtn", "--sym", "--wbits", "3")) == 0
+    record = json.loads((out / "blockquant.json").read_text())
+    assert (record["method"], record["bits"], record["sym"]) == ("rtn", 3, True)
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"wbits": 8, "group_size": -1, "steps": [{"method": "gptq", "act_order": False}]}))
+    out2 = tmp_path / "yaml"
+    assert main(quantize_args(llama_dir, calib_file, out2, "--recipe", str(recipe))) == 0
+    record = json.loads((out2 / "blockquant.json").read_text())
+    assert (record["method"], record["bits"], record["group_size"]) == ("gptq", 8, -1)
+    assert record["recipe"]["steps"][0]["act_order"] is False
+    capsys.readouterr()
+
+
+def test_short_calibration_warns_and_proceeds(llama_dir, tmp_path, capsys, caplog):
+    calib = tmp_path / "short.txt"
+    calib.write_text(make_text(40))  # 40 tokens: 2 windows of 16, fewer than the 8 asked for
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        rc = main(quantize_args(llama_dir, calib, out, "--nsamples", "8"))
+    assert rc == 0, capsys.readouterr().err
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("only 2 samples" in m and "8 requested" in m for m in warnings), warnings
+    assert json.loads((out / "blockquant.json").read_text())["calibration"]["nsamples"] == 2
+
+
+def test_overwrite_replaces_existing_output(llama_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old run")
+    rc = main(quantize_args(llama_dir, calib_file, out, "--recipe", "rtn"))
+    assert_usage_error(capsys, rc, str(out), "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
+
+    rc = main(quantize_args(llama_dir, calib_file, out, "--recipe", "rtn", "--overwrite"))
+    assert rc == 0, capsys.readouterr().err
+    assert not (out / "stale.txt").exists()
+    assert (out / "blockquant.json").is_file() and (out / "config.json").is_file()
+    assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage errors: exit 2, one line, nothing written
+
+
+def _bad_config_dir(tmp_path: Path, content: str) -> Path:
+    d = tmp_path / "bad-model"
+    d.mkdir()
+    (d / "config.json").write_text(content)
+    return d
+
+
+ERROR_CASES = {
+    "missing-model-dir": (lambda tp: dict(model=tp / "nope"), ["does not exist"]),
+    "no-config": (lambda tp: dict(model=_mkdir(tp / "empty")), ["no config.json"]),
+    "unsupported-arch": (
+        lambda tp: dict(model=_bad_config_dir(tp, json.dumps({"architectures": ["T5ForConditionalGeneration"], "model_type": "t5"}))),
+        ["unsupported architecture T5ForConditionalGeneration", "LlamaForCausalLM", "BertModel"],
+    ),
+    "config-not-json": (lambda tp: dict(model=_bad_config_dir(tp, "{not json")), ["not valid JSON"]),
+    "config-not-object": (lambda tp: dict(model=_bad_config_dir(tp, "[1, 2]")), ["names no 'architectures'"]),
+    "config-no-architectures": (lambda tp: dict(model=_bad_config_dir(tp, '{"model_type": "llama"}')), ["names no 'architectures'"]),
+    "config-architectures-not-list": (
+        lambda tp: dict(model=_bad_config_dir(tp, '{"architectures": "LlamaForCausalLM"}')), ["names no 'architectures'"]),
+    "wbits-5": (lambda tp: dict(extra=["--wbits", "5"]), ["bits must be one of"]),
+    "group-size-0": (lambda tp: dict(extra=["--group-size", "0"]), ["group size must be >= 1", "got 0"]),
+    "group-size-minus-2": (lambda tp: dict(extra=["--group-size", "-2"]), ["got -2"]),
+    "unknown-method": (lambda tp: dict(extra=["--recipe", "awq2"]), ["unknown method 'awq2'", ", ".join(sorted(METHODS))]),
+    "calibration-missing": (lambda tp: dict(calib=tp / "nope.txt"), ["calibration file", "does not exist"]),
+    "calibration-empty": (lambda tp: dict(calib=_write(tp / "empty.txt", "  \n\n")), ["is empty"]),
+    "calibration-too-short": (lambda tp: dict(calib=_write(tp / "short.txt", make_text(10))), ["10 tokens", "fewer than one sample of 16"]),
+    "calibration-not-utf8": (lambda tp: dict(calib=_write_bytes(tp / "bin.txt", b"\xff\xfe\x00abc")), ["not UTF-8"]),
+    "seqlen-too-long": (lambda tp: dict(extra=["--seqlen", "4096"]), ["exceeds the model's 128 positions"]),
+    "nsamples-0": (lambda tp: dict(extra=["--nsamples", "0"]), ["--nsamples must be >= 1"]),
+    "batch-size-0": (lambda tp: dict(extra=["--batch-size", "0"]), ["--batch-size"]),
+    "no-cuda": (lambda tp: dict(extra=["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"]), ["--device"]),
+    "output-parent-missing": (lambda tp: dict(out=tp / "a" / "b" / "out"), ["parent directory"]),
+}
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_usage_errors_exit_2_and_write_nothing(case, llama_dir, calib_file, tmp_path, capsys):
+    make, fragments = ERROR_CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    setup = make(work)
+    out = setup.get("out", work / "out")
+    args = quantize_args(setup.get("model", llama_dir), setup.get("calib", calib_file), out, *setup.get("extra", []))
+    before = sorted(p.name for p in work.iterdir())
+    rc = main(args)
+    assert_usage_error(capsys, rc, *fragments)
+    assert not out.exists()
+    assert sorted(p.name for p in work.iterdir()) == before, "something was written"
+    assert leftovers(work) == []
+
+
+def test_nan_weight_is_a_usage_error(tmp_path, calib_file, capsys):
+    def poison(model):
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+
+    model_dir = save_tiny("llama", tmp_path / "nan-llama", mutate=poison)
+    capsys.readouterr()  # the fixture's own save output
+    out = tmp_path / "out"
+    rc = main(quantize_args(model_dir, calib_file, out))
+    assert_usage_error(capsys, rc, "model.layers.1.self_attn.v_proj.weight", "NaN")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_missing_required_options(llama_dir, calib_file, tmp_path, capsys):
+    assert_usage_error(capsys, main(["quantize", str(llama_dir), "--output", str(tmp_path / "o"), "--quiet"]), "--calib")
+    assert_usage_error(capsys, main(["quantize", str(llama_dir), "--calib", str(calib_file), "--quiet"]), "--output")
+    # no MODEL_DIR is the demo, which takes neither
+    assert_usage_error(capsys, main(["quantize", "--output", str(tmp_path / "o")]), "MODEL_DIR")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("interrupt", [OSError("No space left on device"), KeyboardInterrupt()], ids=["oserror", "interrupt"])
+def test_failure_while_writing_leaves_nothing(llama_dir, calib_file, tmp_path, capsys, monkeypatch, interrupt):
+    import transformers
+
+    def broken_save(self, *args, **kwargs):
+        raise interrupt
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", broken_save)
+    out = tmp_path / "out"
+    rc = main(quantize_args(llama_dir, calib_file, out, "--recipe", "rtn"))
+    err = capsys.readouterr().err
+    if isinstance(interrupt, KeyboardInterrupt):
+        assert rc == 130 and "nothing was written" in err
+    else:
+        assert rc == 2 and "blockquant: error: No space left on device" in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
+
+    # with --overwrite, a failed write keeps the previous output intact
+    out.mkdir()
+    (out / "keep.txt").write_text("previous run")
+    rc = main(quantize_args(llama_dir, calib_file, out, "--recipe", "rtn", "--overwrite"))
+    assert rc != 0
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_dir_removes_its_temporary_on_error(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out, overwrite=False) as tmp:
+            assert tmp.parent == tmp_path and ".tmp-" in tmp.name
+            (tmp / "partial.bin").write_bytes(b"x" * 10)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(out, overwrite=False) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "done.txt").read_text() == "ok"
+
+
+def test_module_entry_point_reports_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "blockquant", "quantize", str(tmp_path / "missing"), "--calib", str(tmp_path / "c.txt"),
+         "--output", str(tmp_path / "out"), "--quiet"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blockquant: error: ") and "does not exist" in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+@pytest.fixture
+def eval_file(tmp_path) -> Path:
+    return _write(tmp_path / "heldout.txt", make_text(100, seed=9))  # 6 windows of 16
+
+
+def test_eval_prints_perplexity(llama_dir, eval_file, capsys):
+    assert main(["eval", str(llama_dir), "--data", str(eval_file), "--seqlen", "16", "--quiet"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("perplexity ") and "(6 windows of 16 tokens)" in line
+    ppl = float(line.split()[1])
+    assert 1.0 < ppl < 10 * 256  # a random model over a 256-token vocabulary
+
+
+def test_eval_json_with_reference(llama_dir, calib_file, eval_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(quantize_args(llama_dir, calib_file, out, "--recipe", "rtn", "--wbits", "8")) == 0
+    capsys.readouterr()
+    rc = main(["eval", str(out), "--data", str(eval_file), "--seqlen", "16", "--max-windows", "4",
+               "--reference", str(llama_dir), "--json", "--quiet"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["windows"] == 4
+    assert result["perplexity"] > 1 and result["reference_perplexity"] > 1
+    # W8 RTN barely moves a model's perplexity
+    assert abs(result["delta_percent"]) < 1.0
+    assert result["delta_percent"] == pytest.approx(100 * (result["perplexity"] / result["reference_perplexity"] - 1))
+
+
+def test_eval_encoder_cosine_to_reference(tmp_path, capsys):
+    bert = save_tiny("bert", tmp_path / "bert")
+    paragraphs = [make_text(n, seed=n) for n in (20, 60, 200)]  # the last is longer than 128 positions
+    data = _write(tmp_path / "paragraphs.txt", "\n\n".join(paragraphs))
+    capsys.readouterr()
+    assert main(["eval", str(bert), "--data", str(data), "--reference", str(bert), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["paragraphs"] == 3
+    assert result["cosine"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_eval_seqlen_beyond_positions_is_a_usage_error(tmp_path, eval_file, capsys):
+    gpt2 = save_tiny("gpt2", tmp_path / "gpt2")  # learned positions: 128
+    capsys.readouterr()
+    rc = main(["eval", str(gpt2), "--data", str(_write(tmp_path / "long.txt", make_text(600))), "--seqlen", "256", "--quiet"])
+    assert_usage_error(capsys, rc, "--seqlen 256 exceeds the model's 128 positions")
+
+
+def test_eval_errors(llama_dir, eval_file, tmp_path, capsys):
+    short = _write(tmp_path / "tiny.txt", make_text(5))
+    assert_usage_error(capsys, main(["eval", str(llama_dir), "--data", str(short), "--seqlen", "16", "--quiet"]), "fewer than one window")
+    assert_usage_error(capsys, main(["eval", str(llama_dir), "--data", str(tmp_path / "none.txt"), "--quiet"]), "does not exist")
+    assert_usage_error(capsys, main(["eval", str(llama_dir), "--data", str(eval_file), "--max-windows", "0", "--quiet"]), "--max-windows")
+    bert = save_tiny("bert", tmp_path / "bert")
+    capsys.readouterr()
+    assert_usage_error(capsys, main(["eval", str(bert), "--data", str(eval_file), "--quiet"]), "--reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# parse_recipe
+
+
+def test_parse_recipe_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "wbits: 3\ngroup_size: 64\nsym: true\nsteps:\n"
+        "  - rtn\n"
+        "  - method: gptq\n    act_order: false\n    damp: 0.05\n    block_size: 32\n"
+    )
+    recipe = parse_recipe(str(path), QuantSpec(4, 128))
+    assert recipe.spec == QuantSpec(bits=3, group_size=64, sym=True)
+    assert [s.method for s in recipe.steps] == ["rtn", "gptq"] and recipe.name == "rtn,gptq"
+    gptq = recipe.steps[1].options
+    assert (gptq.act_order, gptq.damp, gptq.block_size) == (False, 0.05, 32)
+    assert recipe.to_dict()["steps"][1]["damp"] == 0.05
+
+    # the file only overrides what it names
+    path.write_text("steps:\n  - method: rtn\n    clip_search: true\n")
+    recipe = parse_recipe(str(path), QuantSpec(8, -1, sym=True))
+    assert recipe.spec == QuantSpec(8, -1, sym=True) and recipe.steps[0].options.clip_search is True
+
+
+def test_parse_recipe_comma_chain():
+    spec = QuantSpec(4, 32)
+    recipe = parse_recipe("rtn, gptq", spec)
+    assert [s.method for s in recipe.steps] == ["rtn", "gptq"] and recipe.spec is spec
+    assert recipe.steps[1].options.damp == 0.01
+    assert [s.method for s in parse_recipe("gptq", spec).steps] == ["gptq"]
+
+
+@pytest.mark.parametrize(
+    "text,fragments",
+    [
+        ("awq", ["unknown method 'awq'", "known methods: " + ", ".join(sorted(METHODS))]),
+        ("rtn,nope", ["unknown method 'nope'", "known methods: " + ", ".join(sorted(METHODS))]),
+        ("", ["at least one method"]),
+        (" , ", ["at least one method"]),
+        ("missing.yaml", ["does not exist"]),
+    ],
+)
+def test_parse_recipe_errors(text, fragments, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as info:
+        parse_recipe(text, QuantSpec())
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ("steps: [", "not valid YAML"),
+        ("wbits: 4\n", "needs a 'steps:' list"),
+        ("- rtn\n", "needs a 'steps:' list"),
+        ("steps:\n  - act_order: true\n", "each step needs 'method:'"),
+        ("steps:\n  - method: gptq\n    bogus: 1\n", "unknown option(s) bogus"),
+        ("steps:\n  - method: rtn\n    damp: 0.1\n", "it takes: clip_search, input_weighted"),
+        ("wbits: 5\nsteps: [rtn]\n", "bits must be one of"),
+        ("group_size: 0\nsteps: [rtn]\n", "group size must be >= 1"),
+        ("steps:\n  - method: gptq\n    damp: 0\n", "damp must be in (0, 1)"),
+    ],
+)
+def test_parse_recipe_yaml_errors(content, fragment, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ValueError) as info:
+        parse_recipe(str(path), QuantSpec())
+    assert fragment in str(info.value)
