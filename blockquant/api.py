@@ -7,6 +7,7 @@ quantized one (inputs of the next quantized block). Peak memory ≈ one block + 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from blockquant.arch import arch_for, block_linears, get_blocks
-from blockquant.capture import BlockContext, BlockInputs, LayerResult, capture_block_inputs, run_block
+from blockquant.capture import BlockContext, BlockInputs, LayerResult, WindowContext, capture_block_inputs, run_block
 from blockquant.methods import METHODS
 from blockquant.recipe import Recipe
 
@@ -43,6 +44,7 @@ class QuantResult:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     peak_cuda_mb: float | None = None
+    train_logs: list = field(default_factory=list)  # (first block, finetune.TrainLog) per window
 
     def record(self) -> dict[str, Any]:
         """A JSON-able, quantization_config-style record."""
@@ -116,6 +118,20 @@ def _check_finite_outputs(block: nn.Module, inputs: BlockInputs, outputs: list[T
     raise ValueError(f"{where}: NaN/Inf output, first produced by layer {layer}")
 
 
+def _window_shape(recipe: Recipe, n_blocks: int) -> tuple[list, list, int, int]:
+    """Split the recipe into per-block steps and at most one final window step; (K, S) of it."""
+    windowed = [i for i, st in enumerate(recipe.steps) if METHODS[st.method].windowed]
+    if not windowed:
+        return recipe.steps, [], 1, 1
+    if len(windowed) > 1 or windowed[0] != len(recipe.steps) - 1:
+        raise ValueError(f"recipe {recipe.name}: a fine-tuning method must come last and only once (e.g. 'gptq,blockft')")
+    step = recipe.steps[-1]
+    k, stride = step.options.window, step.options.stride
+    if k > n_blocks:
+        raise ValueError(f"window {k} is larger than the model's {n_blocks} blocks; use --window <= {n_blocks}")
+    return recipe.steps[:-1], [step], k, stride
+
+
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -126,44 +142,85 @@ def quantize(
     batch_size: int = 8,
     progress: bool = True,
 ) -> QuantResult:
-    """Quantize ``model`` in place with ``recipe`` on calibration token ids ``(N, T)``."""
+    """Quantize ``model`` in place with ``recipe`` on calibration token ids ``(N, T)``.
+
+    Blocks are processed in windows of K consecutive blocks (K = 1 unless the recipe ends in a
+    windowed fine-tuning step). A block entering a window for the first time gets the
+    per-block steps (RTN, GPTQ, …) on its quantized-stream input; then the window step runs;
+    then the first S blocks of the window are final and both streams advance past them.
+    """
     device = torch.device(device)
     arch = arch_for(model)
     check_finite_weights(model)
     model.eval()
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache:
+        model.config.use_cache = False  # restored below, so a saved checkpoint keeps the user's setting
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start_time = time.perf_counter()
     result = QuantResult(recipe)
     blocks = get_blocks(model, arch)
+    block_steps, window_steps, k, stride = _window_shape(recipe, len(blocks))
     fp_stream = capture_block_inputs(model, blocks, calibration_batches(calibration, batch_size, arch.kind == "encoder"), device)
     q_stream = fp_stream
+    fp_copies: dict[int, nn.Module] = {}  # full-precision copies of the blocks in the window
+    homes: dict[int, torch.device] = {}
+    t_block: dict[int, float] = {}
 
-    bar = tqdm(range(len(blocks)), desc=f"{recipe.name} {recipe.spec.describe()}", unit="block", disable=not progress)
-    for i in bar:
+    bar = tqdm(total=len(blocks), desc=f"{recipe.name} {recipe.spec.describe()}", unit="block", disable=not progress)
+    first = 0
+    while first < len(blocks):
+        window = range(first, min(first + k, len(blocks)))
+        # 1. onload; blocks new to the window get the per-block steps on their quantized input
+        x_q, x_fp, fp_outs = q_stream, fp_stream, {}
+        for j in window:
+            t0 = time.perf_counter()
+            if j not in fp_copies:
+                homes[j] = next(blocks[j].parameters()).device
+                blocks[j].to(device)
+                block_linears(blocks[j], arch)  # checks that the table covers every linear
+                fp_copies[j] = copy.deepcopy(blocks[j]) if window_steps else blocks[j]
+                fp_out = run_block(blocks[j], x_fp)  # targets, before any method touches it
+                _check_finite_outputs(blocks[j], x_fp, fp_out, f"block {j} (full precision)")
+                ctx = BlockContext(j, x_q, arch.groups, device)
+                for step in block_steps:
+                    layer_results = METHODS[step.method].apply(blocks[j], ctx, recipe.spec, step.options)
+                    result.layers.update({f"{arch.blocks}.{j}.{n}": r for n, r in layer_results.items()})
+            else:
+                fp_out = run_block(fp_copies[j], x_fp)
+            fp_outs[j] = fp_out
+            t_block[j] = t_block.get(j, 0.0) + time.perf_counter() - t0
+            if j != window[-1] or window_steps:
+                x_q = x_q.with_hidden(run_block(blocks[j], x_q))
+            x_fp = x_fp.with_hidden(fp_out)
+        # 2. the window step (block-wise fine-tuning) trains the whole window jointly
         t0 = time.perf_counter()
-        block = blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
-        block_linears(block, arch)  # checks that the table covers every linear of the block
-        fp_out = run_block(block, fp_stream)  # targets, before any method touches the block
-        _check_finite_outputs(block, fp_stream, fp_out, f"block {i} (full precision)")
-        ctx = BlockContext(i, q_stream, arch.groups, device)
-        for step in recipe.steps:
-            layer_results = METHODS[step.method].apply(block, ctx, recipe.spec, step.options)
-            result.layers.update({f"{arch.blocks}.{i}.{n}": r for n, r in layer_results.items()})
-        q_out = run_block(block, q_stream)
-        _check_finite_outputs(block, q_stream, q_out, f"block {i} (quantized)")
-        report = BlockReport(i, _relative_mse(q_stream.hidden, fp_stream.hidden), _relative_mse(q_out, fp_out), time.perf_counter() - t0)
-        result.blocks.append(report)
-        block.to(home)
-        fp_stream, q_stream = fp_stream.with_hidden(fp_out), q_stream.with_hidden(q_out)
-        bar.set_postfix(err_in=f"{report.input_error:.2e}", err_out=f"{report.output_error:.2e}", s=f"{report.seconds:.1f}", rss_mb=f"{peak_rss_mb():.0f}")
-        log.info("block %d: error in %.3e -> out %.3e, %.1fs", i, report.input_error, report.output_error, report.seconds)
+        for step in window_steps:
+            wctx = WindowContext(first, [blocks[j] for j in window], [fp_copies[j] for j in window], q_stream, fp_stream,
+                                 model, arch, result.layers, device, result.train_logs, progress)
+            result.layers.update(METHODS[step.method].apply(wctx, recipe.spec, step.options))
+        for j in window:
+            t_block[j] += (time.perf_counter() - t0) / len(window)
+        # 3. the first S blocks (all, at the end) are final: advance both streams past them
+        advance = stride if window[-1] < len(blocks) - 1 else len(window)
+        for j in range(first, first + advance):
+            q_out = run_block(blocks[j], q_stream)
+            _check_finite_outputs(blocks[j], q_stream, q_out, f"block {j} (quantized)")
+            report = BlockReport(j, _relative_mse(q_stream.hidden, fp_stream.hidden), _relative_mse(q_out, fp_outs[j]), t_block.pop(j))
+            result.blocks.append(report)
+            blocks[j].to(homes.pop(j))
+            del fp_copies[j]
+            q_stream, fp_stream = q_stream.with_hidden(q_out), fp_stream.with_hidden(fp_outs[j])
+            bar.update(1)
+            bar.set_postfix(err_in=f"{report.input_error:.2e}", err_out=f"{report.output_error:.2e}", s=f"{report.seconds:.1f}", rss_mb=f"{peak_rss_mb():.0f}")
+            log.info("block %d: error in %.3e -> out %.3e, %.1fs", j, report.input_error, report.output_error, report.seconds)
+        first += advance
+    bar.close()
+    if use_cache:
+        model.config.use_cache = use_cache
 
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start_time
     result.peak_rss_mb = peak_rss_mb()
     if device.type == "cuda":
         result.peak_cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20

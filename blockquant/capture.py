@@ -6,13 +6,13 @@ forward. Later blocks are then run one at a time on the recorded arguments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from blockquant.arch import LinearGroup
+from blockquant.arch import ArchSpec, LinearGroup
 
 
 class _StopForward(Exception):
@@ -178,3 +178,23 @@ def relative_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
     num = torch.sum((d @ hessian) * d)
     den = torch.sum((w.float() @ hessian) * w.float()).clamp(min=1e-30)
     return float(num / den)
+
+
+@dataclass
+class WindowContext:
+    """What a window method (block-wise fine-tuning) sees: K consecutive blocks and both streams."""
+
+    first: int  # index of the window's first block
+    blocks: list[nn.Module]  # the window's blocks, already initialised by the per-block steps
+    fp_blocks: list[nn.Module]  # their full-precision copies
+    q_inputs: BlockInputs  # the window's input on the quantized stream
+    fp_inputs: BlockInputs  # the window's input on the full-precision stream
+    model: nn.Module  # for downstream objectives: later (still full-precision) blocks, norm, head
+    arch: ArchSpec
+    prior: dict[str, LayerResult]  # grids chosen by earlier steps, by full layer name
+    device: torch.device
+    train_logs: list = field(default_factory=list)  # (first block, TrainLog) per trained window
+    progress: bool = True
+
+    def layer_name(self, offset: int, name: str) -> str:
+        return f"{self.arch.blocks}.{self.first + offset}.{name}"

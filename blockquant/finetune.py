@@ -1,0 +1,197 @@
+"""Fine-tuning machinery shared by the training methods (block-wise FT, and later QFT / LKD).
+
+``FakeQuantLinear`` swaps in for a Linear (or GPT-2 Conv1D) and makes its quantization
+degrees of freedom trainable: per-group step sizes (LSQ, Esser et al. 2020), zero points
+(rounded with a straight-through estimator) and either the fp32 master weights (STE) or
+AdaRound rounding offsets (Nagel et al. 2020, ``h(α) = clamp(σ(α)(ζ−γ)+γ, 0, 1)``).
+``train`` is the one optimisation loop: AdamW, cosine schedule, gradient clipping, early stop
+on held-out data keeping the best state, NaN guard.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from blockquant.arch import set_weight_matrix, weight_matrix
+from blockquant.primitives import expand, group_width, round_ste
+from blockquant.recipe import QuantSpec
+
+log = logging.getLogger(__name__)
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid
+
+
+class FakeQuantLinear(nn.Module):
+    """``y = x ŵᵀ + b`` with ``ŵ = s·(clamp(⌊w/s⌉ + z, qmin, qmax) − z)``, all of s, z, w trainable."""
+
+    def __init__(self, layer: nn.Module, spec: QuantSpec, scale: Tensor, zero: Tensor, rounding: str = "ste") -> None:
+        super().__init__()
+        w = weight_matrix(layer)  # (out, in) fp32
+        self.spec, self.rounding, self.layer = spec, rounding, layer
+        self.in_features = w.shape[1]
+        self.width = group_width(spec, w.shape[1])
+        self.scale = nn.Parameter(scale.detach().clone().float().to(w.device))  # (out, G)
+        self.zero = nn.Parameter(zero.detach().clone().float().to(w.device), requires_grad=not spec.sym)
+        if rounding == "ste":
+            self.weight = nn.Parameter(w.clone())
+        elif rounding == "adaround":
+            x = w / self._expand(self.scale.detach())
+            self.register_buffer("w_floor", torch.floor(x))
+            rest = (x - torch.floor(x)).clamp(0.01, 0.99)  # so that h(α) starts at w's own position
+            self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        else:
+            raise ValueError(f"rounding must be 'ste' or 'adaround', got {rounding!r}")
+
+    def _expand(self, p: Tensor) -> Tensor:
+        return expand(p, self.in_features, self.width)
+
+    def soft_rounding(self) -> Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def dequantized(self, hard: bool = False) -> Tensor:
+        s = self._expand(self.scale.clamp(min=1e-8))
+        z = self._expand(round_ste(self.zero))
+        if self.rounding == "ste":
+            codes = round_ste(self.weight / s)
+        else:
+            h = (self.alpha >= 0).float() if hard else self.soft_rounding()
+            codes = self.w_floor + h
+        q = torch.clamp(codes + z, self.spec.qmin, self.spec.qmax)
+        return s * (q - z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.dequantized(hard=not self.training)
+        return F.linear(x, w.to(x.dtype), self.layer.bias)
+
+    def regularizer(self, beta: float) -> Tensor:
+        """AdaRound's push of every h towards 0 or 1; zero for STE weights."""
+        if self.rounding != "adaround":
+            return self.scale.new_zeros(())
+        return torch.sum(1 - (2 * self.soft_rounding() - 1).abs().pow(beta))
+
+    @torch.no_grad()
+    def commit(self) -> tuple[Tensor, Tensor]:
+        """Write the hard-rounded weight into the wrapped layer (exactly on the grid); its (scale, zero)."""
+        set_weight_matrix(self.layer, self.dequantized(hard=True))
+        return self.scale.clamp(min=1e-8).detach().clone(), torch.round(self.zero.detach())
+
+
+def swap_in(block: nn.Module, names: list[str], make: Callable[[str, nn.Module], FakeQuantLinear]) -> dict[str, FakeQuantLinear]:
+    """Replace the named linears of ``block`` by fake-quant wrappers (undo with ``swap_out``)."""
+    wrapped = {}
+    for name in names:
+        wrapped[name] = make(name, block.get_submodule(name))
+        block.set_submodule(name, wrapped[name])
+    return wrapped
+
+
+def swap_out(block: nn.Module, wrapped: dict[str, FakeQuantLinear]) -> None:
+    for name, fq in wrapped.items():
+        block.set_submodule(name, fq.layer)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    lr_scale: float = 1e-4
+    lr_weight: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    patience: int = 4  # evaluations without improvement before stopping
+    reg_weight: float = 0.01  # AdaRound regulariser λ
+    label: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"fine-tuning steps must be >= 1, got {self.steps}")
+        if self.lr_scale <= 0 or self.lr_weight <= 0:
+            raise ValueError(f"learning rates must be > 0, got lr_scale={self.lr_scale}, lr_weight={self.lr_weight}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+
+
+@dataclass
+class TrainLog:
+    losses: list[float] = field(default_factory=list)  # training loss per step
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
+    best: float = math.inf
+    stopped: str = "steps"  # "steps", "early" or "nan"
+
+
+def _snapshot(params: list[Tensor]) -> list[Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def train(
+    modules: list[FakeQuantLinear],
+    loss_on: Callable[[int], Tensor],
+    train_items: list[int],
+    eval_items: list[int],
+    cfg: TrainConfig,
+    progress: bool = True,
+) -> TrainLog:
+    """Minimise ``loss_on(item)`` over ``train_items``; keep the state best on ``eval_items``.
+
+    Items are indices of calibration batches. Without held-out items the final state is kept.
+    """
+    scales = [p for m in modules for p in (m.scale, m.zero) if p.requires_grad]
+    weights = [m.weight if m.rounding == "ste" else m.alpha for m in modules]
+    params = scales + weights
+    opt = torch.optim.AdamW([{"params": scales, "lr": cfg.lr_scale}, {"params": weights, "lr": cfg.lr_weight}], weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    result, best_state, stale = TrainLog(), _snapshot(params), 0
+
+    def held_out() -> float:
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            value = sum(float(loss_on(i)) for i in eval_items) / len(eval_items)
+        for m in modules:
+            m.train()
+        return value
+
+    for m in modules:
+        m.train()
+    if eval_items:
+        result.best = held_out()
+        result.evals.append((0, result.best))
+    bar = tqdm(range(1, cfg.steps + 1), desc=cfg.label, unit="step", leave=False, disable=not progress)
+    for step in bar:
+        beta = 20 - 18 * step / cfg.steps  # AdaRound's annealing 20 → 2
+        with torch.enable_grad():
+            loss = loss_on(train_items[(step - 1) % len(train_items)])
+            reg = sum(m.regularizer(beta) for m in modules) * cfg.reg_weight if modules[0].rounding == "adaround" else 0.0
+            opt.zero_grad(set_to_none=True)
+            (loss + reg).backward()
+        if not torch.isfinite(loss):
+            result.stopped = "nan"
+            log.warning("%s: the loss became NaN/Inf at step %d; restored the best state", cfg.label, step)
+            break
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        result.losses.append(float(loss))
+        if eval_items and (step % cfg.eval_every == 0 or step == cfg.steps):
+            value = held_out()
+            result.evals.append((step, value))
+            if value < result.best:
+                result.best, best_state, stale = value, _snapshot(params), 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    result.stopped = "early"
+                    break
+            bar.set_postfix(loss=f"{float(loss):.3e}", held_out=f"{value:.3e}")
+    if eval_items or result.stopped == "nan":
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
+    return result

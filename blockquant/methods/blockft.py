@@ -1,0 +1,183 @@
+"""Block-wise fine-tuning and its two multi-block extensions (DESIGN.md §3).
+
+Single block (window 1): the quantized block, fed by the already-quantized blocks, learns its
+step sizes, zero points and weights (STE) or rounding offsets (AdaRound) to reproduce the
+full-precision block's output (BRECQ, Li et al. 2021; EfficientQAT Block-AP, Chen et al. 2024).
+Joint window (K > 1): K consecutive blocks are trained together against the window's
+full-precision output. Downstream objective: the loss is taken at the normalised input of
+block b+k (``next:k``; blocks in between stay full precision and frozen) or at the final logits
+as KL to the full-precision logits (``logits``).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blockquant.arch import block_linears, get_blocks, weight_matrix
+from blockquant.capture import BlockInputs, LayerResult, WindowContext, block_output, collect_hessians, relative_error, run_block
+from blockquant.finetune import FakeQuantLinear, TrainConfig, swap_in, swap_out, train
+from blockquant.primitives import compute_qparams
+from blockquant.recipe import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockFTOptions:
+    steps: int = 200  # optimizer steps per window, one calibration batch each
+    lr_scale: float = 1e-4  # step sizes and zero points
+    lr_weight: float | None = None  # weights / rounding offsets; default 1e-5 (2e-5 at 2 bits)
+    rounding: str = "ste"  # "ste": train fp32 master weights; "adaround": train rounding offsets
+    target: str = "fp-input"  # "fp-input": FP block on FP input; "quantized-input": on quantized input
+    window: int = 1  # K consecutive blocks trained jointly
+    stride: int = 1  # blocks the window slides by (1 … K)
+    objective: str = "block"  # "block", "next:k" or "logits"
+    holdout: float = 0.1  # share of calibration batches held out for early stopping
+    eval_every: int = 25
+    patience: int = 4
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ("ste", "adaround"):
+            raise ValueError(f"rounding must be 'ste' or 'adaround', got {self.rounding!r}")
+        if self.target not in ("fp-input", "quantized-input"):
+            raise ValueError(f"target must be 'fp-input' or 'quantized-input', got {self.target!r}")
+        if self.window < 1 or not 1 <= self.stride <= self.window:
+            raise ValueError(f"need window >= 1 and 1 <= stride <= window, got window {self.window}, stride {self.stride}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.lr_weight is not None and self.lr_weight <= 0:
+            raise ValueError(f"learning rate must be > 0, got lr_weight={self.lr_weight}")
+        self.downstream  # validates the objective
+        TrainConfig(steps=self.steps, lr_scale=self.lr_scale, eval_every=self.eval_every)  # validates those
+
+    @property
+    def downstream(self) -> int | None:
+        """k of ``next:k``; 0 for ``block``; None for ``logits``."""
+        if self.objective == "block":
+            return 0
+        if self.objective == "logits":
+            return None
+        m = re.fullmatch(r"next:(\d+)", self.objective)
+        if not m or int(m.group(1)) < 1:
+            raise ValueError(f"objective must be 'block', 'next:k' (k >= 1) or 'logits', got {self.objective!r}")
+        return int(m.group(1))
+
+
+def _downstream_path(ctx: WindowContext, k: int | None) -> tuple[Callable[[Tensor, int], Tensor], nn.Module | None, list[nn.Module]]:
+    """The frozen full-precision map from the window's output to where the loss is measured.
+
+    Returns (path to the normalised hidden state, the LM head for ``logits`` or None, the
+    modules it moved to the device).
+    """
+    blocks = get_blocks(ctx.model, ctx.arch)
+    last = ctx.first + len(ctx.blocks) - 1
+    n = len(blocks)
+    if k is None and ctx.arch.head is None:
+        raise ValueError(f"objective 'logits' needs a language-model head; {type(ctx.model).__name__} has none")
+    if k is not None and k > n:
+        raise ValueError(f"objective next:{k} points past the last block (the model has {n}); use k <= {n}")
+    stop = n if k is None else min(last + k, n)  # loss at the input of block `stop` (n: the final norm)
+    later = [blocks[j] for j in range(last + 1, stop)]
+    if stop < n:
+        norm = blocks[stop].get_submodule(ctx.arch.input_norm) if ctx.arch.input_norm else nn.Identity()
+    else:
+        norm = ctx.model.get_submodule(ctx.arch.final_norm) if ctx.arch.final_norm else nn.Identity()
+    head = ctx.model.get_submodule(ctx.arch.head) if k is None else None
+    moved = [m for m in (*later, norm, head) if m is not None and k != 0]
+    for m in moved:
+        m.to(ctx.device)
+
+    def path(h: Tensor, batch: int) -> Tensor:
+        if k == 0:
+            return h
+        for block in later:
+            h = block_output(block(h, *ctx.q_inputs.args[batch], **ctx.q_inputs.kwargs[batch]))
+        return norm(h)
+
+    return path, head, moved
+
+
+def _window_forward(blocks: list[nn.Module], inputs: BlockInputs, batch: int) -> Tensor:
+    h = inputs.hidden[batch]
+    for block in blocks:
+        h = block_output(block(h, *inputs.args[batch], **inputs.kwargs[batch]))
+    return h
+
+
+def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str, LayerResult]:
+    """Fine-tune the window's quantization parameters and weights; leave them on the grid."""
+    names = [list(block_linears(b, ctx.arch)) for b in ctx.blocks]
+    for offset, block_names in enumerate(names):
+        for name in block_names:
+            prior = ctx.prior.get(ctx.layer_name(offset, name))
+            if prior is not None and prior.g_idx is not None:
+                raise ValueError("blockft needs contiguous groups: run gptq with static_groups: true (the default)")
+    path, head, moved = _downstream_path(ctx, opts.downstream)
+    homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
+    source = ctx.fp_inputs if opts.target == "fp-input" else ctx.q_inputs
+    with torch.no_grad():
+        targets = [path(_window_forward(ctx.fp_blocks, source, i), i) for i in range(len(source.hidden))]
+
+    def make(offset: int) -> Callable[[str, nn.Module], FakeQuantLinear]:
+        def build(name: str, layer: nn.Module) -> FakeQuantLinear:
+            prior = ctx.prior.get(ctx.layer_name(offset, name))
+            scale, zero = (prior.scale, prior.zero) if prior is not None else compute_qparams(weight_matrix(layer), spec)
+            return FakeQuantLinear(layer, spec, scale, zero, opts.rounding)
+        return build
+
+    frozen = [(p, p.requires_grad) for p in ctx.model.parameters()] + [(p, p.requires_grad) for b in ctx.fp_blocks for p in b.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    wrapped = [swap_in(block, block_names, make(o)) for o, (block, block_names) in enumerate(zip(ctx.blocks, names))]
+    modules = [fq for w in wrapped for fq in w.values()]
+    for fq in modules:
+        fq.layer.weight.requires_grad_(False)
+        fq.train()
+
+    def loss_on(i: int) -> Tensor:
+        pred = path(_window_forward(ctx.blocks, ctx.q_inputs, i), i)
+        if head is None:
+            return F.mse_loss(pred.float(), targets[i].float())
+        with torch.no_grad():  # KL(p_fp || p_q) per token; FP log-probs from the cached hidden state
+            target = head(targets[i]).float().log_softmax(-1).flatten(0, -2)
+        pred = head(pred).float().log_softmax(-1).flatten(0, -2)
+        return F.kl_div(pred, target, log_target=True, reduction="batchmean")
+
+    n = len(ctx.q_inputs.hidden)
+    n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0
+    items = list(range(n))
+    lr_weight = opts.lr_weight if opts.lr_weight is not None else (2e-5 if spec.bits == 2 else 1e-5)
+    cfg = TrainConfig(steps=opts.steps, lr_scale=opts.lr_scale, lr_weight=lr_weight, weight_decay=opts.weight_decay,
+                      grad_clip=opts.grad_clip, eval_every=opts.eval_every, patience=opts.patience,
+                      label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}")
+    try:
+        log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        for m, home in zip(moved, homes):
+            m.to(home)
+    if log_.stopped == "nan":
+        log.warning("block(s) %d-%d: fine-tuning diverged (NaN loss); kept the best state", ctx.first, ctx.first + len(ctx.blocks) - 1)
+    results = {}
+    x = ctx.q_inputs
+    for offset, (block, fp_block, w) in enumerate(zip(ctx.blocks, ctx.fp_blocks, wrapped)):
+        for fq in w.values():
+            fq.eval()
+        swap_out(block, w)
+        grids = {name: fq.commit() for name, fq in w.items()}
+        hessians = collect_hessians(block, x, {n: block.get_submodule(n) for n in w})
+        for name, (scale, zero) in grids.items():
+            error = relative_error(weight_matrix(fp_block.get_submodule(name)), weight_matrix(block.get_submodule(name)), hessians[name])
+            results[ctx.layer_name(offset, name)] = LayerResult(scale.cpu(), zero.cpu(), None, error)
+        x = x.with_hidden(run_block(block, x))
+    ctx.train_logs.append((ctx.first, log_))
+    return results
