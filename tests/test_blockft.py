@@ -1,0 +1,148 @@
+"""Block-wise fine-tuning: on-grid result, windows, downstream objectives, bad input, NaN guard."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import blockquant.methods.blockft as blockft_module
+from blockquant import QuantSpec, quantize
+from blockquant.arch import arch_for, block_linears, get_blocks, weight_matrix
+from blockquant.finetune import FakeQuantLinear, train
+from blockquant.recipe import Recipe, make_step
+from conftest import assert_on_grid
+
+SPEC = QuantSpec(bits=2, group_size=32)
+
+
+@pytest.fixture
+def calib_ids():
+    """32 random sequences: 8 batches of 4, one held out for early stopping."""
+    return torch.randint(0, 256, (32, 32), generator=torch.Generator().manual_seed(1))
+
+
+def run(model, calib, *steps, spec=SPEC):
+    recipe = Recipe(spec, [make_step(name, opts) for name, opts in steps])
+    return quantize(model, recipe, calib, batch_size=4, progress=False)
+
+
+def all_on_grid(model, result, spec=SPEC):
+    arch = arch_for(model)
+    for i, block in enumerate(get_blocks(model, arch)):
+        for name, layer in block_linears(block, arch).items():
+            r = result.layers[f"{arch.blocks}.{i}.{name}"]
+            assert_on_grid(weight_matrix(layer), r.scale, r.zero, spec, r.g_idx)
+
+
+@pytest.mark.parametrize("rounding", ["ste", "adaround"])
+def test_trained_model_is_on_the_integer_grid(make_tiny, calib_ids, rounding):
+    model = make_tiny("llama")
+    result = run(model, calib_ids, ("blockft", {"steps": 12, "rounding": rounding, "eval_every": 4}))
+    all_on_grid(model, result)
+
+
+def test_blockft_beats_rtn_on_block_error(make_tiny, calib_ids):
+    rtn = run(make_tiny("llama"), calib_ids, ("rtn", {}))
+    ft = run(make_tiny("llama"), calib_ids, ("blockft", {"steps": 40, "lr_weight": 1e-4, "eval_every": 10}))
+    for a, b in zip(ft.blocks, rtn.blocks):
+        assert a.output_error < b.output_error
+
+
+def test_gptq_init_then_blockft_stays_on_grid_and_improves(make_tiny, calib_ids):
+    gptq = run(make_tiny("qwen2"), calib_ids, ("gptq", {}))
+    model = make_tiny("qwen2")
+    chained = run(model, calib_ids, ("gptq", {}), ("blockft", {"steps": 30, "lr_weight": 1e-4, "eval_every": 10}))
+    all_on_grid(model, chained)
+    assert chained.blocks[-1].output_error < gptq.blocks[-1].output_error
+
+
+def test_window_one_equals_single_block_and_is_deterministic(make_tiny, calib_ids):
+    opts = {"steps": 10, "eval_every": 5}
+    a, b = make_tiny("llama"), make_tiny("llama")
+    run(a, calib_ids, ("blockft", opts))
+    run(b, calib_ids, ("blockft", {**opts, "window": 1, "stride": 1}))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("window,stride", [(2, 1), (2, 2)])
+def test_joint_window_on_grid_with_one_report_per_block(make_tiny, calib_ids, window, stride):
+    model = make_tiny("llama")
+    result = run(model, calib_ids, ("blockft", {"steps": 8, "window": window, "stride": stride, "eval_every": 4}))
+    assert [b.index for b in result.blocks] == [0, 1]
+    all_on_grid(model, result)
+
+
+@pytest.mark.parametrize("objective", ["next:1", "logits"])
+def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids, monkeypatch, objective):
+    """During block 0's training, no parameter outside block 0's fake-quant wrappers gets a gradient."""
+    model = make_tiny("llama")
+    seen = []
+
+    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True):
+        trainable = {id(p) for m in modules for p in (m.scale, m.zero, m.weight)}
+        with torch.enable_grad():
+            loss = loss_on(train_items[0])
+            loss.backward()
+        outside = [n for n, p in model.named_parameters() if p.grad is not None and id(p) not in trainable]
+        inside = [m for m in modules if m.weight.grad is not None and m.weight.grad.abs().sum() > 0]
+        seen.append((outside, len(inside), len(modules)))
+        for m in modules:
+            for p in (m.scale, m.zero, m.weight):
+                p.grad = None
+        return train(modules, loss_on, train_items, eval_items, cfg, progress)
+
+    monkeypatch.setattr(blockft_module, "train", checking_train)
+    run(model, calib_ids, ("blockft", {"steps": 2, "objective": objective}))
+    outside, inside, total = seen[0]
+    assert outside == []
+    assert inside == total == 7  # every linear of block 0, and only those, is trained
+
+
+def test_nan_loss_restores_best_state_and_warns(make_tiny, calib_ids, monkeypatch, caplog):
+    model = make_tiny("llama")
+    calls = {"n": 0}
+    real_forward = FakeQuantLinear.forward
+
+    def poisoned(self, x):
+        calls["n"] += 1
+        y = real_forward(self, x)
+        return y * float("nan") if self.training and calls["n"] > 60 else y
+
+    monkeypatch.setattr(FakeQuantLinear, "forward", poisoned)
+    with caplog.at_level(logging.WARNING):
+        result = run(model, calib_ids, ("blockft", {"steps": 20, "eval_every": 2}))
+    assert any("NaN" in r.message and "block" in r.message for r in caplog.records)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(log.stopped == "nan" for _, log in result.train_logs)
+    all_on_grid(model, result)
+
+
+@pytest.mark.parametrize(
+    "opts,match",
+    [
+        ({"window": 3}, "window 3 is larger than the model's 2 blocks"),
+        ({"objective": "next:5"}, "points past the last block"),
+        ({"objective": "next:0"}, "objective must be"),
+        ({"objective": "bogus"}, "objective must be"),
+        ({"lr_scale": 0.0}, "learning rates must be > 0"),
+        ({"lr_weight": -1e-5}, "learning rate must be > 0"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"window": 2, "stride": 3}, "stride <= window"),
+        ({"rounding": "floor"}, "rounding must be"),
+    ],
+)
+def test_bad_options_raise(make_tiny, calib_ids, opts, match):
+    with pytest.raises(ValueError, match=match):
+        run(make_tiny("llama"), calib_ids, ("blockft", opts))
+
+
+def test_logits_objective_needs_a_head(make_tiny, calib_ids):
+    with pytest.raises(ValueError, match="needs a language-model head"):
+        run(make_tiny("bert"), calib_ids, ("blockft", {"objective": "logits", "steps": 2}))
+
+
+def test_finetuning_must_come_last(make_tiny, calib_ids):
+    with pytest.raises(ValueError, match="must come last"):
+        run(make_tiny("llama"), calib_ids, ("blockft", {"steps": 2}), ("rtn", {}))
