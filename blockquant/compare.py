@@ -1,0 +1,214 @@
+"""The method advisor: RTN, GPTQ and the block-wise fine-tuning variants on the same data.
+
+Answers, for one model and bit width: does fine-tuning several blocks jointly, or against a
+downstream objective, beat fine-tuning each block alone — by how much, for how much compute?
+Each variant runs in its own process, so its wall time and peak RSS are its own.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "rtn": [("rtn", {})],
+    "gptq": [("gptq", {})],
+    "blockft": [("blockft", {})],
+    "joint K=2": [("blockft", {"window": 2})],
+    "joint K=3": [("blockft", {"window": 3})],
+    "next:1": [("blockft", {"objective": "next:1"})],
+    "logits": [("blockft", {"objective": "logits"})],
+}
+
+
+@dataclass
+class CompareJob:
+    model_dir: str
+    calib: str
+    eval: str
+    bits: int
+    group_size: int
+    sym: bool = False
+    nsamples: int = 128
+    seqlen: int = 512
+    max_windows: int | None = None
+    device: str = "cpu"
+    batch_size: int = 8
+    seed: int = 0
+    init: str = "gptq"  # what the fine-tuning variants start from: "rtn" or "gptq"
+    ft_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"steps": 100}
+
+
+@dataclass
+class CompareRow:
+    variant: str
+    bits: int
+    group_size: int
+    metric: str  # "ppl" or "cosine"
+    value: float
+    fp_value: float
+    seconds: float
+    peak_rss_mb: float
+    curves: list[tuple[int, list[float]]]  # (first block, training loss per step)
+
+    @property
+    def delta_percent(self) -> float:
+        return 100 * (self.value / self.fp_value - 1)
+
+    def better_than(self, other: "CompareRow") -> bool:
+        return self.value < other.value if self.metric == "ppl" else self.value > other.value
+
+
+def variant_steps(variant: str, job: CompareJob) -> list[tuple[str, dict[str, Any]]]:
+    steps = VARIANTS[variant]
+    if steps[-1][0] != "blockft":
+        return steps
+    init = [] if job.init == "rtn" else [(job.init, {})]
+    return init + [("blockft", {**job.ft_options, **steps[-1][1]})]
+
+
+def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> dict[str, Any]:
+    """Quantize a fresh copy with ``steps`` (None: full precision) and evaluate it."""
+    import torch
+
+    from blockquant.api import quantize
+    from blockquant.arch import arch_for
+    from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches, perplexity
+    from blockquant.files import load_calibration, load_model, read_text, tokenize_stream
+    from blockquant.recipe import QuantSpec, Recipe, make_step
+
+    torch.manual_seed(job.seed)
+    model, tokenizer = load_model(job.model_dir)
+    encoder = arch_for(model).kind == "encoder"
+    text = read_text(job.eval, "evaluation")
+    if encoder:
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()][: job.max_windows or 512]
+        batches = paragraph_batches(tokenizer, paragraphs, max_length=min(job.seqlen, 512))
+        reference = mean_pooled_embeddings(model, batches, job.device)
+    out: dict[str, Any] = {"seconds": 0.0, "peak_rss_mb": 0.0, "curves": []}
+    if steps is not None:
+        calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed)
+        recipe = Recipe(QuantSpec(job.bits, job.group_size, job.sym), [make_step(m, o) for m, o in steps])
+        result = quantize(model, recipe, calibration, device=job.device, batch_size=job.batch_size, progress=False)
+        out.update(seconds=result.seconds, peak_rss_mb=result.peak_rss_mb,
+                   curves=[(first, log.losses) for first, log in result.train_logs])
+    if encoder:
+        out.update(metric="cosine", value=embedding_cosine(mean_pooled_embeddings(model, batches, job.device), reference))
+    else:
+        ids = tokenize_stream(tokenizer, text)
+        out.update(metric="ppl", value=perplexity(model, ids, job.seqlen, job.max_windows, job.device, job.batch_size, progress=False))
+    return out
+
+
+def _child(job: CompareJob, steps: Any, queue: Any) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the parent prints one line per variant
+    try:
+        queue.put(("ok", measure(job, steps)))
+    except Exception as e:  # reported by the parent, with the variant's name
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def measure_in_child(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(job, steps, queue))
+    proc.start()
+    status, payload = queue.get()
+    proc.join()
+    if status != "ok":
+        raise ValueError(payload)
+    return payload
+
+
+def run_compare(job: CompareJob, widths: list[tuple[int, int]], variants: list[str], log=print) -> list[CompareRow]:
+    """FP once, then every variant at every (bits, group) width (windows wider than the model skipped)."""
+    from transformers import AutoConfig
+
+    n_blocks = AutoConfig.from_pretrained(job.model_dir).num_hidden_layers
+    too_wide = [v for v in variants if VARIANTS[v][-1][1].get("window", 1) > n_blocks]
+    if too_wide:
+        log(f"skipped {', '.join(too_wide)}: the model has only {n_blocks} blocks")
+        variants = [v for v in variants if v not in too_wide]
+    fp = measure_in_child(job, None)
+    log(f"full precision: {fp['metric']} {fp['value']:.4f}")
+    rows = []
+    for bits, group in widths:
+        wjob = CompareJob(**{**asdict(job), "bits": bits, "group_size": group})
+        for variant in variants:
+            r = measure_in_child(wjob, variant_steps(variant, wjob))
+            rows.append(CompareRow(variant, bits, group, r["metric"], r["value"], fp["value"], r["seconds"], r["peak_rss_mb"], r["curves"]))
+            log(f"W{bits} g{group} {variant:10s} {r['metric']} {r['value']:.4f} ({rows[-1].delta_percent:+.2f} %) {r['seconds']:.0f}s")
+    return rows
+
+
+def verdict(rows: list[CompareRow]) -> list[str]:
+    """Which variant won per width, and whether joint / downstream beat single-block FT."""
+    lines = []
+    for bits, group in dict.fromkeys((r.bits, r.group_size) for r in rows):
+        width = [r for r in rows if (r.bits, r.group_size) == (bits, group)]
+        best = width[0]
+        for r in width[1:]:
+            best = r if r.better_than(best) else best
+        lines.append(f"W{bits} g{group}: best is {best.variant} ({best.metric} {best.value:.4f}, {best.delta_percent:+.2f} % vs FP, {best.seconds:.0f}s).")
+        single = next((r for r in width if r.variant == "blockft"), None)
+        for r in width:
+            if single is None or r.variant in ("rtn", "gptq", "blockft"):
+                continue
+            gain = (single.value - r.value) if r.metric == "ppl" else (r.value - single.value)
+            lines.append(f"  {r.variant} vs single-block FT: {'helped' if r.better_than(single) else 'did not help'} "
+                         f"({gain:+.4f} {r.metric} better, {r.seconds / max(single.seconds, 1e-9):.1f}× the time)")
+    return lines
+
+
+def table(rows: list[CompareRow]) -> str:
+    lines = ["| method | bits | group | metric | value | Δ% vs FP | seconds | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.variant} | {r.bits} | {r.group_size} | {r.metric} | {r.value:.4f} | {r.delta_percent:+.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[CompareRow], path: Path) -> None:
+    """Metric per method per width, and each fine-tuned window's training-loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    variants = list(dict.fromkeys(r.variant for r in rows))
+    widths = list(dict.fromkeys((r.bits, r.group_size) for r in rows))
+    for v in variants:
+        pts = [(f"W{b} g{g}", r.value) for (b, g) in widths for r in rows if r.variant == v and (r.bits, r.group_size) == (b, g)]
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
+    ax1.axhline(rows[0].fp_value, color="k", ls="--", lw=1, label="full precision")
+    ax1.set_ylabel(rows[0].metric)
+    ax1.set_title("metric per method per width")
+    ax1.legend(fontsize=8)
+    lowest = min(widths)
+    for r in rows:
+        if (r.bits, r.group_size) == lowest:
+            for first, losses in r.curves:
+                ax2.plot(losses, lw=0.8, label=f"{r.variant} block {first}")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("training loss")
+    ax2.set_title(f"per-window training loss, W{lowest[0]} g{lowest[1]}")
+    if ax2.lines:
+        ax2.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save(rows: list[CompareRow], out_dir: Path, title: str) -> list[Path]:
+    """compare.md (table + verdict), compare.png and compare.json in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "compare.md"
+    md.write_text(f"# {title}\n\n{table(rows)}\n\n" + "\n".join(verdict(rows)) + "\n")
+    (out_dir / "compare.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    plot(rows, out_dir / "compare.png")
+    return [md, out_dir / "compare.png", out_dir / "compare.json"]
