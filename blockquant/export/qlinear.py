@@ -1,0 +1,135 @@
+"""``QuantLinear``: a Linear that keeps its weight packed (DESIGN.md §4 "Export").
+
+The module holds what a low-bit kernel executes — int32 words of unsigned codes, one scale
+and one zero point per group — so a loaded model really is smaller in memory. Its forward
+unpacks, dequantizes per group and multiplies in plain torch (any device; on CUDA there is no
+fused Triton kernel yet, and ``blockquant.load`` says so when asked for one).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blockquant.export.packing import pack_int32, packed_words, unpack_int32
+from blockquant.primitives import group_width
+from blockquant.recipe import QuantSpec
+
+
+class QuantLinear(nn.Module):
+    """``y = x Ŵᵀ + b`` with ``Ŵ[o, i] = s[o, g(i)] · (q[o, i] − z[o, g(i)])``.
+
+    Buffers: ``qweight`` int32 ``(out, ⌈in·bits/32⌉)``, the unsigned codes packed along the
+    input dimension (see ``packing``); ``scales`` ``(out, n_groups)`` in the checkpoint dtype;
+    ``zeros`` uint8 ``(out, n_groups)``, unsigned zero points (``2^(bits−1)`` when symmetric);
+    ``g_idx`` int32 ``(in,)`` the group of each input column, or None for contiguous groups of
+    ``group_size`` columns (the last one shorter when it does not divide ``in``); ``bias``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
+                 qweight: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor | None = None,
+                 bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        n_groups = math.ceil(in_features / group_size)
+        expect = {
+            "qweight": (qweight, torch.int32, (out_features, packed_words(in_features, bits))),
+            "scales": (scales, None, (out_features, n_groups)),
+            "zeros": (zeros, torch.uint8, (out_features, n_groups)),
+        }
+        for name, (t, dtype, shape) in expect.items():
+            if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+                raise ValueError(f"QuantLinear {name} must be {dtype or 'float'} of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+        if g_idx is not None and (g_idx.shape != (in_features,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+            raise ValueError(f"QuantLinear g_idx must be ({in_features},) group indices in [0, {n_groups})")
+        if bias is not None and bias.shape != (out_features,):
+            raise ValueError(f"QuantLinear bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("g_idx", None if g_idx is None else g_idx.to(torch.int32))
+        self.register_buffer("bias", bias)
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    def codes(self) -> Tensor:
+        """Unsigned integer codes ``(out, in)`` uint8."""
+        return unpack_int32(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``Ŵ`` ``(out, in)``: computed in fp32 (exactly ``s·(q − z)``), then cast to ``dtype``."""
+        q = self.codes().float()
+        s, z = self.scales.float(), self.zeros.float()
+        if self.g_idx is not None:
+            cols = self.g_idx.long()
+            return ((q - z[:, cols]) * s[:, cols]).to(dtype)
+        out, cols, g = self.out_features, self.in_features, self.group_size
+        pad = self.n_groups * g - cols  # ragged last group: pad, dequantize, cut
+        if pad:
+            q = torch.cat([q, q.new_zeros(out, pad)], dim=1)
+        w = (q.view(out, self.n_groups, g) - z.unsqueeze(2)) * s.unsqueeze(2)  # (out, G, g)
+        return w.view(out, -1)[:, :cols].to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        gran = "channel" if self.group_size >= self.in_features else f"g{self.group_size}"
+        order = ", g_idx" if self.g_idx is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, W{self.bits} {gran} {'sym' if self.sym else 'asym'}{order}"
+
+
+@dataclass
+class ScaleRounding:
+    """What storing the fp32 scales in a narrower dtype changed (all zero when it was exact)."""
+
+    weights_changed: int = 0
+    weights_total: int = 0
+    max_relative_change: float = 0.0
+
+
+def pack_linear(name: str, weight: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor | None, spec: QuantSpec,
+                bias: Tensor | None = None, scale_dtype: torch.dtype = torch.float32) -> tuple[QuantLinear, ScaleRounding]:
+    """Pack a fake-quantized ``weight`` ``(out, in)`` with the grid ``quantize()`` recorded for it.
+
+    The integer codes are recovered by rounding and then checked: every weight must be exactly
+    ``s·(q − z)`` (in the weight's dtype), so a model edited after quantization is refused
+    instead of exported wrong.
+    """
+    out, cols = weight.shape
+    width = group_width(spec, cols)
+    scale, zero = scale.float().expand(out, -1), zero.float().expand(out, -1)  # per-tensor -> per-row
+    if scale.shape[1] != math.ceil(cols / width):
+        raise ValueError(f"layer {name}: {scale.shape[1]} scale columns for {cols} inputs in groups of {width}")
+    if not torch.equal(zero, torch.round(zero)) or zero.min() < spec.qmin or zero.max() > spec.qmax:
+        raise ValueError(f"layer {name}: zero points must be integers in [{spec.qmin}, {spec.qmax}]")
+    groups = g_idx.long() if g_idx is not None else torch.arange(cols) // width
+    s, z = scale[:, groups], zero[:, groups]  # (out, in)
+    q = torch.clamp(torch.round(weight.float() / s + z), spec.qmin, spec.qmax)
+    off_grid = (s * (q - z)).to(weight.dtype) != weight
+    if off_grid.any():
+        gap = float((s * (q - z) - weight.float()).abs().max())
+        raise ValueError(
+            f"layer {name}: {int(off_grid.sum())} of {weight.numel()} weights are not on its quantization grid "
+            f"(largest gap {gap:.3g}); export the model exactly as quantize() left it"
+        )
+    stored = scale.to(scale_dtype)
+    rounding = ScaleRounding(weights_total=weight.numel())
+    if not torch.equal(stored.float(), scale):
+        w2 = (stored.float()[:, groups] * (q - z)).to(weight.dtype)
+        changed = w2 != weight
+        rounding.weights_changed = int(changed.sum())
+        rel = ((w2.float() - weight.float()).abs() / weight.float().abs().clamp(min=1e-30))[changed]
+        rounding.max_relative_change = float(rel.max()) if rel.numel() else 0.0
+    codes = (q - spec.qmin).to(torch.uint8)  # unsigned: [0, 2^bits)
+    zeros = (zero - spec.qmin).to(torch.uint8)
+    module = QuantLinear(cols, out, spec.bits, width, spec.sym, pack_int32(codes, spec.bits), stored.contiguous(),
+                         zeros.contiguous(), None if g_idx is None else g_idx.clone(), None if bias is None else bias.detach().clone())
+    return module, rounding
