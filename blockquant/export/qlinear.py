@@ -64,16 +64,16 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``Ŵ`` ``(out, in)``: computed in fp32 (exactly ``s·(q − z)``), then cast to ``dtype``."""
-        q = self.codes().float()
-        s, z = self.scales.float(), self.zeros.float()
+        q = self.codes()
         if self.g_idx is not None:
             cols = self.g_idx.long()
-            return ((q - z[:, cols]) * s[:, cols]).to(dtype)
+            return ((q.float() - self.zeros[:, cols].float()) * self.scales[:, cols].float()).to(dtype)
         out, cols, g = self.out_features, self.in_features, self.group_size
         pad = self.n_groups * g - cols  # ragged last group: pad, dequantize, cut
         if pad:
             q = torch.cat([q, q.new_zeros(out, pad)], dim=1)
-        w = (q.view(out, self.n_groups, g) - z.unsqueeze(2)) * s.unsqueeze(2)  # (out, G, g)
+        w = q.view(out, self.n_groups, g).float()  # (out, G, g), in place from here: this runs every forward
+        w.sub_(self.zeros.unsqueeze(2)).mul_(self.scales.unsqueeze(2))
         return w.view(out, -1)[:, :cols].to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
