@@ -222,6 +222,35 @@ def test_model_round_trip(fmt, case, tmp_path):
     assert record["export"]["format"] == fmt and record["export"]["scale_rounding"]["weights_changed"] == 0
 
 
+OTHER_FAMILIES = {  # widths that are multiples of 32: (config class, model class, kwargs)
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=256, n_positions=64)),
+    "bert": (transformers.BertConfig, transformers.BertModel, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                                   num_attention_heads=4, vocab_size=256, max_position_embeddings=64)),
+    "opt": (transformers.OPTConfig, transformers.OPTForCausalLM, dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                                                     vocab_size=256, max_position_embeddings=64, word_embed_proj_dim=64)),
+}
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_other_families_round_trip_or_refuse(family, fmt, tmp_path):
+    """GPT-2's Conv1D (weights stored transposed) packs into GPTQ; compressed-tensors refuses it."""
+    config_cls, model_cls, kwargs = OTHER_FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs)).eval()
+    result = quantize(model, parse_recipe("rtn", QuantSpec(4, 32)), torch.randint(0, 256, (2, 16)), progress=False)
+    if family == "gpt2" and fmt == "compressed-tensors":
+        with pytest.raises(ValueError, match="Conv1D"):
+            save_packed(model, result, tmp_path / "out", fmt)
+        return
+    loaded = load(save_packed(model, result, tmp_path / "out", fmt))
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, got = model(input_ids=ids), loaded(input_ids=ids)
+    key = "last_hidden_state" if family == "bert" else "logits"
+    torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-5)
+
+
 def test_packed_layers_really_hold_less_memory(tmp_path):
     model, result = quantized_llama(QuantSpec(4, 32, sym=False))
     loaded = load(save_packed(model, result, tmp_path / "out"))

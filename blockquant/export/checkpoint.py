@@ -190,7 +190,8 @@ def is_packed(model_dir: str | Path) -> bool:
 
 def stored_dtype(model_dir: str | Path) -> torch.dtype | None:
     """The dtype a checkpoint's ``config.json`` declares (None when it names none)."""
-    name = _read_config(Path(model_dir)).get("dtype") or _read_config(Path(model_dir)).get("torch_dtype")
+    config = _read_config(Path(model_dir))
+    name = config.get("dtype") or config.get("torch_dtype")
     dtype = getattr(torch, str(name), None) if name else None
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
