@@ -23,7 +23,7 @@ from blockquant.arch import arch_for, block_linears, get_blocks, is_linear
 from blockquant.capture import LayerResult
 from blockquant.export import compressed_tensors, gptq
 from blockquant.export.qlinear import ScaleRounding, pack_linear
-from blockquant.export.shards import read_tensors, verify_manifest, write_manifest, write_safetensors
+from blockquant.export.shards import MANIFEST_FILE, read_tensors, verify_manifest, write_manifest, write_safetensors
 from blockquant.files import RECORD_FILE, atomic_dir, load_model, model_class_name, save_quantized
 from blockquant.recipe import QuantSpec
 
@@ -208,14 +208,14 @@ def load(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | 
     qcfg = _quant_config(path, config)
     if not isinstance(qcfg, dict):
         raise ValueError(f"{path} declares no quantization_config: it is not a packed checkpoint")
+    if verify and not verify_manifest(path):  # before the config is trusted: a corrupt file is named first
+        log.warning("%s has no %s manifest; its integrity is not verified", path, MANIFEST_FILE)
     method = str(qcfg.get("quant_method", "")).lower()
     if method not in FORMATS:
         raise ValueError(f"unsupported quantization format {method or 'None'!r} in {path / 'config.json'}; "
                          f"blockquant reads {' and '.join(FORMATS)} checkpoints")
     reader = FORMATS[method]
     scheme = reader.parse_config(qcfg)
-    if verify and not verify_manifest(path):
-        log.warning("%s has no %s manifest; its integrity is not verified", path, "blockquant.sha256.json")
     tensors = read_tensors(path)
     dtype = dtype or stored_dtype(path) or torch.float32
 
