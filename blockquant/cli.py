@@ -121,8 +121,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", help="block | next:k (normalised input of block b+k) | logits (KL) [block]")
     g.add_argument("--target", choices=["fp-input", "quantized-input"], help="FP block output on FP or on quantized input [fp-input]")
     g.add_argument("--rounding", choices=["ste", "adaround"], help="train weights (STE) or rounding offsets [ste]")
-    g.add_argument("--lr-scale", type=float, help="learning rate of step sizes and zero points [1e-4]")
-    g.add_argument("--lr-weight", type=float, help="learning rate of weights / offsets [1e-5; 2e-5 at 2 bits]")
+    g.add_argument("--lr-scale", type=float, help="learning rate of step sizes and zero points [1e-3]")
+    g.add_argument("--lr-weight", type=float, help="learning rate of weights (in code units) / AdaRound offsets [2e-2]")
 
 
 FINETUNE_FLAGS = ("steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight")

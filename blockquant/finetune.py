@@ -1,9 +1,17 @@
 """Fine-tuning machinery shared by the training methods (block-wise FT, and later QFT / LKD).
 
 ``FakeQuantLinear`` swaps in for a Linear (or GPT-2 Conv1D) and makes its quantization
-degrees of freedom trainable: per-group step sizes (LSQ, Esser et al. 2020), zero points
+degrees of freedom trainable: per-group step sizes (LSQ-style, Esser et al. 2020), zero points
 (rounded with a straight-through estimator) and either the fp32 master weights (STE) or
 AdaRound rounding offsets (Nagel et al. 2020, ``h(α) = clamp(σ(α)(ζ−γ)+γ, 0, 1)``).
+
+The fp32 master weights are kept in code units of the initial grid, ``v = w/s₀`` (so a weight
+learning rate means the same whatever the scale), the codes are ``⌊v⌉`` and the learned step
+size multiplies them: ``ŵ = s·(q − z)``. Plain LSQ (``s·⌊w/s⌉``) gives the step
+size the gradient ``⌊w/s⌉ − w/s``, which is zero when the master weights start on the grid
+(after GPTQ): it cannot see that changing s rescales every code. Measured on llama-code block
+0 (GPTQ W2 g64 init), a step along LSQ's scale gradient *raised* the loss; along this one it
+falls.
 ``train`` is the one optimisation loop: AdamW, cosine schedule, gradient clipping, early stop
 on held-out data keeping the best state, NaN guard.
 """
@@ -38,11 +46,12 @@ class FakeQuantLinear(nn.Module):
         self.in_features = w.shape[1]
         self.width = group_width(spec, w.shape[1])
         self.scale = nn.Parameter(scale.detach().clone().float().to(w.device))  # (out, G)
+        self.register_buffer("scale0", self.scale.detach().clone())  # the grid the codes are read on
         self.zero = nn.Parameter(zero.detach().clone().float().to(w.device), requires_grad=not spec.sym)
-        if rounding == "ste":
-            self.weight = nn.Parameter(w.clone())
+        if rounding == "ste":  # master weights in code units: the learning rate means the same at any scale
+            self.weight = nn.Parameter(w / self._expand(self.scale0))
         elif rounding == "adaround":
-            x = w / self._expand(self.scale.detach())
+            x = w / self._expand(self.scale0)
             self.register_buffer("w_floor", torch.floor(x))
             rest = (x - torch.floor(x)).clamp(0.01, 0.99)  # so that h(α) starts at w's own position
             self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
@@ -59,7 +68,7 @@ class FakeQuantLinear(nn.Module):
         s = self._expand(self.scale.clamp(min=1e-8))
         z = self._expand(round_ste(self.zero))
         if self.rounding == "ste":
-            codes = round_ste(self.weight / s)
+            codes = round_ste(self.weight)
         else:
             h = (self.alpha >= 0).float() if hard else self.soft_rounding()
             codes = self.w_floor + h
@@ -100,8 +109,8 @@ def swap_out(block: nn.Module, wrapped: dict[str, FakeQuantLinear]) -> None:
 @dataclass
 class TrainConfig:
     steps: int = 200
-    lr_scale: float = 1e-4
-    lr_weight: float = 1e-5
+    lr_scale: float = 1e-3
+    lr_weight: float = 2e-2
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 25

@@ -44,7 +44,7 @@ def test_trained_model_is_on_the_integer_grid(make_tiny, calib_ids, rounding):
 
 def test_blockft_beats_rtn_on_block_error(make_tiny, calib_ids):
     rtn = run(make_tiny("llama"), calib_ids, ("rtn", {}))
-    ft = run(make_tiny("llama"), calib_ids, ("blockft", {"steps": 40, "lr_weight": 1e-4, "eval_every": 10}))
+    ft = run(make_tiny("llama"), calib_ids, ("blockft", {"steps": 40, "eval_every": 10}))
     for a, b in zip(ft.blocks, rtn.blocks):
         assert a.output_error < b.output_error
 
@@ -52,7 +52,7 @@ def test_blockft_beats_rtn_on_block_error(make_tiny, calib_ids):
 def test_gptq_init_then_blockft_stays_on_grid_and_improves(make_tiny, calib_ids):
     gptq = run(make_tiny("qwen2"), calib_ids, ("gptq", {}))
     model = make_tiny("qwen2")
-    chained = run(model, calib_ids, ("gptq", {}), ("blockft", {"steps": 30, "lr_weight": 1e-4, "eval_every": 10}))
+    chained = run(model, calib_ids, ("gptq", {}), ("blockft", {"steps": 30, "eval_every": 10}))
     all_on_grid(model, chained)
     assert chained.blocks[-1].output_error < gptq.blocks[-1].output_error
 
@@ -127,7 +127,7 @@ def test_nan_loss_restores_best_state_and_warns(make_tiny, calib_ids, monkeypatc
         ({"objective": "next:0"}, "objective must be"),
         ({"objective": "bogus"}, "objective must be"),
         ({"lr_scale": 0.0}, "learning rates must be > 0"),
-        ({"lr_weight": -1e-5}, "learning rate must be > 0"),
+        ({"lr_weight": -1e-5}, "learning rates must be > 0"),
         ({"steps": 0}, "steps must be >= 1"),
         ({"window": 2, "stride": 3}, "stride <= window"),
         ({"rounding": "floor"}, "rounding must be"),

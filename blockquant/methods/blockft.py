@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class BlockFTOptions:
     steps: int = 200  # optimizer steps per window, one calibration batch each
-    lr_scale: float = 1e-4  # step sizes and zero points
-    lr_weight: float | None = None  # weights / rounding offsets; default 1e-5 (2e-5 at 2 bits)
+    lr_scale: float = 1e-3  # step sizes and zero points
+    lr_weight: float = 2e-2  # master weights, in code units of the initial grid (AdaRound: offsets α)
     rounding: str = "ste"  # "ste": train fp32 master weights; "adaround": train rounding offsets
     target: str = "fp-input"  # "fp-input": FP block on FP input; "quantized-input": on quantized input
     window: int = 1  # K consecutive blocks trained jointly
@@ -53,10 +53,8 @@ class BlockFTOptions:
             raise ValueError(f"need window >= 1 and 1 <= stride <= window, got window {self.window}, stride {self.stride}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
-        if self.lr_weight is not None and self.lr_weight <= 0:
-            raise ValueError(f"learning rate must be > 0, got lr_weight={self.lr_weight}")
         self.downstream  # validates the objective
-        TrainConfig(steps=self.steps, lr_scale=self.lr_scale, eval_every=self.eval_every)  # validates those
+        TrainConfig(steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every)  # validates those
 
     @property
     def downstream(self) -> int | None:
@@ -154,8 +152,7 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
     n = len(ctx.q_inputs.hidden)
     n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0
     items = list(range(n))
-    lr_weight = opts.lr_weight if opts.lr_weight is not None else (2e-5 if spec.bits == 2 else 1e-5)
-    cfg = TrainConfig(steps=opts.steps, lr_scale=opts.lr_scale, lr_weight=lr_weight, weight_decay=opts.weight_decay,
+    cfg = TrainConfig(steps=opts.steps, lr_scale=opts.lr_scale, lr_weight=opts.lr_weight, weight_decay=opts.weight_decay,
                       grad_clip=opts.grad_clip, eval_every=opts.eval_every, patience=opts.patience,
                       label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}")
     try:
