@@ -24,7 +24,7 @@ from blockquant.capture import LayerResult
 from blockquant.export import compressed_tensors, gptq
 from blockquant.export.qlinear import ScaleRounding, pack_linear
 from blockquant.export.shards import MANIFEST_FILE, read_tensors, verify_manifest, write_manifest, write_safetensors
-from blockquant.files import RECORD_FILE, atomic_dir, load_model, model_class_name, save_quantized
+from blockquant.files import RECORD_FILE, atomic_dir, check_output_dir, load_model, model_class_name, save_quantized
 from blockquant.recipe import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def save_packed(model: nn.Module, result: QuantResult, out_dir: str | Path, fmt:
     ``dtype`` (default: the model's) is the dtype of the scales and of every unquantized tensor;
     scales narrower than fp32 round, which ``blockquant.json`` records under ``export``.
     """
+    check_output_dir(out_dir, overwrite)  # before the packing work
     spec = result.recipe.spec
     problem = export_problem(fmt, model, spec, result.layers)
     if problem or fmt == DEQUANTIZED:
