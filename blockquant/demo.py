@@ -41,12 +41,17 @@ def minilm_dir() -> Path:
 
 
 def pydoc_split() -> tuple[str, list[str]]:
-    """Calibration text (even topics) and evaluation paragraphs (odd topics, ≥ 200 chars)."""
+    """Calibration text (even topics) and evaluation paragraphs (odd topics, ≥ 200 chars).
+
+    Topics repeat paragraphs of each other, so evaluation keeps only paragraphs that do not
+    occur in the calibration text.
+    """
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
     calib = "\n\n".join(topics[k] for k in keys[0::2])
     paragraphs = [p.strip() for k in keys[1::2] for p in topics[k].split("\n\n") if len(p.strip()) >= 200]
+    paragraphs = [p for p in dict.fromkeys(paragraphs) if p not in calib]
     return calib, paragraphs
 
 
