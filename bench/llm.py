@@ -6,6 +6,7 @@ Calibration: 128 random non-overlapping 512-token windows of ``data/*/calib.txt`
 evaluation: every 512-token window of ``data/*/eval.txt``. Asymmetric weights throughout.
 Each configuration runs in its own process; peak RSS is that process's peak during quantization.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,10 @@ def checks(rows: list[dict]) -> list[str]:
         for bits, ref in refs.items():
             if (subject, "rtn", bits, 128) in by:
                 dev = 100 * (by[(subject, "rtn", bits, 128)] / ref - 1)
-                out.append(f"- RTN W{bits} g128 {subject}: {by[(subject, 'rtn', bits, 128)]:.3f} vs reference {ref} "
-                           f"({dev:+.2f} %) — {'within' if abs(dev) <= 0.5 else 'OUTSIDE'} ±0.5 %")
+                out.append(
+                    f"- RTN W{bits} g128 {subject}: {by[(subject, 'rtn', bits, 128)]:.3f} vs reference {ref} "
+                    f"({dev:+.2f} %) — {'within' if abs(dev) <= 0.5 else 'OUTSIDE'} ±0.5 %"
+                )
     for (bits, group), target in GPTQ_TARGETS.items():
         if ("llama-code", "gptq", bits, group) in by:
             ppl = by[("llama-code", "gptq", bits, group)]
@@ -89,16 +92,31 @@ def main() -> None:
             fp = row["ppl"] if method == "fp" else fp
             row["delta"] = 100 * (row["ppl"] / fp - 1)
             rows.append(row)
-            print(f"{subject:18s} {method:5s} W{bits:<2d} g{group:<4d} ppl {row['ppl']:9.3f} ({row['delta']:+6.2f} %) "
-                  f"{row['seconds']:6.1f}s", flush=True)
+            print(
+                f"{subject:18s} {method:5s} W{bits:<2d} g{group:<4d} ppl {row['ppl']:9.3f} ({row['delta']:+6.2f} %) {row['seconds']:6.1f}s",
+                flush=True,
+            )
     table = markdown_table(
         ["subject", "method", "bits", "group", "ppl", "Δ% vs FP", "quantize s", "peak RSS MB"],
-        [[r["subject"], r["method"], str(r["bits"]), "-" if r["method"] == "fp" else str(r["group"]), f"{r['ppl']:.3f}",
-          f"{r['delta']:+.2f}", f"{r['seconds']:.1f}", "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"]
-         for r in rows])
+        [
+            [
+                r["subject"],
+                r["method"],
+                str(r["bits"]),
+                "-" if r["method"] == "fp" else str(r["group"]),
+                f"{r['ppl']:.3f}",
+                f"{r['delta']:+.2f}",
+                f"{r['seconds']:.1f}",
+                "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}",
+            ]
+            for r in rows
+        ],
+    )
     windows = f"first {args.max_windows} windows" if args.max_windows else "all windows"
-    body = (f"Calibration 128 × 512 tokens (seed 0), eval {windows} of 512 tokens, asymmetric, fp32 compute, CPU.\n"
-            f"GPTQ defaults: act-order, static groups, true-sequential, damp 0.01.\n\n{table}\n\n" + "\n".join(checks(rows)))
+    body = (
+        f"Calibration 128 × 512 tokens (seed 0), eval {windows} of 512 tokens, asymmetric, fp32 compute, CPU.\n"
+        f"GPTQ defaults: act-order, static groups, true-sequential, damp 0.01.\n\n{table}\n\n" + "\n".join(checks(rows))
+    )
     print("\n" + body)
     print(f"\nwritten to {write_result('llm', 'LLM benchmark: FP vs RTN vs GPTQ', body)}")
 

@@ -1,4 +1,5 @@
 """blockquant: post-training quantization of PyTorch models."""
+
 from blockquant.api import QuantResult, quantize
 from blockquant.export import QuantLinear, load, save_packed
 from blockquant.recipe import QuantSpec, Recipe, make_step, parse_recipe

@@ -5,6 +5,7 @@ full-precision targets, apply the recipe's methods, propagate the quantized outp
 Two activation streams flow through the blocks: the full-precision one (targets) and the
 quantized one (inputs of the next quantized block). Peak memory ≈ one block + activations.
 """
+
 from __future__ import annotations
 
 import copy
@@ -106,6 +107,7 @@ def _check_finite_outputs(block: nn.Module, inputs: BlockInputs, outputs: list[T
             t = out[0] if isinstance(out, (tuple, list)) else out
             if not culprit and isinstance(t, Tensor) and not torch.isfinite(t).all():
                 culprit.append(name)
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in block.named_modules() if n]
@@ -197,8 +199,19 @@ def quantize(
         # 2. the window step (block-wise fine-tuning) trains the whole window jointly
         t0 = time.perf_counter()
         for step in window_steps:
-            wctx = WindowContext(first, [blocks[j] for j in window], [fp_copies[j] for j in window], q_stream, fp_stream,
-                                 model, arch, result.layers, device, result.train_logs, progress)
+            wctx = WindowContext(
+                first,
+                [blocks[j] for j in window],
+                [fp_copies[j] for j in window],
+                q_stream,
+                fp_stream,
+                model,
+                arch,
+                result.layers,
+                device,
+                result.train_logs,
+                progress,
+            )
             result.layers.update(METHODS[step.method].apply(wctx, recipe.spec, step.options))
         for j in window:
             t_block[j] += (time.perf_counter() - t0) / len(window)
@@ -213,7 +226,12 @@ def quantize(
             del fp_copies[j]
             q_stream, fp_stream = q_stream.with_hidden(q_out), fp_stream.with_hidden(fp_outs[j])
             bar.update(1)
-            bar.set_postfix(err_in=f"{report.input_error:.2e}", err_out=f"{report.output_error:.2e}", s=f"{report.seconds:.1f}", rss_mb=f"{peak_rss_mb():.0f}")
+            bar.set_postfix(
+                err_in=f"{report.input_error:.2e}",
+                err_out=f"{report.output_error:.2e}",
+                s=f"{report.seconds:.1f}",
+                rss_mb=f"{peak_rss_mb():.0f}",
+            )
             log.info("block %d: error in %.3e -> out %.3e, %.1fs", j, report.input_error, report.output_error, report.seconds)
         first += advance
     bar.close()

@@ -5,6 +5,7 @@ order is the order of ``groups``; AWQ / SmoothQuant read the ``feeder`` of each 
 or linear whose output is the group's input, ``None`` where no exact fold exists, e.g. across a
 GELU or from outside the block). A new family is a new entry, not new branches.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,9 +92,7 @@ def arch_for(model: nn.Module) -> ArchSpec:
     """The table for ``model``'s class, or a ValueError listing the supported classes."""
     name = type(model).__name__
     if name not in ARCHITECTURES:
-        raise ValueError(
-            f"unsupported architecture {name}; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+        raise ValueError(f"unsupported architecture {name}; supported: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[name]
 
 

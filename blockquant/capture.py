@@ -4,10 +4,12 @@ The model runs up to its first block once; a forward pre-hook (with kwargs) reco
 block's positional and keyword arguments (masks, rotary position embeddings, …) and stops the
 forward. Later blocks are then run one at a time on the recorded arguments.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +29,7 @@ class BlockInputs:
     args: list[tuple[Any, ...]]  # positional arguments after the hidden states, per batch
     kwargs: list[dict[str, Any]]  # keyword arguments, per batch
 
-    def with_hidden(self, hidden: list[Tensor]) -> "BlockInputs":
+    def with_hidden(self, hidden: list[Tensor]) -> BlockInputs:
         return BlockInputs(hidden, self.args, self.kwargs)
 
 
@@ -46,7 +48,7 @@ def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.d
     """Move every parameter and buffer that is not inside a block (embeddings, norms, head)."""
     inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
     for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
+        for p in list(module.parameters(recurse=False)):
             if id(p) not in inside:
                 p.data = p.data.to(device)
         for name, b in list(module.named_buffers(recurse=False)):

@@ -2,6 +2,7 @@
 
 A user mistake prints one ``blockquant: error: …`` line and exits 2; nothing is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockquant", description="Post-training quantization of PyTorch models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model (no MODEL_DIR: built-in demo)", description=QUANTIZE_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model (no MODEL_DIR: built-in demo)",
+        description=QUANTIZE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="local Hugging Face model directory")
     q.add_argument("--recipe", default="gptq", help="method (rtn, gptq), comma chain (rtn,gptq) or YAML file [gptq]")
     q.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 [4]")
@@ -79,13 +84,20 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window [512]")
     q.add_argument("--output", metavar="OUT_DIR", help="where to write the quantized model")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    q.add_argument("--format", choices=["compressed-tensors", "gptq", "dequantized"],
-                   help="checkpoint layout [compressed-tensors when it can hold the scheme, else dequantized]")
+    q.add_argument(
+        "--format",
+        choices=["compressed-tensors", "gptq", "dequantized"],
+        help="checkpoint layout [compressed-tensors when it can hold the scheme, else dequantized]",
+    )
     _finetune_args(q)
     _common(q)
 
-    e = sub.add_parser("eval", help="perplexity / embedding fidelity of a model", description=EVAL_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e = sub.add_parser(
+        "eval",
+        help="perplexity / embedding fidelity of a model",
+        description=EVAL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     e.add_argument("model_dir", metavar="MODEL_DIR")
     e.add_argument("--data", required=True, metavar="FILE", help="held-out text file")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window [512]")
@@ -94,8 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     _common(e)
 
-    c = sub.add_parser("compare", help="method advisor: RTN, GPTQ and block-wise FT variants side by side",
-                       description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = sub.add_parser(
+        "compare",
+        help="method advisor: RTN, GPTQ and block-wise FT variants side by side",
+        description=COMPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     c.add_argument("model_dir", metavar="MODEL_DIR")
     c.add_argument("--wbits", type=int, nargs="+", default=[2], help="one or more bit widths [2]")
     c.add_argument("--group-size", type=int, default=64, help="input columns per scale; -1 per channel [64]")
@@ -188,13 +204,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot write --format {args.format}: {problem}")  # before the work, not after
     torch.manual_seed(args.seed)
     result = quantize(model, recipe, calibration, device=device, batch_size=args.batch_size, progress=not args.quiet)
-    record = result.record() | {"source": str(args.model_dir), "calibration": {"file": str(args.calib), "nsamples": int(calibration.shape[0]), "seqlen": args.seqlen, "seed": args.seed}}
+    record = result.record() | {
+        "source": str(args.model_dir),
+        "calibration": {"file": str(args.calib), "nsamples": int(calibration.shape[0]), "seqlen": args.seqlen, "seed": args.seed},
+    }
     fmt = resolve_format(args.format, model, recipe.spec, result.layers)
     save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, stored_dtype(args.model_dir))
     last = result.blocks[-1].output_error if result.blocks else float("nan")
     cuda = "" if result.peak_cuda_mb is None else f", peak CUDA {result.peak_cuda_mb:.0f} MB"
-    print(f"{recipe.name} {recipe.spec.describe()}: {len(result.layers)} layers in {result.seconds:.1f}s, "
-          f"last-block relative output error {last:.3e}, peak RSS {result.peak_rss_mb:.0f} MB{cuda} -> {args.output} ({fmt})")
+    print(
+        f"{recipe.name} {recipe.spec.describe()}: {len(result.layers)} layers in {result.seconds:.1f}s, "
+        f"last-block relative output error {last:.3e}, peak RSS {result.peak_rss_mb:.0f} MB{cuda} -> {args.output} ({fmt})"
+    )
     return 0
 
 
@@ -207,8 +228,10 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
     print("blockquant demo: all-MiniLM-L6-v2 (real, pretrained), calibration = pydoc topics", file=sys.stderr)
     rows = run_demo(device=str(device), seed=args.seed, progress=not args.quiet)
     print(format_rows(rows))
-    print(f"\nmean cosine of mean-pooled sentence embeddings to the full-precision model on held-out "
-          f"pydoc paragraphs; total {time.perf_counter() - start:.0f}s")
+    print(
+        f"\nmean cosine of mean-pooled sentence embeddings to the full-precision model on held-out "
+        f"pydoc paragraphs; total {time.perf_counter() - start:.0f}s"
+    )
     return 0
 
 
@@ -277,8 +300,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     read_text(args.eval, "evaluation")
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
-    job = CompareJob(str(args.model_dir), args.calib, args.eval, args.wbits[0], args.group_size, args.sym, args.nsamples,
-                     args.seqlen, args.max_windows, str(device), args.batch_size, args.seed, args.init, ft)
+    job = CompareJob(
+        str(args.model_dir),
+        args.calib,
+        args.eval,
+        args.wbits[0],
+        args.group_size,
+        args.sym,
+        args.nsamples,
+        args.seqlen,
+        args.max_windows,
+        str(device),
+        args.batch_size,
+        args.seed,
+        args.init,
+        ft,
+    )
     rows = run_compare(job, [(b, args.group_size) for b in args.wbits], variants)
     files = save(rows, Path(args.output), f"blockquant compare: {args.model_dir}")
     print("\n".join(verdict(rows)))

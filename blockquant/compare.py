@@ -4,6 +4,7 @@ Answers, for one model and bit width: does fine-tuning several blocks jointly, o
 downstream objective, beat fine-tuning each block alone — by how much, for how much compute?
 Each variant runs in its own process, so its wall time and peak RSS are its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,7 @@ class CompareRow:
     def delta_percent(self) -> float:
         return 100 * (self.value / self.fp_value - 1)
 
-    def better_than(self, other: "CompareRow") -> bool:
+    def better_than(self, other: CompareRow) -> bool:
         return self.value < other.value if self.metric == "ppl" else self.value > other.value
 
 
@@ -92,8 +93,7 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
         calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed)
         recipe = Recipe(QuantSpec(job.bits, job.group_size, job.sym), [make_step(m, o) for m, o in steps])
         result = quantize(model, recipe, calibration, device=job.device, batch_size=job.batch_size, progress=False)
-        out.update(seconds=result.seconds, peak_rss_mb=result.peak_rss_mb,
-                   curves=[(first, log.losses) for first, log in result.train_logs])
+        out.update(seconds=result.seconds, peak_rss_mb=result.peak_rss_mb, curves=[(first, log.losses) for first, log in result.train_logs])
     if encoder:
         out.update(metric="cosine", value=embedding_cosine(mean_pooled_embeddings(model, batches, job.device), reference))
     else:
@@ -153,21 +153,27 @@ def verdict(rows: list[CompareRow]) -> list[str]:
         best = width[0]
         for r in width[1:]:
             best = r if r.better_than(best) else best
-        lines.append(f"W{bits} g{group}: best is {best.variant} ({best.metric} {best.value:.4f}, {best.delta_percent:+.2f} % vs FP, {best.seconds:.0f}s).")
+        lines.append(
+            f"W{bits} g{group}: best is {best.variant} ({best.metric} {best.value:.4f}, {best.delta_percent:+.2f} % vs FP, {best.seconds:.0f}s)."
+        )
         single = next((r for r in width if r.variant == "blockft"), None)
         for r in width:
             if single is None or r.variant in ("rtn", "gptq", "blockft"):
                 continue
             gain = (single.value - r.value) if r.metric == "ppl" else (r.value - single.value)
-            lines.append(f"  {r.variant} vs single-block FT: {'helped' if r.better_than(single) else 'did not help'} "
-                         f"({gain:+.4f} {r.metric} better, {r.seconds / max(single.seconds, 1e-9):.1f}× the time)")
+            lines.append(
+                f"  {r.variant} vs single-block FT: {'helped' if r.better_than(single) else 'did not help'} "
+                f"({gain:+.4f} {r.metric} better, {r.seconds / max(single.seconds, 1e-9):.1f}× the time)"
+            )
     return lines
 
 
 def table(rows: list[CompareRow]) -> str:
     lines = ["| method | bits | group | metric | value | Δ% vs FP | seconds | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.variant} | {r.bits} | {r.group_size} | {r.metric} | {r.value:.4f} | {r.delta_percent:+.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} |")
+        lines.append(
+            f"| {r.variant} | {r.bits} | {r.group_size} | {r.metric} | {r.value:.4f} | {r.delta_percent:+.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} |"
+        )
     return "\n".join(lines)
 
 

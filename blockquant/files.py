@@ -3,6 +3,7 @@
 Every user mistake becomes a ``ValueError`` whose message says what is wrong and how to fix
 it; the CLI prints it as one line.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,10 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import transformers
@@ -90,13 +92,16 @@ def load_calibration(path: str | Path, tokenizer: Any, nsamples: int, seqlen: in
     chunks = windows(ids, seqlen)
     if chunks.shape[0] == 0:
         raise ValueError(
-            f"calibration file {path} has {ids.numel()} tokens, fewer than one sample of {seqlen}; "
-            "use a longer file or a smaller --seqlen"
+            f"calibration file {path} has {ids.numel()} tokens, fewer than one sample of {seqlen}; use a longer file or a smaller --seqlen"
         )
     if chunks.shape[0] < nsamples:
         log.warning(
             "calibration file %s yields only %d samples of %d tokens (%d requested); proceeding with %d",
-            path, chunks.shape[0], seqlen, nsamples, chunks.shape[0],
+            path,
+            chunks.shape[0],
+            seqlen,
+            nsamples,
+            chunks.shape[0],
         )
     order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(seed))
     return chunks[order[:nsamples]]

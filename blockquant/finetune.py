@@ -15,12 +15,13 @@ falls.
 ``train`` is the one optimisation loop: AdamW, cosine schedule, gradient clipping, early stop
 on held-out data keeping the best state, NaN guard.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,9 @@ def train(
     scales = [p for m in modules for p in (m.scale, m.zero) if p.requires_grad]
     weights = [m.weight if m.rounding == "ste" else m.alpha for m in modules]
     params = scales + weights
-    opt = torch.optim.AdamW([{"params": scales, "lr": cfg.lr_scale}, {"params": weights, "lr": cfg.lr_weight}], weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        [{"params": scales, "lr": cfg.lr_scale}, {"params": weights, "lr": cfg.lr_weight}], weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     result, best_state, stale = TrainLog(), _snapshot(params), 0
 

@@ -5,6 +5,7 @@
 columns ``[j·g, min((j+1)·g, in))`` — the last group is shorter when g does not divide ``in``.
 Per-channel is one group of the whole width, per-tensor a single (1, 1) scale.
 """
+
 from __future__ import annotations
 
 import math

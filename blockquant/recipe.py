@@ -3,6 +3,7 @@
 Every rule is checked in ``__post_init__`` and broken rules raise ``ValueError`` with the fix,
 so the CLI, YAML files and the Python API all give the same message.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,10 +34,7 @@ class QuantSpec:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of 2, 3, 4 or 8, got {self.bits}")
         if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(
-                f"group size must be >= 1 (columns per group) or -1 (one scale per output "
-                f"channel), got {self.group_size}"
-            )
+            raise ValueError(f"group size must be >= 1 (columns per group) or -1 (one scale per output channel), got {self.group_size}")
 
     @property
     def qmin(self) -> int:
@@ -92,8 +90,7 @@ def make_step(method: str, options: dict[str, Any] | None = None) -> Step:
     unknown = set(options or {}) - known
     if unknown:
         raise ValueError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for method {method!r}; "
-            f"it takes: {', '.join(sorted(known)) or 'no options'}"
+            f"unknown option(s) {', '.join(sorted(unknown))} for method {method!r}; it takes: {', '.join(sorted(known)) or 'no options'}"
         )
     return Step(method, options_cls(**(options or {})))
 

@@ -4,6 +4,7 @@ Every model is built with ``torch.manual_seed(0)``: hidden 64, 2 layers, 4 heads
 Llama and GPT-2 use an MLP width of 172, which no group size of 32 or 128 divides, so the
 ragged last group is exercised end to end.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,24 +28,84 @@ RAGGED_FFN = 172  # 172 = 5·32 + 12 = 128 + 44: ragged last group for g32 and g
 
 # Every architecture blockquant supports, built tiny: (config class, model class, config kwargs).
 TINY = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
-        hidden_size=HIDDEN, intermediate_size=RAGGED_FFN, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=128)),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(
-        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
-        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)),
-    "opt": (transformers.OPTConfig, transformers.OPTForCausalLM, dict(
-        hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-        max_position_embeddings=128, word_embed_proj_dim=HIDDEN)),
-    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict(
-        n_embd=HIDDEN, n_inner=RAGGED_FFN, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
-        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)),
-    "bert": (transformers.BertConfig, transformers.BertModel, dict(
-        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=VOCAB, max_position_embeddings=128)),
+    "llama": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=RAGGED_FFN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+        ),
+    ),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+        ),
+    ),
+    "qwen2": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+        ),
+    ),
+    "opt": (
+        transformers.OPTConfig,
+        transformers.OPTForCausalLM,
+        dict(
+            hidden_size=HIDDEN,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+            word_embed_proj_dim=HIDDEN,
+        ),
+    ),
+    "gpt2": (
+        transformers.GPT2Config,
+        transformers.GPT2LMHeadModel,
+        dict(
+            n_embd=HIDDEN,
+            n_inner=RAGGED_FFN,
+            n_layer=2,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=128,
+            bos_token_id=VOCAB - 1,
+            eos_token_id=VOCAB - 1,
+        ),
+    ),
+    "bert": (
+        transformers.BertConfig,
+        transformers.BertModel,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+        ),
+    ),
 }
 ARCH_NAMES = list(TINY)
 

@@ -1,17 +1,18 @@
 """Block-wise fine-tuning: on-grid result, windows, downstream objectives, bad input, NaN guard."""
+
 from __future__ import annotations
 
 import logging
 
 import pytest
 import torch
+from conftest import assert_on_grid
 
 import blockquant.methods.blockft as blockft_module
 from blockquant import QuantSpec, quantize
 from blockquant.arch import arch_for, block_linears, get_blocks, weight_matrix
 from blockquant.finetune import FakeQuantLinear, train
 from blockquant.recipe import Recipe, make_step
-from conftest import assert_on_grid
 
 SPEC = QuantSpec(bits=2, group_size=32)
 

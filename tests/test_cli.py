@@ -1,4 +1,5 @@
 """The command line, in-process through ``blockquant.cli.main`` (and a few child processes)."""
+
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import assert_on_grid, make_text, save_tiny, subprocess_env
 
 import blockquant.api
 from blockquant import QuantSpec, parse_recipe
@@ -17,8 +19,6 @@ from blockquant.arch import weight_matrix
 from blockquant.cli import main
 from blockquant.files import atomic_dir
 from blockquant.methods import METHODS
-
-from conftest import assert_on_grid, make_text, save_tiny, subprocess_env
 
 QUANT_ARGS = ["--wbits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "16", "--quiet"]
 
@@ -97,8 +97,14 @@ def test_quantize_writes_a_plain_hf_checkpoint(llama_dir, calib_file, tmp_path, 
 
     # loads with plain transformers in a fresh process that never imports blockquant
     dest = tmp_path / "loaded.pt"
-    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(out), str(dest)], cwd=tmp_path,
-                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(out), str(dest)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "LlamaForCausalLM"
     loaded = torch.load(dest)
@@ -184,7 +190,9 @@ ERROR_CASES = {
     "config-not-object": (lambda tp: dict(model=_bad_config_dir(tp, "[1, 2]")), ["names no 'architectures'"]),
     "config-no-architectures": (lambda tp: dict(model=_bad_config_dir(tp, '{"model_type": "llama"}')), ["names no 'architectures'"]),
     "config-architectures-not-list": (
-        lambda tp: dict(model=_bad_config_dir(tp, '{"architectures": "LlamaForCausalLM"}')), ["names no 'architectures'"]),
+        lambda tp: dict(model=_bad_config_dir(tp, '{"architectures": "LlamaForCausalLM"}')),
+        ["names no 'architectures'"],
+    ),
     "wbits-5": (lambda tp: dict(extra=["--wbits", "5"]), ["bits must be one of"]),
     "group-size-0": (lambda tp: dict(extra=["--group-size", "0"]), ["group size must be >= 1", "got 0"]),
     "group-size-minus-2": (lambda tp: dict(extra=["--group-size", "-2"]), ["got -2"]),
@@ -294,9 +302,22 @@ def test_atomic_dir_removes_its_temporary_on_error(tmp_path):
 
 def test_module_entry_point_reports_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "blockquant", "quantize", str(tmp_path / "missing"), "--calib", str(tmp_path / "c.txt"),
-         "--output", str(tmp_path / "out"), "--quiet"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "blockquant",
+            "quantize",
+            str(tmp_path / "missing"),
+            "--calib",
+            str(tmp_path / "c.txt"),
+            "--output",
+            str(tmp_path / "out"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -326,8 +347,22 @@ def test_eval_json_with_reference(llama_dir, calib_file, eval_file, tmp_path, ca
     out = tmp_path / "q"
     assert main(quantize_args(llama_dir, calib_file, out, "--recipe", "rtn", "--wbits", "8")) == 0
     capsys.readouterr()
-    rc = main(["eval", str(out), "--data", str(eval_file), "--seqlen", "16", "--max-windows", "4",
-               "--reference", str(llama_dir), "--json", "--quiet"])
+    rc = main(
+        [
+            "eval",
+            str(out),
+            "--data",
+            str(eval_file),
+            "--seqlen",
+            "16",
+            "--max-windows",
+            "4",
+            "--reference",
+            str(llama_dir),
+            "--json",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["windows"] == 4
@@ -372,9 +407,7 @@ def test_eval_errors(llama_dir, eval_file, tmp_path, capsys):
 def test_parse_recipe_yaml(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(
-        "wbits: 3\ngroup_size: 64\nsym: true\nsteps:\n"
-        "  - rtn\n"
-        "  - method: gptq\n    act_order: false\n    damp: 0.05\n    block_size: 32\n"
+        "wbits: 3\ngroup_size: 64\nsym: true\nsteps:\n  - rtn\n  - method: gptq\n    act_order: false\n    damp: 0.05\n    block_size: 32\n"
     )
     recipe = parse_recipe(str(path), QuantSpec(4, 128))
     assert recipe.spec == QuantSpec(bits=3, group_size=64, sym=True)

@@ -1,12 +1,13 @@
 """The method advisor end to end on a tiny saved Llama, and the fine-tuning flags of the CLI."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from conftest import make_text
 
 from blockquant.cli import main
-from conftest import make_text
 
 
 @pytest.fixture
@@ -19,9 +20,33 @@ def eval_file(tmp_path):
 def test_compare_writes_table_plot_and_verdict(llama_dir, calib_file, eval_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "cmp"
-    code = main(["compare", str(llama_dir), "--wbits", "2", "--group-size", "32", "--calib", str(calib_file),
-                 "--eval", str(eval_file), "--nsamples", "8", "--seqlen", "32", "--variants", "rtn,blockft,joint K=3",
-                 "--steps", "4", "--batch-size", "2", "--output", str(out), "--quiet"])
+    code = main(
+        [
+            "compare",
+            str(llama_dir),
+            "--wbits",
+            "2",
+            "--group-size",
+            "32",
+            "--calib",
+            str(calib_file),
+            "--eval",
+            str(eval_file),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--variants",
+            "rtn,blockft,joint K=3",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "skipped joint K=3: the model has only 2 blocks" in printed
@@ -43,36 +68,97 @@ def test_compare_writes_table_plot_and_verdict(llama_dir, calib_file, eval_file,
     ],
 )
 def test_compare_bad_input(llama_dir, calib_file, eval_file, tmp_path, capsys, argv, message):
-    code = main(["compare", str(llama_dir), "--calib", str(calib_file), "--eval", str(eval_file),
-                 "--output", str(tmp_path / "c"), *argv])
+    code = main(["compare", str(llama_dir), "--calib", str(calib_file), "--eval", str(eval_file), "--output", str(tmp_path / "c"), *argv])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
 
 def test_finetune_flags_need_blockft(llama_dir, calib_file, tmp_path, capsys):
-    code = main(["quantize", str(llama_dir), "--recipe", "gptq", "--window", "2", "--calib", str(calib_file),
-                 "--seqlen", "32", "--output", str(tmp_path / "o")])
+    code = main(
+        [
+            "quantize",
+            str(llama_dir),
+            "--recipe",
+            "gptq",
+            "--window",
+            "2",
+            "--calib",
+            str(calib_file),
+            "--seqlen",
+            "32",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "end the recipe with blockft" in capsys.readouterr().err
 
 
 def test_finetune_flags_reach_the_method(llama_dir, calib_file, tmp_path):
     out = tmp_path / "o"
-    code = main(["quantize", str(llama_dir), "--recipe", "rtn,blockft", "--wbits", "3", "--group-size", "32",
-                 "--window", "2", "--objective", "next:1", "--steps", "3", "--calib", str(calib_file), "--nsamples", "8",
-                 "--seqlen", "32", "--batch-size", "2", "--output", str(out), "--quiet"])
+    code = main(
+        [
+            "quantize",
+            str(llama_dir),
+            "--recipe",
+            "rtn,blockft",
+            "--wbits",
+            "3",
+            "--group-size",
+            "32",
+            "--window",
+            "2",
+            "--objective",
+            "next:1",
+            "--steps",
+            "3",
+            "--calib",
+            str(calib_file),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--batch-size",
+            "2",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     record = json.loads((out / "blockquant.json").read_text())
     ft = record["recipe"]["steps"][-1]
     assert (ft["method"], ft["window"], ft["objective"], ft["steps"]) == ("blockft", 2, "next:1", 3)
 
 
-@pytest.mark.parametrize("argv,message", [(["--window", "3"], "window 3 is larger"), (["--objective", "next:9"], "points past the last block"),
-                                          (["--lr-scale", "-1"], "learning rates must be > 0")])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--window", "3"], "window 3 is larger"),
+        (["--objective", "next:9"], "points past the last block"),
+        (["--lr-scale", "-1"], "learning rates must be > 0"),
+    ],
+)
 def test_finetune_bad_flags(llama_dir, calib_file, tmp_path, capsys, argv, message):
-    code = main(["quantize", str(llama_dir), "--recipe", "blockft", "--calib", str(calib_file), "--nsamples", "8",
-                 "--seqlen", "32", "--output", str(tmp_path / "o"), "--quiet", *argv])
+    code = main(
+        [
+            "quantize",
+            str(llama_dir),
+            "--recipe",
+            "blockft",
+            "--calib",
+            str(calib_file),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--output",
+            str(tmp_path / "o"),
+            "--quiet",
+            *argv,
+        ]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -1,4 +1,5 @@
 """The main job on its embedded default (the real all-MiniLM-L6-v2), at a tiny scale."""
+
 from __future__ import annotations
 
 import pytest

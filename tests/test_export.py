@@ -5,6 +5,7 @@ descriptions, against compressed-tensors' own code when it is installed (its pac
 writer, and transformers loading our output in a process that never imports blockquant),
 and by the round trip export -> ``blockquant.load`` -> ``torch.equal`` to the fake-quant weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import build_tiny, make_text, subprocess_env
 from safetensors.torch import load_file, save_file
 
 import blockquant
@@ -27,8 +29,6 @@ from blockquant.export.shards import MANIFEST_FILE, write_manifest
 from blockquant.methods.gptq import GPTQOptions, gptq_quantize
 from blockquant.primitives import compute_qparams, fake_quantize
 
-from conftest import build_tiny, make_text, subprocess_env
-
 FORMATS = {"compressed-tensors": compressed_tensors, "gptq": gptq}
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, -1)
@@ -37,8 +37,16 @@ GROUPS = (32, 64, 128, -1)
 def tiny_llama(tie: bool = False) -> transformers.LlamaForCausalLM:
     """Every width a multiple of 32 and of 64, so that both formats can hold g32 / g64 / -1."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=tie)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -155,7 +163,9 @@ def test_act_order_groups_round_trip_in_gptq_and_are_refused_by_compressed_tenso
     q, _ = pack_linear("L", w_hat, scale, zero, g_idx, spec)
     tensors = gptq.layer_tensors(q)
     assert torch.equal(tensors["g_idx"], g_idx.to(torch.int32)) and torch.equal(decode_gptq(tensors, 4), w_hat)
-    back = gptq.read_layer({f"L.{k}": v for k, v in tensors.items()}, "L", gptq.parse_config(gptq.quantization_config(4, 32, False, [], True, "gptq")), 64, 128)
+    back = gptq.read_layer(
+        {f"L.{k}": v for k, v in tensors.items()}, "L", gptq.parse_config(gptq.quantization_config(4, 32, False, [], True, "gptq")), 64, 128
+    )
     assert torch.equal(back.dequantize(), w_hat)
     assert "g_idx" in compressed_tensors.problem("L", 64, 128, 32, False, True)
 
@@ -189,7 +199,9 @@ def test_bf16_scales_round_and_say_so():
     q, rounding = pack_linear("L", w_hat, scale, zero, None, spec, scale_dtype=torch.bfloat16)
     assert q.scales.dtype == torch.bfloat16 and rounding.weights_changed > 0
     assert 0 < rounding.max_relative_change < 2**-8
-    assert torch.equal(q.dequantize(), (q.scales.float().repeat_interleave(32, 1) * (q.codes().float() - q.zeros.float().repeat_interleave(32, 1))))
+    assert torch.equal(
+        q.dequantize(), (q.scales.float().repeat_interleave(32, 1) * (q.codes().float() - q.zeros.float().repeat_interleave(32, 1)))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +235,29 @@ def test_model_round_trip(fmt, case, tmp_path):
 
 
 OTHER_FAMILIES = {  # widths that are multiples of 32: (config class, model class, kwargs)
-    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=256, n_positions=64)),
-    "bert": (transformers.BertConfig, transformers.BertModel, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                                   num_attention_heads=4, vocab_size=256, max_position_embeddings=64)),
-    "opt": (transformers.OPTConfig, transformers.OPTForCausalLM, dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                                                     vocab_size=256, max_position_embeddings=64, word_embed_proj_dim=64)),
+    "gpt2": (
+        transformers.GPT2Config,
+        transformers.GPT2LMHeadModel,
+        dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
+    ),
+    "bert": (
+        transformers.BertConfig,
+        transformers.BertModel,
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, max_position_embeddings=64),
+    ),
+    "opt": (
+        transformers.OPTConfig,
+        transformers.OPTForCausalLM,
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=256,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+        ),
+    ),
 }
 
 
@@ -330,7 +360,9 @@ for sym in (True, False):
 def test_reads_checkpoints_written_by_compressed_tensors(tmp_path, caplog):
     """compressed-tensors' own writer (``ModelCompressor``), sym and asym W4 g32."""
     pytest.importorskip("compressed_tensors")
-    proc = subprocess.run([sys.executable, "-c", CT_WRITER, str(tmp_path)], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CT_WRITER, str(tmp_path)], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for case in ("sym", "asym"):
         expected = load_file(tmp_path / f"expected-{case}.safetensors")
@@ -372,8 +404,14 @@ def test_transformers_with_compressed_tensors_loads_the_export_without_blockquan
         dirs.append([str(save_packed(model, result, tmp_path / f"out{i}")), dequantize])
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
     dest = tmp_path / "client.safetensors"
-    proc = subprocess.run([sys.executable, "-c", CLIENT, json.dumps(ids.tolist()), json.dumps(dirs), str(dest)],
-                          cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT, json.dumps(ids.tolist()), json.dumps(dirs), str(dest)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = load_file(dest)
     for i, (model, result) in enumerate(models):
@@ -471,12 +509,18 @@ def test_wrongly_shaped_packed_tensor(packed_dir):
         load(packed_dir)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda q: q.update(quant_method="awq"), "unsupported quantization format 'awq'"),
-    (lambda q: q.update(format="int-quantized") or q["config_groups"]["group_0"].update(format="int-quantized"),
-     "compressed-tensors format 'int-quantized'"),
-    (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8}), "quantizes activations"),
-], ids=["awq", "int-quantized", "activations"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda q: q.update(quant_method="awq"), "unsupported quantization format 'awq'"),
+        (
+            lambda q: q.update(format="int-quantized") or q["config_groups"]["group_0"].update(format="int-quantized"),
+            "compressed-tensors format 'int-quantized'",
+        ),
+        (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8}), "quantizes activations"),
+    ],
+    ids=["awq", "int-quantized", "activations"],
+)
 def test_unknown_format(packed_dir, edit, message):
     config = json.loads((packed_dir / "config.json").read_text())
     edit(config["quantization_config"])
@@ -506,8 +550,22 @@ def test_unrepresentable_scheme_writes_nothing(tmp_path):
 
 
 def _cli(llama_dir, calib_file, out, *extra) -> list[str]:
-    return ["quantize", str(llama_dir), "--calib", str(calib_file), "--output", str(out), "--recipe", "rtn",
-            "--nsamples", "4", "--seqlen", "16", "--quiet", *extra]
+    return [
+        "quantize",
+        str(llama_dir),
+        "--calib",
+        str(calib_file),
+        "--output",
+        str(out),
+        "--recipe",
+        "rtn",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_cli_formats_and_eval_of_a_packed_directory(llama_dir, calib_file, tmp_path, capsys):

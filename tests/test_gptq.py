@@ -1,16 +1,16 @@
 """GPTQ on hand-made layers: against brute force, against its own definition, and on-grid."""
+
 from __future__ import annotations
 
 import itertools
 
 import pytest
 import torch
+from conftest import assert_on_grid
 
 from blockquant.methods.gptq import GPTQOptions, gptq_quantize
 from blockquant.primitives import compute_qparams, fake_quantize, group_width, n_groups
 from blockquant.recipe import QuantSpec
-
-from conftest import assert_on_grid
 
 
 def correlated_hessian(cols: int, seed: int, shared: float = 1.0, n: int = 256) -> torch.Tensor:
@@ -235,7 +235,11 @@ def test_g_idx_only_for_act_order_without_static_groups(spec):
     assert counts[:-1].eq(width).all() and counts[-1] == cols - (groups - 1) * width
     assert not torch.equal(g_idx, torch.arange(cols) // width), "act-order should permute this layer"
 
-    for opts in (GPTQOptions(act_order=False), GPTQOptions(act_order=True, static_groups=True), GPTQOptions(act_order=False, static_groups=True)):
+    for opts in (
+        GPTQOptions(act_order=False),
+        GPTQOptions(act_order=True, static_groups=True),
+        GPTQOptions(act_order=False, static_groups=True),
+    ):
         assert gptq_quantize(w, h, spec, opts)[3] is None
     assert gptq_quantize(w, h, QuantSpec(4, -1), GPTQOptions(act_order=True))[3] is None
 

@@ -1,4 +1,5 @@
 """``blockquant.quantize`` end to end on a tiny random model of every supported architecture."""
+
 from __future__ import annotations
 
 import copy
@@ -6,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import ARCH_NAMES, assert_on_grid, build_tiny
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -13,8 +15,6 @@ import blockquant
 from blockquant import QuantSpec, parse_recipe
 from blockquant.arch import ARCHITECTURES, arch_for, block_linears, get_blocks, weight_matrix
 from blockquant.recipe import Recipe, make_step
-
-from conftest import ARCH_NAMES, assert_on_grid, build_tiny
 
 
 @torch.no_grad()
@@ -175,8 +175,9 @@ def test_unsupported_model_raises_listing_supported(calib_ids):
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256))
+    model = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
+    )
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM") as info:
         blockquant.quantize(model, parse_recipe("rtn", QuantSpec(4, 32)), calib_ids, progress=False)
     for supported in ARCHITECTURES:
@@ -189,7 +190,9 @@ def test_nan_weight_raises_naming_parameter(name, calib_ids):
     param = "model.layers.1.mlp.down_proj.weight" if name == "llama" else "transformer.h.1.mlp.c_proj.weight"
     with torch.no_grad():
         model.get_parameter(param)[3, 5] = float("nan")
-    before = model.get_parameter("model.layers.0.self_attn.q_proj.weight" if name == "llama" else "transformer.h.0.attn.c_attn.weight").clone()
+    before = model.get_parameter(
+        "model.layers.0.self_attn.q_proj.weight" if name == "llama" else "transformer.h.0.attn.c_attn.weight"
+    ).clone()
     with pytest.raises(ValueError, match=param.replace(".", r"\.")):
         blockquant.quantize(model, parse_recipe("gptq", QuantSpec(4, 32)), calib_ids, progress=False)
     after = model.get_parameter("model.layers.0.self_attn.q_proj.weight" if name == "llama" else "transformer.h.0.attn.c_attn.weight")

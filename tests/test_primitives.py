@@ -6,6 +6,7 @@ DESIGN.md §2 spelled out: each group's range is widened to include 0; symmetric
 and ``z = clamp(round(−lo / s))``; ``q = clamp(round(w / s) + z)``, ``ŵ = s·(q − z)``. IEEE
 float32 arithmetic with round-half-even is what torch does too, so results must be bit-equal.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_on_grid
 
 from blockquant.primitives import (
     clip_search,
@@ -25,8 +27,6 @@ from blockquant.primitives import (
     round_ste,
 )
 from blockquant.recipe import QuantSpec
-
-from conftest import assert_on_grid
 
 F32 = np.float32
 MIN_SCALE = F32(1e-10)

@@ -1,4 +1,5 @@
 """Real low-bit checkpoints: compressed-tensors and GPTQ-v2 export, packed reload (DESIGN.md §4)."""
+
 from blockquant.export.checkpoint import (
     DEQUANTIZED,
     FORMAT_CHOICES,
@@ -15,6 +16,17 @@ from blockquant.export.checkpoint import (
 from blockquant.export.qlinear import QuantLinear, pack_linear
 
 __all__ = [
-    "DEQUANTIZED", "FORMAT_CHOICES", "FORMATS", "QuantLinear", "export_problem", "is_packed", "load",
-    "load_model_any", "pack_linear", "resolve_format", "save_checkpoint", "save_packed", "stored_dtype",
+    "DEQUANTIZED",
+    "FORMAT_CHOICES",
+    "FORMATS",
+    "QuantLinear",
+    "export_problem",
+    "is_packed",
+    "load",
+    "load_model_any",
+    "pack_linear",
+    "resolve_format",
+    "save_checkpoint",
+    "save_packed",
+    "stored_dtype",
 ]

@@ -5,6 +5,7 @@ compressed-tensors or GPTQ directory — written to a temporary sibling and rena
 with a sha256 manifest. ``load`` builds the model with :class:`QuantLinear` layers from either
 format (verifying the manifest when there is one), so that the weights stay packed in memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,17 +85,34 @@ def resolve_format(requested: str | None, model: nn.Module, spec: QuantSpec, lay
     return compressed_tensors.NAME
 
 
-def save_checkpoint(fmt: str, model: nn.Module, tokenizer: Any, out_dir: str | Path, record: dict[str, Any],
-                    result: QuantResult, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    fmt: str,
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    record: dict[str, Any],
+    result: QuantResult,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write ``fmt`` (a packed format, or ``dequantized`` for a plain HF checkpoint)."""
     if fmt == DEQUANTIZED:
         return save_quantized(model, tokenizer, out_dir, record, overwrite)
     return save_packed(model, result, out_dir, fmt, tokenizer=tokenizer, record=record, overwrite=overwrite, dtype=dtype)
 
 
-def save_packed(model: nn.Module, result: QuantResult, out_dir: str | Path, fmt: str = compressed_tensors.NAME, *,
-                tokenizer: Any = None, record: dict[str, Any] | None = None, overwrite: bool = False,
-                dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def save_packed(
+    model: nn.Module,
+    result: QuantResult,
+    out_dir: str | Path,
+    fmt: str = compressed_tensors.NAME,
+    *,
+    tokenizer: Any = None,
+    record: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Write ``model`` (as ``quantize()`` left it, with its ``result``) as a ``fmt`` checkpoint.
 
     ``dtype`` (default: the model's) is the dtype of the scales and of every unquantized tensor;
@@ -120,8 +138,13 @@ def save_packed(model: nn.Module, result: QuantResult, out_dir: str | Path, fmt:
         rounding.weights_total += r.weights_total
         rounding.max_relative_change = max(rounding.max_relative_change, r.max_relative_change)
     if rounding.weights_changed:
-        log.info("scales stored in %s move %d of %d weights, by at most %.2g relative",
-                 dtype, rounding.weights_changed, rounding.weights_total, rounding.max_relative_change)
+        log.info(
+            "scales stored in %s move %d of %d weights, by at most %.2g relative",
+            dtype,
+            rounding.weights_changed,
+            rounding.weights_total,
+            rounding.max_relative_change,
+        )
 
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.layers)
     desc_act = any(r.g_idx is not None for r in result.layers.values())
@@ -213,8 +236,10 @@ def load(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | 
         log.warning("%s has no %s manifest; its integrity is not verified", path, MANIFEST_FILE)
     method = str(qcfg.get("quant_method", "")).lower()
     if method not in FORMATS:
-        raise ValueError(f"unsupported quantization format {method or 'None'!r} in {path / 'config.json'}; "
-                         f"blockquant reads {' and '.join(FORMATS)} checkpoints")
+        raise ValueError(
+            f"unsupported quantization format {method or 'None'!r} in {path / 'config.json'}; "
+            f"blockquant reads {' and '.join(FORMATS)} checkpoints"
+        )
     reader = FORMATS[method]
     scheme = reader.parse_config(qcfg)
     tensors = read_tensors(path)
@@ -231,7 +256,9 @@ def load(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | 
             raise ValueError(f"checkpoint holds packed layer {name}, which {cls.__name__} has no linear for")
         q = reader.read_layer(tensors, name, scheme, *_shape(old))
         if (q.bias is None) != (old.bias is None):
-            raise ValueError(f"layer {name}: the checkpoint {'lacks' if q.bias is None else 'holds'} a bias the model {'has' if q.bias is None else 'lacks'}")
+            raise ValueError(
+                f"layer {name}: the checkpoint {'lacks' if q.bias is None else 'holds'} a bias the model {'has' if q.bias is None else 'lacks'}"
+            )
         if q.bias is not None:
             q.bias = q.bias.to(dtype)
         model.set_submodule(name, q)

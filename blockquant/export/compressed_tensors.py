@@ -15,6 +15,7 @@ unsigned asymmetric codes and zero points shift by ``2^(b−1)`` — the stored 
 It cannot hold a ragged last group (it requires ``in % group_size == 0``), act-order groups
 (``g_idx``; removed from compressed-tensors) or GPT-2's Conv1D; those are refused.
 """
+
 from __future__ import annotations
 
 import re
@@ -47,13 +48,17 @@ def problem(name: str, out_features: int, in_features: int, group_size: int, con
     if conv1d:
         return f"layer {name} is a Conv1D (GPT-2); compressed-tensors quantizes nn.Linear only"
     if has_g_idx:
-        return (f"layer {name} has act-order groups (g_idx), which compressed-tensors no longer holds; "
-                "quantize with static_groups: true, or use --format gptq")
+        return (
+            f"layer {name} has act-order groups (g_idx), which compressed-tensors no longer holds; "
+            "quantize with static_groups: true, or use --format gptq"
+        )
     if group_size != -1 and in_features % group_size:
         divisors = [d for d in (8, 16, 32, 64, 128) if in_features % d == 0]
         hint = f"a group size that divides it ({', '.join(map(str, divisors))}) or -1" if divisors else "--group-size -1"
-        return (f"layer {name} has {in_features} inputs, which group size {group_size} does not divide: "
-                f"compressed-tensors cannot hold a shorter last group; use {hint}")
+        return (
+            f"layer {name} has {in_features} inputs, which group size {group_size} does not divide: "
+            f"compressed-tensors cannot hold a shorter last group; use {hint}"
+        )
     return None
 
 
@@ -69,14 +74,21 @@ def layer_tensors(q: QuantLinear) -> dict[str, Tensor]:
 
 def quantization_config(bits: int, group_size: int, sym: bool, ignore: list[str], desc_act: bool, method: str) -> dict[str, Any]:
     """``config.json``'s ``quantization_config``: one scheme for every Linear not in ``ignore``."""
-    weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
-               "strategy": "channel" if group_size == -1 else "group", "group_size": None if group_size == -1 else group_size}
+    weights = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": sym,
+        "dynamic": False,
+        "strategy": "channel" if group_size == -1 else "group",
+        "group_size": None if group_size == -1 else group_size,
+    }
     return {
         "quant_method": NAME,
         "format": FORMAT,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": FORMAT}},
+        "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None, "format": FORMAT}
+        },
         "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
@@ -113,8 +125,10 @@ def parse_config(qcfg: dict[str, Any]) -> list[LayerScheme]:
         if strategy not in ("group", "channel"):
             raise ValueError(f"config group {key}: weight strategy {strategy!r} is not supported (group or channel)")
         if w["num_bits"] == 3 and old:
-            raise ValueError(f"3-bit checkpoints of compressed-tensors {qcfg['version']} (< 0.20) pack 10 codes per word; "
-                             "blockquant reads the dense 0.20 layout only")
+            raise ValueError(
+                f"3-bit checkpoints of compressed-tensors {qcfg['version']} (< 0.20) pack 10 codes per word; "
+                "blockquant reads the dense 0.20 layout only"
+            )
         group_size = int(w["group_size"]) if strategy == "group" else None
         schemes.append(LayerScheme(int(w["num_bits"]), group_size, bool(w.get("symmetric", True)), tuple(group.get("targets", ()))))
     return schemes
@@ -147,7 +161,9 @@ def read_layer(tensors: dict[str, Tensor], name: str, schemes: list[LayerScheme]
             raise ValueError(f"checkpoint lacks {name}.{k}")
     shape = tuple(int(v) for v in got["weight_shape"].flatten().tolist())
     if shape != (out, cols):
-        raise ValueError(f"{name}.weight_shape says {shape} but the model's layer is ({out}, {cols}); the checkpoint does not fit this config")
+        raise ValueError(
+            f"{name}.weight_shape says {shape} but the model's layer is ({out}, {cols}); the checkpoint does not fit this config"
+        )
     g = s.group_size or cols
     n_groups = -(-cols // g)
     check_tensor(name, "weight_packed", got["weight_packed"], torch.int32, (out, packed_words(cols, s.bits)))
@@ -161,4 +177,3 @@ def read_layer(tensors: dict[str, Tensor], name: str, schemes: list[LayerScheme]
         check_tensor(name, "weight_zero_point", zp, torch.int32, (packed_words(out, s.bits), n_groups))
         zeros = unpack_int32(zp.t().contiguous(), s.bits, out).t().contiguous()
     return QuantLinear(cols, out, s.bits, g, s.sym, got["weight_packed"].contiguous(), scales, zeros, None, got.get("bias"))
-

@@ -14,6 +14,7 @@ Per quantized layer ``L`` (layout of GPTQModel's ``GPTQQuantLinear`` buffers):
 both dimensions needs ``in`` and ``out`` divisible by 32; GPTQ kernels also need every group
 full. Other layers are refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,19 +35,27 @@ CONFIG_FILE = "quantize_config.json"
 def problem(name: str, out_features: int, in_features: int, group_size: int, conv1d: bool, has_g_idx: bool) -> str | None:
     """Why this layer cannot be written in this format, or None."""
     if in_features % 32 or out_features % 32:
-        return (f"layer {name} is {out_features}×{in_features}: GPTQ packs blocks of 32 codes along both "
-                "dimensions, so in and out features must be multiples of 32; use --format compressed-tensors or dequantized")
+        return (
+            f"layer {name} is {out_features}×{in_features}: GPTQ packs blocks of 32 codes along both "
+            "dimensions, so in and out features must be multiples of 32; use --format compressed-tensors or dequantized"
+        )
     if group_size != -1 and in_features % group_size:
-        return (f"layer {name} has {in_features} inputs, which group size {group_size} does not divide: "
-                "GPTQ kernels need full groups; use a group size that divides it or -1")
+        return (
+            f"layer {name} has {in_features} inputs, which group size {group_size} does not divide: "
+            "GPTQ kernels need full groups; use a group size that divides it or -1"
+        )
     return None
 
 
 def layer_tensors(q: QuantLinear) -> dict[str, Tensor]:
     """The checkpoint tensors of one packed layer, by suffix (qweight is ours transposed)."""
     g_idx = q.g_idx if q.g_idx is not None else torch.arange(q.in_features, dtype=torch.int32) // q.group_size
-    out = {"qweight": q.qweight.t().contiguous(), "qzeros": pack_int32(q.zeros.t(), q.bits),
-           "scales": q.scales.t().contiguous(), "g_idx": g_idx.to(torch.int32)}
+    out = {
+        "qweight": q.qweight.t().contiguous(),
+        "qzeros": pack_int32(q.zeros.t(), q.bits),
+        "scales": q.scales.t().contiguous(),
+        "g_idx": g_idx.to(torch.int32),
+    }
     if q.bias is not None:
         out["bias"] = q.bias
     return out
@@ -54,9 +63,17 @@ def layer_tensors(q: QuantLinear) -> dict[str, Tensor]:
 
 def quantization_config(bits: int, group_size: int, sym: bool, ignore: list[str], desc_act: bool, method: str) -> dict[str, Any]:
     """``config.json``'s ``quantization_config`` (GPTQModel also reads it from quantize_config.json)."""
-    return {"quant_method": NAME, "checkpoint_format": "gptq_v2", "bits": bits, "group_size": group_size,
-            "sym": sym, "desc_act": desc_act, "pack_dtype": "int32", "lm_head": False,
-            "meta": {"quantizer": [_quantizer()], "method": method}}
+    return {
+        "quant_method": NAME,
+        "checkpoint_format": "gptq_v2",
+        "bits": bits,
+        "group_size": group_size,
+        "sym": sym,
+        "desc_act": desc_act,
+        "pack_dtype": "int32",
+        "lm_head": False,
+        "meta": {"quantizer": [_quantizer()], "method": method},
+    }
 
 
 def extra_files(qcfg: dict[str, Any]) -> dict[str, str]:
@@ -83,8 +100,12 @@ def parse_config(qcfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("GPTQ per-layer 'dynamic' overrides are not supported")
     if str(qcfg.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
         raise ValueError(f"GPTQ pack_dtype {qcfg['pack_dtype']!r} is not supported; int32 only")
-    return {"bits": int(bits), "group_size": int(qcfg.get("group_size", -1)), "sym": bool(qcfg.get("sym", True)),
-            "zero_offset": 1 if fmt == "gptq" else 0}
+    return {
+        "bits": int(bits),
+        "group_size": int(qcfg.get("group_size", -1)),
+        "sym": bool(qcfg.get("sym", True)),
+        "zero_offset": 1 if fmt == "gptq" else 0,
+    }
 
 
 def quantized_layers(tensors: dict[str, Tensor]) -> list[str]:
@@ -118,4 +139,3 @@ def read_layer(tensors: dict[str, Tensor], name: str, cfg: dict[str, Any], out: 
     g_idx = None if torch.equal(g_idx.to(torch.int32), contiguous) else g_idx
     qweight = got["qweight"].t().contiguous()  # (out, words): our row-major layout
     return QuantLinear(cols, out, bits, g, cfg["sym"], qweight, scales.t().contiguous(), zeros.contiguous(), g_idx, got.get("bias"))
-

@@ -7,6 +7,7 @@ straddle word boundaries; a row takes ``⌈n·bits/32⌉`` words, the last one z
 is compressed-tensors' ``pack-quantized`` layout (≥ 0.20, which packs 3-bit codes densely)
 and, per column and for n a multiple of 32, GPTQ's ``qweight`` / ``qzeros`` layout.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,5 +91,6 @@ def _unpack_bytes(packed: Tensor, bits: int, n: int) -> Tensor:
 def check_tensor(layer: str, key: str, t: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     """A checkpoint tensor of a packed layer has the dtype and shape its format prescribes."""
     if t.dtype != dtype or tuple(t.shape) != shape:
-        raise ValueError(f"{layer}.{key} must be {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}; "
-                         "the checkpoint does not match its config")
+        raise ValueError(
+            f"{layer}.{key} must be {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}; the checkpoint does not match its config"
+        )

@@ -5,6 +5,7 @@ and one zero point per group — so a loaded model really is smaller in memory. 
 unpacks, dequantizes per group and multiplies in plain torch (any device; on CUDA there is no
 fused Triton kernel yet, and ``blockquant.load`` says so when asked for one).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,9 +30,19 @@ class QuantLinear(nn.Module):
     ``group_size`` columns (the last one shorter when it does not divide ``in``); ``bias``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
-                 qweight: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor | None = None,
-                 bias: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        qweight: Tensor,
+        scales: Tensor,
+        zeros: Tensor,
+        g_idx: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym = bits, group_size, sym
@@ -95,8 +106,16 @@ class ScaleRounding:
     max_relative_change: float = 0.0
 
 
-def pack_linear(name: str, weight: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor | None, spec: QuantSpec,
-                bias: Tensor | None = None, scale_dtype: torch.dtype = torch.float32) -> tuple[QuantLinear, ScaleRounding]:
+def pack_linear(
+    name: str,
+    weight: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    g_idx: Tensor | None,
+    spec: QuantSpec,
+    bias: Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[QuantLinear, ScaleRounding]:
     """Pack a fake-quantized ``weight`` ``(out, in)`` with the grid ``quantize()`` recorded for it.
 
     The integer codes are recovered by rounding and then checked: every weight must be exactly
@@ -130,6 +149,16 @@ def pack_linear(name: str, weight: Tensor, scale: Tensor, zero: Tensor, g_idx: T
         rounding.max_relative_change = float(rel.max()) if rel.numel() else 0.0
     codes = (q - spec.qmin).to(torch.uint8)  # unsigned: [0, 2^bits)
     zeros = (zero - spec.qmin).to(torch.uint8)
-    module = QuantLinear(cols, out, spec.bits, width, spec.sym, pack_int32(codes, spec.bits), stored.contiguous(),
-                         zeros.contiguous(), None if g_idx is None else g_idx.clone(), None if bias is None else bias.detach().clone())
+    module = QuantLinear(
+        cols,
+        out,
+        spec.bits,
+        width,
+        spec.sym,
+        pack_int32(codes, spec.bits),
+        stored.contiguous(),
+        zeros.contiguous(),
+        None if g_idx is None else g_idx.clone(),
+        None if bias is None else bias.detach().clone(),
+    )
     return module, rounding

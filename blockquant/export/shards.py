@@ -6,6 +6,7 @@ is hashed into ``blockquant.sha256.json`` — whole files, and each tensor of ea
 file on its own, so that a flipped byte is reported with the tensor it hit.
 Reading: safetensors only (never pickle); every failure is one ``ValueError`` naming the file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -144,8 +145,10 @@ def verify_manifest(directory: Path) -> bool:
             what = "truncated" if size < entry["bytes"] else "longer than written"
             raise ValueError(f"{rel} in {directory} is {what}: {size} bytes, {entry['bytes']} expected; copy it again")
         if _sha256_file(file) != entry["sha256"]:
-            raise ValueError(f"checksum mismatch in {directory / rel}: {_culprit(file, tensors.get(rel, {}))}; "
-                             "the file is corrupt, copy or export it again")
+            raise ValueError(
+                f"checksum mismatch in {directory / rel}: {_culprit(file, tensors.get(rel, {}))}; "
+                "the file is corrupt, copy or export it again"
+            )
     return True
 
 

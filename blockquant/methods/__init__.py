@@ -5,10 +5,12 @@ that quantizes one block in place, given the block's captured calibration inputs
 method's ``apply(window_ctx, spec, options) -> {full layer name: LayerResult}`` fine-tunes a
 window of consecutive blocks that the earlier steps initialised.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from blockquant.methods import blockft, gptq, rtn
 
@@ -24,5 +26,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "rtn": Method(rtn.RTNOptions, rtn.apply, "round-to-nearest, optional clipping search"),
     "gptq": Method(gptq.GPTQOptions, gptq.apply, "GPTQ: Hessian-aware column-wise error feedback"),
-    "blockft": Method(blockft.BlockFTOptions, blockft.apply, "block-wise fine-tuning (joint windows, downstream objectives)", windowed=True),
+    "blockft": Method(
+        blockft.BlockFTOptions, blockft.apply, "block-wise fine-tuning (joint windows, downstream objectives)", windowed=True
+    ),
 }

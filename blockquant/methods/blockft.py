@@ -8,12 +8,13 @@ full-precision output. Downstream objective: the loss is taken at the normalised
 block b+k (``next:k``; blocks in between stay full precision and frozen) or at the final logits
 as KL to the full-precision logits (``logits``).
 """
+
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class BlockFTOptions:
             raise ValueError(f"need window >= 1 and 1 <= stride <= window, got window {self.window}, stride {self.stride}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
-        self.downstream  # validates the objective
+        _ = self.downstream  # raises for a malformed objective
         TrainConfig(steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every)  # validates those
 
     @property
@@ -129,6 +130,7 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
             prior = ctx.prior.get(ctx.layer_name(offset, name))
             scale, zero = (prior.scale, prior.zero) if prior is not None else compute_qparams(weight_matrix(layer), spec)
             return FakeQuantLinear(layer, spec, scale, zero, opts.rounding)
+
         return build
 
     frozen = [(p, p.requires_grad) for p in ctx.model.parameters()] + [(p, p.requires_grad) for b in ctx.fp_blocks for p in b.parameters()]
@@ -152,9 +154,16 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
     n = len(ctx.q_inputs.hidden)
     n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0
     items = list(range(n))
-    cfg = TrainConfig(steps=opts.steps, lr_scale=opts.lr_scale, lr_weight=opts.lr_weight, weight_decay=opts.weight_decay,
-                      grad_clip=opts.grad_clip, eval_every=opts.eval_every, patience=opts.patience,
-                      label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}")
+    cfg = TrainConfig(
+        steps=opts.steps,
+        lr_scale=opts.lr_scale,
+        lr_weight=opts.lr_weight,
+        weight_decay=opts.weight_decay,
+        grad_clip=opts.grad_clip,
+        eval_every=opts.eval_every,
+        patience=opts.patience,
+        label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}",
+    )
     try:
         log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress)
     finally:

@@ -2,6 +2,7 @@
 Pre-trained Transformers", Alg. 1): quantize columns left to right and push each column's
 error onto the remaining ones through the upper Cholesky factor of H⁻¹.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,9 +55,7 @@ def _params(w: Tensor, spec: QuantSpec, clip: bool, col_weight: Tensor) -> tuple
 
 
 @torch.no_grad()
-def gptq_quantize(
-    w: Tensor, h: Tensor, spec: QuantSpec, opts: GPTQOptions | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, opts: GPTQOptions | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Quantize ``w`` (out, in) against ``H`` (in, in); returns (ŵ, scale, zero, g_idx).
 
     ``g_idx`` maps each input column to its group; it is None unless act-order without

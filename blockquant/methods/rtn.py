@@ -1,4 +1,5 @@
 """Round-to-nearest with optional clipping search — the baseline every table includes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
