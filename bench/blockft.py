@@ -79,7 +79,7 @@ def main() -> None:
         return
     widths = [(int(w.split(":")[0]), int(w.split(":")[1])) for w in args.widths]
     variants = args.variants.split(",")
-    sections, all_rows = [], {}
+    all_rows: dict[str, list[CompareRow]] = {}
     for subject in args.subjects:
         model, calib, ev = subject_paths(subject)
         job = CompareJob(
@@ -92,18 +92,21 @@ def main() -> None:
             ft_options={"steps": args.steps} if args.steps else {},
         )
         print(f"== {subject}", flush=True)
-        rows = run_compare(job, widths, variants, log=lambda s: print(s, flush=True))
-        all_rows[subject] = rows
-        sections.append(f"## {subject}\n\n{table(rows)}\n\n" + "\n".join(verdict(rows)) + "\n\n" + "\n".join(checks(subject, rows)))
-        plot(rows, RESULTS / f"{args.name}-{subject}.png")
-        body = (
-            "Calibration 128 × 512 tokens (seed 0); evaluation: "
-            + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
-            + "; asymmetric; fine-tuning variants start from GPTQ; CPU, fp32.\n\n"
-            + "\n\n".join(sections)
-        )
-        write_result(args.name, "Block-wise fine-tuning: single block vs joint windows vs downstream objectives", body)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps({s: [vars(r) for r in rs] for s, rs in all_rows.items()}, indent=1))
+
+        def save(rows: list[CompareRow], subject: str = subject) -> None:  # after every variant
+            all_rows[subject] = rows
+            done = [f"## {s}\n\n{table(rs)}\n\n" + "\n".join(verdict(rs)) + "\n\n" + "\n".join(checks(s, rs)) for s, rs in all_rows.items()]
+            body = (
+                "Calibration 128 × 512 tokens (seed 0); evaluation: "
+                + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
+                + "; asymmetric; fine-tuning variants start from GPTQ; CPU, fp32.\n\n"
+                + "\n\n".join(done)
+            )
+            write_result(args.name, "Block-wise fine-tuning: single block vs joint windows vs downstream objectives", body)
+            (RESULTS / f"{args.name}.json").write_text(json.dumps({s: [vars(r) for r in rs] for s, rs in all_rows.items()}, indent=1))
+            plot(rows, RESULTS / f"{args.name}-{subject}.png")
+
+        run_compare(job, widths, variants, log=lambda s: print(s, flush=True), on_row=save)
     print(f"written to {RESULTS / (args.name + '.md')}")
 
 

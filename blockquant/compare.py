@@ -124,8 +124,11 @@ def measure_in_child(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | 
     return payload
 
 
-def run_compare(job: CompareJob, widths: list[tuple[int, int]], variants: list[str], log=print) -> list[CompareRow]:
-    """FP once, then every variant at every (bits, group) width (windows wider than the model skipped)."""
+def run_compare(job: CompareJob, widths: list[tuple[int, int]], variants: list[str], log=print, on_row=None) -> list[CompareRow]:
+    """FP once, then every variant at every (bits, group) width (windows wider than the model skipped).
+
+    ``on_row(rows)`` is called after each variant, so long studies can save as they go.
+    """
     from transformers import AutoConfig
 
     n_blocks = AutoConfig.from_pretrained(job.model_dir).num_hidden_layers
@@ -142,6 +145,8 @@ def run_compare(job: CompareJob, widths: list[tuple[int, int]], variants: list[s
             r = measure_in_child(wjob, variant_steps(variant, wjob))
             rows.append(CompareRow(variant, bits, group, r["metric"], r["value"], fp["value"], r["seconds"], r["peak_rss_mb"], r["curves"]))
             log(f"W{bits} g{group} {variant:10s} {r['metric']} {r['value']:.4f} ({rows[-1].delta_percent:+.2f} %) {r['seconds']:.0f}s")
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
