@@ -1,6 +1,7 @@
 """FP, RTN and GPTQ on the shared Llama subjects -> bench/results/llm.md.
 
-    python bench/llm.py [--subjects llama-code llama-shakespeare] [--max-windows N]
+    python bench/llm.py [--subjects llama-code llama-shakespeare] [--widths 4:128 3:128 2:128 2:64]
+                        [--max-windows N] [--name llm]
 
 Calibration: 128 random non-overlapping 512-token windows of ``data/*/calib.txt`` (seed 0);
 evaluation: every 512-token window of ``data/*/eval.txt``. Asymmetric weights throughout.
@@ -19,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import SHARED, markdown_table, run_child, write_result  # noqa: E402
 
 SUBJECTS = {"llama-code": "code", "llama-shakespeare": "shakespeare"}
-CONFIGS = [("fp", 16, 0)] + [(m, b, g) for m in ("rtn", "gptq") for b, g in ((4, 128), (3, 128), (2, 128), (2, 64))]
+WIDTHS = ["4:128", "3:128", "2:128", "2:64"]
+GPTQ_DEFAULTS = "act-order, static groups, true-sequential, damp 0.01, clip search 'auto' (per layer, lower calibration output error)"
 # shared/README.md: plain RTN (asym min-max, g128) reference perplexities, to reproduce within ±0.5 %.
 RTN_REFERENCE = {"llama-code": {4: 9.742, 3: 10.189, 2: 13.539}, "llama-shakespeare": {4: 127.84, 3: 129.42, 2: 134.75}}
 # Issue #2: GPTQ targets on llama-code (a mature implementation measured 9.66 / 9.79 / 10.48).
@@ -75,6 +77,8 @@ def main() -> None:
     p.add_argument("--one", nargs=4, metavar=("SUBJECT", "METHOD", "BITS", "GROUP"), help=argparse.SUPPRESS)
     p.add_argument("--subjects", nargs="+", default=list(SUBJECTS), choices=list(SUBJECTS))
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick look; default all)")
+    p.add_argument("--widths", nargs="+", default=WIDTHS, help="bits:group pairs [%(default)s]")
+    p.add_argument("--name", default="llm", help="result file under bench/results [llm]")
     args = p.parse_args()
     if args.one:
         s, m, b, g = args.one
@@ -86,7 +90,8 @@ def main() -> None:
     rows = []
     for subject in args.subjects:
         fp = None
-        for method, bits, group in CONFIGS:
+        widths = [tuple(int(x) for x in w.split(":")) for w in args.widths]
+        for method, bits, group in [("fp", 16, 0)] + [(m, b, g) for m in ("rtn", "gptq") for b, g in widths]:
             extra = ["--max-windows", str(args.max_windows)] if args.max_windows else []
             row = run_child(Path(__file__), [subject, method, str(bits), str(group)] + extra)
             fp = row["ppl"] if method == "fp" else fp
@@ -115,10 +120,10 @@ def main() -> None:
     windows = f"first {args.max_windows} windows" if args.max_windows else "all windows"
     body = (
         f"Calibration 128 × 512 tokens (seed 0), eval {windows} of 512 tokens, asymmetric, fp32 compute, CPU.\n"
-        f"GPTQ defaults: act-order, static groups, true-sequential, damp 0.01.\n\n{table}\n\n" + "\n".join(checks(rows))
+        f"GPTQ defaults: {GPTQ_DEFAULTS}.\n\n{table}\n\n" + "\n".join(checks(rows))
     )
     print("\n" + body)
-    print(f"\nwritten to {write_result('llm', 'LLM benchmark: FP vs RTN vs GPTQ', body)}")
+    print(f"\nwritten to {write_result(args.name, 'LLM benchmark: FP vs RTN vs GPTQ', body)}")
 
 
 if __name__ == "__main__":

@@ -287,3 +287,19 @@ def test_singular_hessian_is_damped_not_fatal(caplog):
     w_hat, scale, zero, g_idx = gptq_quantize(w, h, QuantSpec(4, 8), GPTQOptions(damp=0.01))
     assert torch.isfinite(w_hat).all()
     assert_on_grid(w_hat, scale, zero, QuantSpec(4, 8), g_idx)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 16), (3, 32), (4, -1)])
+def test_auto_clip_search_keeps_the_lower_output_error(bits, group):
+    """clip_search='auto' returns whichever of with/without the range search has lower tr(ΔW H ΔWᵀ)."""
+    from blockquant.capture import relative_error
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(24, 64, generator=g)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g) * 0.3 + torch.randn(512, 64, generator=g)
+    h = 2 * x.T @ x / 512
+    spec = QuantSpec(bits, group)
+    errors = {c: relative_error(w, gptq_quantize(w, h, spec, GPTQOptions(clip_search=c))[0], h) for c in (True, False, "auto")}
+    assert errors["auto"] == min(errors[True], errors[False])
+    with pytest.raises(ValueError, match="clip_search"):
+        GPTQOptions(clip_search="sometimes")

@@ -27,13 +27,16 @@ class GPTQOptions:
     act_order: bool = True  # quantize columns in order of decreasing diag(H)
     static_groups: bool = True  # group params from the unpermuted weight, up front (plain groups, no g_idx)
     true_sequential: bool = True  # each linear group sees inputs from the already-quantized ones
-    clip_search: bool = True  # input-weighted range search per group (lower block output error than min–max)
+    clip_search: bool | str = "auto"  # range search per group: True, False, or "auto" = per layer, whichever
+    # of the two gives the lower output error tr(ΔW H ΔWᵀ) on the calibration inputs
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
             raise ValueError(f"gptq damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"gptq block_size must be >= 1, got {self.block_size}")
+        if self.clip_search not in (True, False, "auto"):
+            raise ValueError(f"gptq clip_search must be true, false or auto, got {self.clip_search!r}")
 
 
 def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:
