@@ -26,6 +26,17 @@ VOCAB = 256
 HIDDEN = 64
 RAGGED_FFN = 172  # 172 = 5·32 + 12 = 128 + 44: ragged last group for g32 and g128
 
+# Mistral and Qwen2 share one grouped-query-attention shape.
+GQA_KWARGS = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+)
+
 # Every architecture blockquant supports, built tiny: (config class, model class, config kwargs).
 TINY = {
     "llama": (
@@ -44,28 +55,12 @@ TINY = {
     "mistral": (
         transformers.MistralConfig,
         transformers.MistralForCausalLM,
-        dict(
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=128,
-        ),
+        GQA_KWARGS,
     ),
     "qwen2": (
         transformers.Qwen2Config,
         transformers.Qwen2ForCausalLM,
-        dict(
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=128,
-        ),
+        GQA_KWARGS,
     ),
     "opt": (
         transformers.OPTConfig,
