@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from blockquant.arch import arch_for, block_linears, get_blocks
+from blockquant import activations
+from blockquant.arch import ARCHITECTURES, ArchSpec, arch_for, block_linears, get_blocks
 from blockquant.capture import BlockContext, BlockInputs, LayerResult, WindowContext, capture_block_inputs, run_block
 from blockquant.methods import METHODS
 from blockquant.recipe import Recipe
@@ -46,6 +47,7 @@ class QuantResult:
     peak_rss_mb: float = 0.0
     peak_cuda_mb: float | None = None
     train_logs: list = field(default_factory=list)  # (first block, finetune.TrainLog) per window
+    activations: dict | None = None  # the activation scheme and each static range (activations.record)
 
     def record(self) -> dict[str, Any]:
         """A JSON-able, quantization_config-style record."""
@@ -57,6 +59,7 @@ class QuantResult:
             "group_size": spec.group_size,
             "sym": spec.sym,
             "recipe": self.recipe.to_dict(),
+            "activations": self.activations,
             "seconds": round(self.seconds, 2),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "peak_cuda_mb": None if self.peak_cuda_mb is None else round(self.peak_cuda_mb, 1),
@@ -120,6 +123,24 @@ def _check_finite_outputs(block: nn.Module, inputs: BlockInputs, outputs: list[T
     raise ValueError(f"{where}: NaN/Inf output, first produced by layer {layer}")
 
 
+def check_mapping(model: nn.Module, recipe: Recipe) -> ArchSpec:
+    """The model's table; methods that fold scales also need a known feeder for some group."""
+    folding = [s.method for s in recipe.steps if METHODS[s.method].folds]
+    name = type(model).__name__
+    need = (
+        f"{' and '.join(folding)} fold(s) scales into the norm or linear that feeds each group of linears "
+        "(e.g. input_layernorm → q,k,v; v_proj → o_proj), read from the architecture table in blockquant/arch.py"
+    )
+    if folding and name not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {name}: {need}; add an ArchSpec entry for it (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    arch = arch_for(model)
+    if folding and all(g.feeder is None for g in arch.groups):
+        raise ValueError(f"{name}'s table knows no feeder of any linear group: {need}; use rtn or gptq, or add the feeders")
+    return arch
+
+
 def _window_shape(recipe: Recipe, n_blocks: int) -> tuple[list, list, int, int]:
     """Split the recipe into per-block steps and at most one final window step; (K, S) of it."""
     windowed = [i for i, st in enumerate(recipe.steps) if METHODS[st.method].windowed]
@@ -152,7 +173,7 @@ def quantize(
     then the first S blocks of the window are final and both streams advance past them.
     """
     device = torch.device(device)
-    arch = arch_for(model)
+    arch = check_mapping(model, recipe)
     check_finite_weights(model)
     model.eval()
     use_cache = getattr(model.config, "use_cache", None)
@@ -170,7 +191,7 @@ def quantize(
     homes: dict[int, torch.device] = {}
     t_block: dict[int, float] = {}
 
-    bar = tqdm(total=len(blocks), desc=f"{recipe.name} {recipe.spec.describe()}", unit="block", disable=not progress)
+    bar = tqdm(total=len(blocks), desc=f"{recipe.name} {recipe.describe()}", unit="block", disable=not progress)
     first = 0
     while first < len(blocks):
         window = range(first, min(first + k, len(blocks)))
@@ -185,10 +206,13 @@ def quantize(
                 fp_copies[j] = copy.deepcopy(blocks[j]) if window_steps else blocks[j]
                 fp_out = run_block(blocks[j], x_fp)  # targets, before any method touches it
                 _check_finite_outputs(blocks[j], x_fp, fp_out, f"block {j} (full precision)")
-                ctx = BlockContext(j, x_q, arch.groups, device)
-                for step in block_steps:
+                for i, step in enumerate(block_steps):
+                    final = i == len(block_steps) - 1 and not window_steps  # no later step quantizes the weights
+                    ctx = BlockContext(j, x_q, arch.groups, device, recipe.act, final)
                     layer_results = METHODS[step.method].apply(blocks[j], ctx, recipe.spec, step.options)
                     result.layers.update({f"{arch.blocks}.{j}.{n}": r for n, r in layer_results.items()})
+                if recipe.act is not None:  # static ranges from the quantized stream, weights already quantized
+                    activations.attach(blocks[j], [g.linears for g in arch.groups], recipe.act, x_q)
             else:
                 fp_out = run_block(fp_copies[j], x_fp)
             fp_outs[j] = fp_out
@@ -235,6 +259,7 @@ def quantize(
             log.info("block %d: error in %.3e -> out %.3e, %.1fs", j, report.input_error, report.output_error, report.seconds)
         first += advance
     bar.close()
+    result.activations = activations.record(model, recipe.act)
     if use_cache:
         model.config.use_cache = use_cache
 

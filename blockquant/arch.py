@@ -2,8 +2,9 @@
 
 Every method reads these tables and nothing else about a model family: GPTQ's true-sequential
 order is the order of ``groups``; AWQ / SmoothQuant read the ``feeder`` of each group (the norm
-or linear whose output is the group's input, ``None`` where no exact fold exists, e.g. across a
-GELU or from outside the block). A new family is a new entry, not new branches.
+or linear whose output is the group's input and nothing else's, ``None`` where no exact fold
+exists: across a GELU, from outside the block, or from a post-norm LayerNorm whose output is
+also the residual). A new family is a new entry, not new branches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class LinearGroup:
 
     feeder: str | None
     linears: tuple[str, ...]
+    part: tuple[int, int] = (0, 1)  # the linears read slice i of n equal slices of the feeder's output
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,8 @@ class ArchSpec:
     kind: str = "causal-lm"  # or "encoder"
 
 
-def _g(feeder: str | None, *linears: str) -> LinearGroup:
-    return LinearGroup(feeder, linears)
+def _g(feeder: str | None, *linears: str, part: tuple[int, int] = (0, 1)) -> LinearGroup:
+    return LinearGroup(feeder, linears, part)
 
 
 _LLAMA_GROUPS = (
@@ -64,7 +66,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "transformer.h",
         (
             _g("ln_1", "attn.c_attn"),
-            _g("attn.c_attn", "attn.c_proj"),  # v is the last third of c_attn's output
+            _g("attn.c_attn", "attn.c_proj", part=(2, 3)),  # c_proj reads v, the last third of c_attn's output
             _g("ln_2", "mlp.c_fc"),
             _g(None, "mlp.c_proj"),  # behind a GELU: no exact fold
         ),
@@ -77,7 +79,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         (
             _g(None, "attention.self.query", "attention.self.key", "attention.self.value"),
             _g("attention.self.value", "attention.output.dense"),
-            _g("attention.output.LayerNorm", "intermediate.dense"),
+            # post-norm: this LayerNorm's output is also the residual into output.LayerNorm, so
+            # scaling it would change the block's function: no exact fold
+            _g(None, "intermediate.dense"),
             _g(None, "output.dense"),  # behind a GELU: no exact fold
         ),
         None,  # post-norm: a block's input is already the previous block's LayerNorm output

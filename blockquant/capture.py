@@ -7,6 +7,7 @@ forward. Later blocks are then run one at a time on the recorded arguments.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from blockquant.arch import ArchSpec, LinearGroup
+from blockquant.recipe import ActSpec
 
 
 class _StopForward(Exception):
@@ -119,6 +121,8 @@ class BlockContext:
     inputs: BlockInputs
     groups: tuple[LinearGroup, ...]  # from the architecture table, in execution order
     device: torch.device
+    act: ActSpec | None = None  # the recipe's activation quantization (attached after the per-block steps)
+    final: bool = True  # no later step quantizes this block: the method must leave its weights on the grid
 
     def linear(self, block: nn.Module, name: str) -> nn.Module:
         return block.get_submodule(name)
@@ -172,6 +176,61 @@ def collect_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
         for handle in handles:
             handle.remove()
     return hessians
+
+
+@dataclass
+class InputStats:
+    """What AWQ, SmoothQuant and static activation ranges need of a linear's input (fp32)."""
+
+    absmax: Tensor  # (C,) max |x_j| over every calibration token
+    absmean: Tensor  # (C,) mean |x_j| over every calibration token
+    lo: float  # min over every value
+    hi: float  # max over every value
+    sample: Tensor  # (n, C) rows drawn at random from the calibration tokens (n <= max_tokens)
+
+
+@torch.no_grad()
+def collect_input_stats(
+    block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], max_tokens: int = 4096, seed: int = 0
+) -> dict[str, InputStats]:
+    """Per-channel |x| max / mean, the value range and a token sample of each named layer's input.
+
+    Like ``collect_hessians``, each batch's forward stops once every named layer has seen it.
+    The sample takes an equal share of random tokens from each batch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = max(1, -(-max_tokens // max(1, len(inputs.hidden))))
+    acc: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+
+    def make_hook(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, C)
+            a = acc.setdefault(name, {"absmax": None, "abssum": 0.0, "n": 0, "lo": math.inf, "hi": -math.inf, "rows": []})
+            ax = x.abs()
+            a["absmax"] = ax.amax(0) if a["absmax"] is None else torch.maximum(a["absmax"], ax.amax(0))
+            a["abssum"] = a["abssum"] + ax.sum(0)
+            a["n"] += x.shape[0]
+            a["lo"], a["hi"] = min(a["lo"], float(x.min())), max(a["hi"], float(x.max()))
+            a["rows"].append(x[torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)])
+            seen.add(name)
+            if len(seen) == len(layers):
+                raise _StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            seen.clear()
+            try:
+                block(h, *a, **k)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: InputStats(a["absmax"], a["abssum"] / a["n"], a["lo"], a["hi"], torch.cat(a["rows"])[:max_tokens]) for n, a in acc.items()}
 
 
 def relative_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:

@@ -15,7 +15,7 @@ import time
 import torch
 
 from blockquant.compare import VARIANTS as COMPARE_VARIANTS
-from blockquant.recipe import QuantSpec, make_step, parse_recipe
+from blockquant.recipe import QuantSpec, act_spec, make_step, parse_recipe
 
 log = logging.getLogger("blockquant")
 
@@ -34,6 +34,15 @@ examples:
       --calib calib.txt --nsamples 128 --seqlen 512 --output ./llama-w4
   blockquant quantize ./llama --recipe rtn --wbits 3 --sym --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe my_recipe.yaml --calib calib.txt --output ./out
+  blockquant quantize ./llama --recipe awq,gptq --wbits 4 --calib calib.txt --output ./out
+  blockquant quantize ./bert --recipe smoothquant --alpha auto --wbits 8 --group-size -1 \
+      --abits 8 --act-granularity tensor --calib calib.txt --output ./out
+  blockquant quantize ./llama --recipe zeroquant,lkd --wbits 4 --abits 8 --calib calib.txt --output ./out
+
+--abits 8 (or 4) fake-quantizes the input of every block linear: per token at run time
+(--act-granularity token) or with one static range per linear from the calibration data
+(tensor). The checkpoint holds the weights; the activation scheme and the static ranges are
+recorded in blockquant.json for the runtime to apply.
 
 --format picks what OUT_DIR holds: compressed-tensors (pack-quantized int32 words + scales,
 what vLLM and transformers with compressed-tensors load), gptq (GPTQ v2 qweight/qzeros/scales/
@@ -79,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 [4]")
     q.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 = one per output channel [128]")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point 0) instead of asymmetric")
+    q.add_argument("--abits", type=int, default=16, help="activation bits: 4, 8, or 16 = not quantized [16]")
+    q.add_argument(
+        "--act-granularity", choices=["token", "tensor"], default="token", help="per-token dynamic or per-tensor static activations [token]"
+    )
+    q.add_argument("--alpha", help="smoothquant migration strength in [0, 1], or auto (sweep on held-out calibration) [0.5]")
     q.add_argument("--calib", metavar="FILE", help="calibration text file (UTF-8)")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows [128]")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window [512]")
@@ -149,11 +163,31 @@ def _apply_finetune_args(recipe, args: argparse.Namespace):
     given = {k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k) is not None}
     if not given:
         return recipe
-    if recipe.steps[-1].method != "blockft":
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    last = recipe.steps[-1]
+    flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    if last.method == "lkd" and set(given) <= {"steps", "lr_scale", "lr_weight"}:
+        recipe.steps[-1] = make_step("lkd", {**dataclasses.asdict(last.options), **given})
+        return recipe
+    if last.method != "blockft":
         raise ValueError(f"{flags} apply to block-wise fine-tuning; end the recipe with blockft (e.g. --recipe gptq,blockft)")
-    options = {**dataclasses.asdict(recipe.steps[-1].options), **given}
-    recipe.steps[-1] = make_step("blockft", options)
+    recipe.steps[-1] = make_step("blockft", {**dataclasses.asdict(last.options), **given})
+    return recipe
+
+
+def _apply_alpha(recipe, alpha: str | None):
+    """Put --alpha into the recipe's smoothquant step (an error without one)."""
+    if alpha is None:
+        return recipe
+    where = [i for i, st in enumerate(recipe.steps) if st.method == "smoothquant"]
+    if not where:
+        raise ValueError("--alpha is SmoothQuant's migration strength; put smoothquant in the recipe (e.g. --recipe smoothquant)")
+    if alpha != "auto":
+        try:
+            alpha = float(alpha)
+        except ValueError:
+            raise ValueError(f"--alpha must be a number in [0, 1] or auto, got {alpha!r}") from None
+    for i in where:
+        recipe.steps[i] = make_step("smoothquant", {**dataclasses.asdict(recipe.steps[i].options), "alpha": alpha})
     return recipe
 
 
@@ -185,8 +219,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     if args.model_dir is None:
         return _demo(args, device)
-    recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=args.group_size, sym=args.sym))
+    act = act_spec(args.abits, args.act_granularity)
+    recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=args.group_size, sym=args.sym), act)
     recipe = _apply_finetune_args(recipe, args)
+    recipe = _apply_alpha(recipe, args.alpha)
     if not args.calib:
         raise ValueError("--calib FILE is required: a text file to calibrate on")
     if not args.output:
@@ -212,8 +248,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, stored_dtype(args.model_dir))
     last = result.blocks[-1].output_error if result.blocks else float("nan")
     cuda = "" if result.peak_cuda_mb is None else f", peak CUDA {result.peak_cuda_mb:.0f} MB"
+    if recipe.act is not None:
+        log.warning(
+            "%s: the checkpoint stores the weights; the runtime must apply it (blockquant.json 'activations')", recipe.act.describe()
+        )
     print(
-        f"{recipe.name} {recipe.spec.describe()}: {len(result.layers)} layers in {result.seconds:.1f}s, "
+        f"{recipe.name} {recipe.describe()}: {len(result.layers)} layers in {result.seconds:.1f}s, "
         f"last-block relative output error {last:.3e}, peak RSS {result.peak_rss_mb:.0f} MB{cuda} -> {args.output} ({fmt})"
     )
     return 0

@@ -77,6 +77,9 @@ class FakeQuantLinear(nn.Module):
         return s * (q - z)
 
     def forward(self, x: Tensor) -> Tensor:
+        act_quant = getattr(self.layer, "input_quantizer", None)  # activations.attach's, when the recipe has one
+        if act_quant is not None:
+            x = act_quant(x)
         w = self.dequantized(hard=not self.training)
         return F.linear(x, w.to(x.dtype), self.layer.bias)
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+ACT_BITS = (4, 8)  # 16 on the command line means "activations stay in full precision" (no ActSpec)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,53 @@ class QuantSpec:
         return f"W{self.bits} {gran} {'sym' if self.sym else 'asym'}"
 
 
+@dataclass(frozen=True)
+class ActSpec:
+    """Fake quantization of every block linear's input (DESIGN.md §2 "Activations").
+
+    granularity ``token``: one scale per token, computed at run time from the token itself
+    (dynamic); ``tensor``: one scale per linear, fixed from the calibration inputs (static),
+    from their min–max or from the ``percentile`` of their values (``range: percentile``).
+    """
+
+    bits: int = 8
+    granularity: str = "token"  # "token" (dynamic) or "tensor" (static, calibrated)
+    sym: bool = True
+    range: str = "minmax"  # static ranges: "minmax" or "percentile"
+    percentile: float = 99.99  # of |x| (sym) or of each tail (asym), with range: percentile
+
+    def __post_init__(self) -> None:
+        if self.bits not in ACT_BITS:
+            raise ValueError(f"activation bits must be 4, 8 or 16 (16 = no activation quantization), got {self.bits}")
+        if self.granularity not in ("token", "tensor"):
+            raise ValueError(f"activation granularity must be 'token' (dynamic) or 'tensor' (static), got {self.granularity!r}")
+        if self.range not in ("minmax", "percentile"):
+            raise ValueError(f"activation range must be 'minmax' or 'percentile', got {self.range!r}")
+        if not 50 < self.percentile <= 100:
+            raise ValueError(f"activation percentile must be in (50, 100], e.g. 99.99, got {self.percentile}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.sym else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.sym else 2**self.bits - 1
+
+    def describe(self) -> str:
+        kind = "token" if self.granularity == "token" else f"tensor {self.range}"
+        return f"A{self.bits} {kind} {'sym' if self.sym else 'asym'}"
+
+
+def act_spec(bits: int, granularity: str = "token", **kwargs: Any) -> ActSpec | None:
+    """The ActSpec for ``--abits`` (None for 16: activations stay in full precision)."""
+    if bits == 16:
+        return None
+    if bits not in ACT_BITS:
+        raise ValueError(f"--abits must be 4, 8 or 16 (16 = activations stay in full precision), got {bits}")
+    return ActSpec(bits, granularity, **kwargs)
+
+
 @dataclass
 class Step:
     """One method of a recipe chain with its options dataclass (see ``methods.METHODS``)."""
@@ -63,18 +111,31 @@ class Recipe:
 
     spec: QuantSpec = field(default_factory=QuantSpec)
     steps: list[Step] = field(default_factory=list)
+    act: ActSpec | None = None  # activation fake-quant of every block linear's input; None: full precision
 
     def __post_init__(self) -> None:
+        from blockquant.methods import METHODS
+
         if not self.steps:
             raise ValueError("a recipe needs at least one method, e.g. 'rtn' or 'gptq'")
+        for step in self.steps:
+            need = METHODS[step.method].activations
+            if need and self.act is None:
+                raise ValueError(f"{step.method} quantizes activations too: give --abits 8 (or 4), or abits: 8 in the recipe file")
+            if need == "token" and self.act is not None and self.act.granularity != "token":
+                raise ValueError(f"{step.method} uses token-wise dynamic activation quantization: use --act-granularity token")
 
     @property
     def name(self) -> str:
         return ",".join(s.method for s in self.steps)
 
+    def describe(self) -> str:
+        return self.spec.describe() + (f" {self.act.describe()}" if self.act else "")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "spec": dataclasses.asdict(self.spec),
+            "act": None if self.act is None else dataclasses.asdict(self.act),
             "steps": [{"method": s.method, **dataclasses.asdict(s.options)} for s in self.steps],
         }
 
@@ -95,7 +156,7 @@ def make_step(method: str, options: dict[str, Any] | None = None) -> Step:
     return Step(method, options_cls(**(options or {})))
 
 
-def parse_recipe(text: str, spec: QuantSpec) -> Recipe:
+def parse_recipe(text: str, spec: QuantSpec, act: ActSpec | None = None) -> Recipe:
     """``text`` is a method name, a comma chain (``awq,gptq``) or a path to a YAML file.
 
     YAML layout::
@@ -103,6 +164,8 @@ def parse_recipe(text: str, spec: QuantSpec) -> Recipe:
         wbits: 4            # optional, overrides the command line
         group_size: 128
         sym: false
+        abits: 8            # optional: 4, 8 or 16 (no activation quantization)
+        act_granularity: token   # or tensor (static); act_sym, act_range, act_percentile too
         steps:
           - method: gptq
             act_order: true
@@ -122,6 +185,7 @@ def parse_recipe(text: str, spec: QuantSpec) -> Recipe:
             group_size=int(data.get("group_size", spec.group_size)),
             sym=bool(data.get("sym", spec.sym)),
         )
+        act = _yaml_act(data, act)
         steps = []
         for item in data["steps"]:
             if isinstance(item, str):
@@ -130,6 +194,20 @@ def parse_recipe(text: str, spec: QuantSpec) -> Recipe:
                 raise ValueError(f"recipe file {text}: each step needs 'method:', got {item!r}")
             opts = {k: v for k, v in item.items() if k != "method"}
             steps.append(make_step(str(item["method"]), opts))
-        return Recipe(spec, steps)
+        return Recipe(spec, steps, act)
     names = [n.strip() for n in text.split(",") if n.strip()]
-    return Recipe(spec, [make_step(n) for n in names])
+    return Recipe(spec, [make_step(n) for n in names], act)
+
+
+def _yaml_act(data: dict[str, Any], act: ActSpec | None) -> ActSpec | None:
+    """A recipe file's ``abits`` / ``act_*`` keys over the command line's ActSpec."""
+    keys = {"act_granularity": "granularity", "act_sym": "sym", "act_range": "range", "act_percentile": "percentile"}
+    if "abits" not in data and not any(k in data for k in keys):
+        return act
+    base = dataclasses.asdict(act) if act is not None else {"bits": 16}
+    base["bits"] = int(data.get("abits", base["bits"]))
+    base.update({field_: data[k] for k, field_ in keys.items() if k in data})
+    bits = base.pop("bits")
+    if bits == 16 and any(k in data for k in keys):
+        raise ValueError("act_granularity / act_sym / act_range need abits: 8 or 4 in the recipe file")
+    return act_spec(bits, **base)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from blockquant.methods import blockft, gptq, rtn
+from blockquant.methods import awq, blockft, gptq, rtn, smoothquant, zeroquant
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class Method:
     apply: Callable[..., dict[str, Any]]
     summary: str
     windowed: bool = False  # apply(window_ctx, spec, options): trains a window of blocks, last in a recipe
+    activations: str | None = None  # the recipe must quantize activations: "any" granularity, or "token" only
+    folds: bool = False  # folds scales into each group's feeder: needs the table's feeder → linears mapping
 
 
 METHODS: dict[str, Method] = {
@@ -29,4 +31,16 @@ METHODS: dict[str, Method] = {
     "blockft": Method(
         blockft.BlockFTOptions, blockft.apply, "block-wise fine-tuning (joint windows, downstream objectives)", windowed=True
     ),
+    "awq": Method(awq.AWQOptions, awq.apply, "AWQ: activation-aware channel scales folded into the feeder, then a clip search", folds=True),
+    "smoothquant": Method(
+        smoothquant.SmoothQuantOptions,
+        smoothquant.apply,
+        "SmoothQuant: migrate activation outliers into the weights (W8A8)",
+        activations="any",
+        folds=True,
+    ),
+    "zeroquant": Method(
+        zeroquant.ZeroQuantOptions, zeroquant.apply, "ZeroQuant: group-wise weights, token-wise dynamic activations", activations="token"
+    ),
+    "lkd": Method(zeroquant.LKDOptions, zeroquant.apply_lkd, "ZeroQuant's layer-by-layer distillation (blockft's training)", windowed=True),
 }

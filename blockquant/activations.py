@@ -1,0 +1,143 @@
+"""Activation fake-quantization of the linears' inputs (DESIGN.md §2 "Activations").
+
+Per-token dynamic: every token (row of the last dimension) gets its own scale from its own
+range at run time, ``s_t = max|x_t| / qmax`` (symmetric) or ``(max x_t − min x_t)/(qmax − qmin)``
+with an integer zero point (asymmetric). Per-tensor static: one scale per linear, fixed from the
+calibration inputs' min–max or percentile. Rounding uses the straight-through estimator, so a
+fine-tuning method (ZeroQuant's LKD) trains through it.
+
+An ``ActQuantizer`` lives on its linear as ``layer.input_quantizer`` and runs from a forward
+pre-hook (``attach``); the static range is a non-persistent buffer, so the state dict — and
+every checkpoint format — is unchanged. ``finetune.FakeQuantLinear`` applies it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from blockquant.capture import BlockInputs, InputStats, collect_input_stats
+from blockquant.primitives import round_ste
+from blockquant.recipe import ActSpec
+
+_MIN_SCALE = 1e-10
+ATTR = "input_quantizer"
+
+
+def range_qparams(lo: Tensor, hi: Tensor, spec: ActSpec) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of a range (broadcastable tensors); the range always holds 0."""
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    if spec.sym:
+        scale = (torch.maximum(-lo, hi) / spec.qmax).clamp(min=_MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=_MIN_SCALE)
+    return scale, torch.round(-lo / scale).clamp(spec.qmin, spec.qmax)
+
+
+def per_token_qparams(x: Tensor, spec: ActSpec) -> tuple[Tensor, Tensor]:
+    """``(..., 1)`` scale and zero of each token of ``x (..., C)`` from its own min / max."""
+    x = x.detach().float()
+    return range_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), spec)
+
+
+def fake_quant_act(x: Tensor, scale: Tensor, zero: Tensor, spec: ActSpec) -> Tensor:
+    """``s·(clamp(⌊x/s⌉ + z, qmin, qmax) − z)`` in fp32, straight-through, back in x's dtype."""
+    q = torch.clamp(round_ste(x.float() / scale) + zero, spec.qmin, spec.qmax)
+    return (scale * (q - zero)).to(x.dtype)
+
+
+def static_range(stats: InputStats, spec: ActSpec) -> tuple[float, float]:
+    """(lo, hi) of a per-tensor static quantizer from calibration statistics."""
+    if spec.range == "minmax":
+        return stats.lo, stats.hi
+    values = stats.sample.flatten()
+    if values.numel() > 2**24:  # torch.quantile's limit
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[: 2**24]]
+    p = spec.percentile / 100
+    if spec.sym:
+        hi = float(torch.quantile(values.abs(), p))
+        return -hi, hi
+    return float(torch.quantile(values, 1 - p)), float(torch.quantile(values, p))
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes a linear's input: per token (dynamic) or with a calibrated static range."""
+
+    def __init__(self, spec: ActSpec, lo: float = 0.0, hi: float = 0.0) -> None:
+        super().__init__()
+        self.spec = spec
+        scale, zero = range_qparams(torch.tensor(lo), torch.tensor(hi), spec)
+        self.register_buffer("scale", scale, persistent=False)  # used when granularity == "tensor"
+        self.register_buffer("zero", zero, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spec.granularity == "token":
+            scale, zero = per_token_qparams(x, self.spec)
+        else:
+            scale, zero = self.scale, self.zero
+        return fake_quant_act(x, scale, zero, self.spec)
+
+    def record(self) -> dict:
+        static = self.spec.granularity == "tensor"
+        return {"scale": float(self.scale) if static else None, "zero": float(self.zero) if static else None}
+
+    def extra_repr(self) -> str:
+        return self.spec.describe()
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the layer sees its quantizer's output (a plain function: survives deepcopy)."""
+    return (getattr(module, ATTR)(args[0]), *args[1:])
+
+
+@torch.no_grad()
+def attach(block: nn.Module, groups: list[tuple[str, ...]], spec: ActSpec, inputs: BlockInputs) -> dict[str, ActQuantizer]:
+    """Put an input quantizer on each linear of ``block``; static ranges from ``inputs``.
+
+    ``groups`` are the table's groups of linears sharing an input, in execution order. They are
+    calibrated one after another (true-sequential), so each static range is taken with the
+    earlier groups' inputs already quantized; a group's linears share one range.
+    """
+    out = {}
+    for names in groups:
+        layers = {name: block.get_submodule(name) for name in names}
+        lo = hi = 0.0
+        if spec.granularity == "tensor":
+            stats = collect_input_stats(block, inputs, {names[0]: layers[names[0]]}, max_tokens=8192)[names[0]]
+            lo, hi = static_range(stats, spec)
+        for name, layer in layers.items():
+            if hasattr(layer, ATTR):
+                raise ValueError(f"{name} already quantizes its input; activation quantization is attached once per recipe")
+            quantizer = ActQuantizer(spec, lo, hi).to(next(layer.parameters()).device)
+            layer.add_module(ATTR, quantizer)
+            layer.register_forward_pre_hook(_quantize_input)
+            out[name] = quantizer
+    return out
+
+
+def detach(model: nn.Module) -> int:
+    """Remove every input quantizer (and its hook) from ``model``; returns how many."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, ATTR):
+            delattr(module, ATTR)
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if hook is _quantize_input:
+                    del module._forward_pre_hooks[key]
+            count += 1
+    return count
+
+
+def quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
+    """Every attached input quantizer, by its linear's full name."""
+    return {name: getattr(m, ATTR) for name, m in model.named_modules() if isinstance(getattr(m, ATTR, None), ActQuantizer)}
+
+
+def record(model: nn.Module, spec: ActSpec | None) -> dict | None:
+    """What blockquant.json says about activations: the scheme and each static range."""
+    if spec is None:
+        return None
+    static = {n: q.record() for n, q in quantizers(model).items()} if spec.granularity == "tensor" else None
+    return {**dataclasses.asdict(spec), "static_ranges": static}
