@@ -84,7 +84,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="local Hugging Face model directory")
-    q.add_argument("--recipe", default="gptq", help="method (rtn, gptq), comma chain (rtn,gptq) or YAML file [gptq]")
+    q.add_argument(
+        "--recipe",
+        default="gptq",
+        help="method (rtn, gptq, awq, smoothquant, zeroquant), comma chain (awq,gptq; zeroquant,lkd) or YAML file [gptq]",
+    )
     q.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 [4]")
     q.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 = one per output channel [128]")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point 0) instead of asymmetric")

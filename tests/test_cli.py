@@ -433,7 +433,7 @@ def test_parse_recipe_comma_chain():
 @pytest.mark.parametrize(
     "text,fragments",
     [
-        ("awq", ["unknown method 'awq'", "known methods: " + ", ".join(sorted(METHODS))]),
+        ("qft", ["unknown method 'qft'", "known methods: " + ", ".join(sorted(METHODS))]),
         ("rtn,nope", ["unknown method 'nope'", "known methods: " + ", ".join(sorted(METHODS))]),
         ("", ["at least one method"]),
         (" , ", ["at least one method"]),
