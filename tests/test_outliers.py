@@ -286,3 +286,18 @@ def test_cli_smoothquant_w8a8_records_activations(tmp_path, calib_file, capsys):
     assert record["activations"]["bits"] == 8 and record["activations"]["granularity"] == "tensor"
     assert len(record["activations"]["static_ranges"]) == 12  # 6 linears × 2 blocks, each with its calibrated scale
     assert record["recipe"]["steps"][0]["alpha"] == "auto"
+
+
+def test_recipe_file_sets_activations(tmp_path):
+    from blockquant import parse_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "abits: 8\nact_granularity: tensor\nact_range: percentile\nact_percentile: 99.9\nsteps:\n  - method: smoothquant\n    alpha: 0.8\n"
+    )
+    recipe = parse_recipe(str(path), QuantSpec(8, -1))
+    assert recipe.act == ActSpec(8, "tensor", True, "percentile", 99.9) and recipe.steps[0].options.alpha == 0.8
+    assert parse_recipe(str(path), QuantSpec(8, -1), ActSpec(4)).act.bits == 8  # the file overrides the command line
+    path.write_text("abits: 16\nsteps: [rtn]\n")
+    assert parse_recipe(str(path), QuantSpec(4, 32), ActSpec(8)).act is None
+    assert recipe.to_dict()["act"]["granularity"] == "tensor"
