@@ -9,6 +9,7 @@ quantized one (inputs of the next quantized block). Peak memory ≈ one block + 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import resource
 import time
@@ -23,7 +24,7 @@ from blockquant import activations
 from blockquant.arch import ARCHITECTURES, ArchSpec, arch_for, block_linears, get_blocks
 from blockquant.capture import BlockContext, BlockInputs, LayerResult, WindowContext, capture_block_inputs, run_block
 from blockquant.methods import METHODS
-from blockquant.recipe import Recipe
+from blockquant.recipe import SCALE_DTYPES, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,16 @@ def _window_shape(recipe: Recipe, n_blocks: int) -> tuple[list, list, int, int]:
     return recipe.steps[:-1], [step], k, stride
 
 
+def with_scale_dtype(recipe: Recipe, dtype: torch.dtype) -> Recipe:
+    """``recipe`` with its spec's ``scale_dtype`` set to ``dtype`` (the dtype the checkpoint will
+    store scales in) when the spec names none; an explicit one is kept."""
+    if recipe.spec.scale_dtype is not None:
+        return recipe
+    name = str(dtype).removeprefix("torch.")
+    name = name if name in SCALE_DTYPES else "float32"  # e.g. float64: the methods' fp32 scales are exact in it
+    return dataclasses.replace(recipe, spec=dataclasses.replace(recipe.spec, scale_dtype=name))
+
+
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -171,7 +182,11 @@ def quantize(
     windowed fine-tuning step). A block entering a window for the first time gets the
     per-block steps (RTN, GPTQ, …) on its quantized-stream input; then the window step runs;
     then the first S blocks of the window are final and both streams advance past them.
+
+    A spec without ``scale_dtype`` gets the model's parameter dtype (what ``save_packed``
+    stores scales in by default); ``result.recipe`` holds the spec actually used.
     """
+    recipe = with_scale_dtype(recipe, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
     device = torch.device(device)
     arch = check_mapping(model, recipe)
     check_finite_weights(model)

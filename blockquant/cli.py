@@ -216,7 +216,7 @@ def _check_device(name: str) -> torch.device:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from blockquant.api import quantize
+    from blockquant.api import quantize, with_scale_dtype
     from blockquant.export import export_problem, resolve_format, save_checkpoint, stored_dtype
     from blockquant.files import check_output_dir, load_calibration, load_model, read_text
 
@@ -236,6 +236,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite)
     read_text(args.calib, "calibration")  # fail before a long model load
     model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
+    export_dtype = stored_dtype(args.model_dir)  # the checkpoint's dtype: scales are rounded to it before any code is computed
+    recipe = with_scale_dtype(recipe, export_dtype or DTYPES[args.dtype])
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
@@ -249,7 +251,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "calibration": {"file": str(args.calib), "nsamples": int(calibration.shape[0]), "seqlen": args.seqlen, "seed": args.seed},
     }
     fmt = resolve_format(args.format, model, recipe.spec, result.layers)
-    save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, stored_dtype(args.model_dir))
+    save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, export_dtype)
     last = result.blocks[-1].output_error if result.blocks else float("nan")
     cuda = "" if result.peak_cuda_mb is None else f", peak CUDA {result.peak_cuda_mb:.0f} MB"
     if recipe.act is not None:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from blockquant.arch import set_weight_matrix, weight_matrix
-from blockquant.primitives import expand, group_width, round_ste
+from blockquant.primitives import expand, group_width, round_scale_ste, round_ste
 from blockquant.recipe import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,13 @@ class FakeQuantLinear(nn.Module):
     def soft_rounding(self) -> Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
+    def grid_scale(self) -> Tensor:
+        """The step sizes in use: the trained fp32 ones rounded (straight-through) to the dtype
+        the checkpoint stores scales in, so training sees exactly the grid that ``commit`` exports."""
+        return round_scale_ste(self.scale.clamp(min=1e-8), self.spec)
+
     def dequantized(self, hard: bool = False) -> Tensor:
-        s = self._expand(self.scale.clamp(min=1e-8))
+        s = self._expand(self.grid_scale())
         z = self._expand(round_ste(self.zero))
         if self.rounding == "ste":
             codes = round_ste(self.weight)
@@ -93,7 +98,7 @@ class FakeQuantLinear(nn.Module):
     def commit(self) -> tuple[Tensor, Tensor]:
         """Write the hard-rounded weight into the wrapped layer (exactly on the grid); its (scale, zero)."""
         set_weight_matrix(self.layer, self.dequantized(hard=True))
-        return self.scale.clamp(min=1e-8).detach().clone(), torch.round(self.zero.detach())
+        return self.grid_scale().detach().clone(), torch.round(self.zero.detach())
 
 
 def swap_in(block: nn.Module, names: list[str], make: Callable[[str, nn.Module], FakeQuantLinear]) -> dict[str, FakeQuantLinear]:

@@ -45,14 +45,37 @@ def _group_minmax(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     return w.amin(dim=2), w.amax(dim=2)
 
 
+def round_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """``scale`` (fp32) rounded to the nearest value ``spec.scale_dtype`` holds, kept in fp32.
+
+    A checkpoint stores scales in that dtype: codes computed against the rounded scale make the
+    fake-quant weights exactly the ones the checkpoint reloads. Clamped to the dtype's normal
+    range first, so a tiny scale never becomes 0 (fp16 flushes below 6e-5) nor a huge one inf.
+    """
+    if spec.scale_dtype is None or spec.scale_dtype == "float32":
+        return scale
+    dtype = getattr(torch, spec.scale_dtype)
+    info = torch.finfo(dtype)
+    return scale.clamp(min=info.tiny, max=info.max).to(dtype).float()
+
+
+def round_scale_ste(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """:func:`round_scale` forward, gradient 1 (learned step sizes, ``finetune.FakeQuantLinear``)."""
+    return scale + (round_scale(scale, spec) - scale).detach()
+
+
 def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """Scale and zero point for a range; the range always includes 0 so that 0 is exact."""
+    """Scale and zero point for a range; the range always includes 0 so that 0 is exact.
+
+    The scale is rounded to ``spec.scale_dtype`` before the zero point (and, by the caller,
+    the codes) are computed against it.
+    """
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     if spec.sym:
         absmax = torch.maximum(-lo, hi)
-        scale = (absmax / ((spec.qmax - spec.qmin) / 2)).clamp(min=_MIN_SCALE)
+        scale = round_scale((absmax / ((spec.qmax - spec.qmin) / 2)).clamp(min=_MIN_SCALE), spec)
         return scale, torch.zeros_like(scale)
-    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=_MIN_SCALE)
+    scale = round_scale(((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=_MIN_SCALE), spec)
     zero = torch.round(-lo / scale).clamp(spec.qmin, spec.qmax)
     return scale, zero
 

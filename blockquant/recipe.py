@@ -15,6 +15,7 @@ import yaml
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 ACT_BITS = (4, 8)  # 16 on the command line means "activations stay in full precision" (no ActSpec)
+SCALE_DTYPES = ("float32", "bfloat16", "float16")  # floating dtypes a checkpoint may store scales in
 
 
 @dataclass(frozen=True)
@@ -24,18 +25,29 @@ class QuantSpec:
     group_size: ``g >= 1`` groups of g input columns (the last group is shorter when g does
     not divide the width), ``-1`` one scale per output channel. ``per_tensor`` overrides both
     with a single scale for the whole weight (library only; the CLI does not expose it).
+
+    scale_dtype: the dtype the scales will be stored in (``"bfloat16"``, ``"float16"`` or
+    ``"float32"``). Every method rounds its scales to it before computing codes, so the
+    fake-quant weights it evaluates are exactly the ones a checkpoint with scales in that dtype
+    reloads. ``None``: ``blockquant.quantize`` sets the model's parameter dtype.
     """
 
     bits: int = 4
     group_size: int = 128
     sym: bool = False
     per_tensor: bool = False
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of 2, 3, 4 or 8, got {self.bits}")
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group size must be >= 1 (columns per group) or -1 (one scale per output channel), got {self.group_size}")
+        if self.scale_dtype not in (None, *SCALE_DTYPES):
+            raise ValueError(
+                f"scale_dtype must be one of {', '.join(SCALE_DTYPES)} (the dtype the checkpoint stores scales in) or None, "
+                f"got {self.scale_dtype!r}; pass the name, e.g. 'bfloat16', not a torch.dtype"
+            )
 
     @property
     def qmin(self) -> int:
@@ -180,7 +192,8 @@ def parse_recipe(text: str, spec: QuantSpec, act: ActSpec | None = None) -> Reci
             raise ValueError(f"recipe file {text} is not valid YAML: {e}") from None
         if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
             raise ValueError(f"recipe file {text} needs a 'steps:' list of {{method: NAME, ...}}")
-        spec = QuantSpec(
+        spec = dataclasses.replace(  # keeps the caller's scale_dtype
+            spec,
             bits=int(data.get("wbits", spec.bits)),
             group_size=int(data.get("group_size", spec.group_size)),
             sym=bool(data.get("sym", spec.sym)),

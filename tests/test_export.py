@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import build_tiny, make_text, subprocess_env
+from conftest import build_tiny, build_tokenizer, make_text, subprocess_env
 from safetensors.torch import load_file, save_file
 
 import blockquant
@@ -34,8 +34,11 @@ BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, -1)
 
 
-def tiny_llama(tie: bool = False) -> transformers.LlamaForCausalLM:
-    """Every width a multiple of 32 and of 64, so that both formats can hold g32 / g64 / -1."""
+def tiny_llama(tie: bool = False, dtype: torch.dtype = torch.float32) -> transformers.LlamaForCausalLM:
+    """Every width a multiple of 32 and of 64, so that both formats can hold g32 / g64 / -1.
+
+    Built in ``dtype`` as ``from_pretrained`` would (``.to(bf16)`` would also round the rotary
+    buffers, which a loaded model keeps in fp32)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         hidden_size=64,
@@ -47,6 +50,8 @@ def tiny_llama(tie: bool = False) -> transformers.LlamaForCausalLM:
         max_position_embeddings=64,
         tie_word_embeddings=tie,
     )
+    if dtype != torch.float32:
+        return transformers.LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -304,6 +309,47 @@ def test_tied_embeddings_shards_and_bf16(tmp_path):
         layer = loaded.get_submodule(name)
         assert layer.scales.dtype == torch.bfloat16
         torch.testing.assert_close(layer.dequantize(), model.get_submodule(name).weight, rtol=2**-8, atol=0)
+
+
+BF16_RECIPES = {
+    "rtn": [("rtn", {})],
+    "gptq": [("gptq", {})],
+    "gptq+blockft": [("gptq", {}), ("blockft", {"steps": 4, "eval_every": 2, "lr_scale": 1e-2})],
+}
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("recipe", BF16_RECIPES)
+def test_bf16_model_exports_exactly_what_was_evaluated(recipe, sym, tmp_path):
+    """A bf16 model's grids are bf16 from the start (scales rounded before any code is computed,
+    learned step sizes too): its bf16 export reloads weights and logits bit for bit."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    spec = QuantSpec(4, 32, sym=sym)
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    result = quantize(model, Recipe(spec, [make_step(m, o) for m, o in BF16_RECIPES[recipe]]), calib, progress=False)
+    assert spec.scale_dtype is None and result.recipe.spec.scale_dtype == "bfloat16"
+    for r in result.layers.values():
+        assert torch.equal(r.scale.to(torch.bfloat16).float(), r.scale)
+    out = save_packed(model, result, tmp_path / "out")  # the model's dtype: bf16
+    assert json.loads((out / "blockquant.json").read_text())["export"]["scale_rounding"]["weights_changed"] == 0
+    loaded = blockquant.load(out)
+    for name in result.layers:
+        layer = loaded.get_submodule(name)
+        assert layer.scales.dtype == torch.bfloat16
+        assert torch.equal(layer.dequantize(torch.bfloat16), model.get_submodule(name).weight), name
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_explicit_scale_dtype_makes_an_fp32_model_exact_in_bf16(tmp_path):
+    """fp32 compute, bf16 checkpoint (the CLI's default for a bf16 subject): scale_dtype says so."""
+    model = tiny_llama()
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    result = quantize(model, parse_recipe("gptq", QuantSpec(3, 32, scale_dtype="bfloat16")), calib, progress=False)
+    loaded = load(save_packed(model, result, tmp_path / "out", dtype=torch.bfloat16), torch.float32)
+    for name in result.layers:
+        assert torch.equal(loaded.get_submodule(name).dequantize(), model.get_submodule(name).weight), name
 
 
 def test_gptq_act_order_model_round_trip(tmp_path):
@@ -585,6 +631,19 @@ def test_cli_formats_and_eval_of_a_packed_directory(llama_dir, calib_file, tmp_p
         assert main(["eval", str(d), "--data", str(eval_file), "--seqlen", "16", "--json", "--quiet"]) == 0
         results.append(json.loads(capsys.readouterr().out)["perplexity"])
     assert results[0] == pytest.approx(results[1], rel=1e-6)
+
+
+def test_cli_rounds_scales_to_the_subjects_dtype(calib_file, tmp_path):
+    """fp32 compute (--dtype default) on a bf16 subject: the grid is bf16 from the start, so the
+    bf16 export moves no weight."""
+    subject = tmp_path / "bf16"
+    build_tiny("llama").to(torch.bfloat16).save_pretrained(subject)
+    build_tokenizer().save_pretrained(subject)
+    out = tmp_path / "packed"
+    assert main(_cli(subject, calib_file, out, "--group-size", "-1", "--format", "compressed-tensors")) == 0
+    record = json.loads((out / "blockquant.json").read_text())
+    assert record["recipe"]["spec"]["scale_dtype"] == "bfloat16"
+    assert record["export"]["dtype"] == "bfloat16" and record["export"]["scale_rounding"]["weights_changed"] == 0
 
 
 def test_cli_default_falls_back_to_dequantized_with_a_warning(llama_dir, calib_file, tmp_path, capsys, caplog):

@@ -24,6 +24,8 @@ from blockquant.primitives import (
     group_width,
     n_groups,
     quantize,
+    round_scale,
+    round_scale_ste,
     round_ste,
 )
 from blockquant.recipe import QuantSpec
@@ -251,3 +253,37 @@ def test_round_ste_forward_rounds_and_gradient_passes():
     assert torch.equal(y.detach(), torch.round(x.detach()))
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_scales_are_representable_in_scale_dtype_and_codes_use_them(dtype, sym):
+    """Scales round to the stored dtype before the codes: the fp32 fake-quant equals the reload."""
+    spec = QuantSpec(4, 32, sym=sym, scale_dtype=dtype)
+    w = torch.randn(16, 100, generator=torch.Generator().manual_seed(0))
+    for scale, zero in (compute_qparams(w, spec), clip_search(w, spec, grid=10)):
+        stored = scale.to(getattr(torch, dtype))
+        assert torch.equal(stored.float(), scale)
+        assert torch.equal(
+            fake_quantize(w, scale, zero, spec), dequantize(quantize(w, stored.float(), zero, spec), stored.float(), zero, spec)
+        )
+        assert_on_grid(fake_quantize(w, scale, zero, spec), scale, zero, spec)
+    unrounded, _ = compute_qparams(w, QuantSpec(4, 32, sym=sym))
+    assert torch.equal(unrounded, compute_qparams(w, QuantSpec(4, 32, sym=sym, scale_dtype="float32"))[0])
+    assert not torch.equal(unrounded, scale)
+
+
+def test_round_scale_keeps_scales_positive_and_finite():
+    tiny = torch.tensor([1e-10, 1e-7, 3e5])
+    half = round_scale(tiny, QuantSpec(scale_dtype="float16"))
+    assert (half > 0).all() and torch.isfinite(half).all() and half[0] == torch.finfo(torch.float16).tiny
+    assert torch.equal(round_scale(tiny, QuantSpec(scale_dtype="bfloat16")), tiny.to(torch.bfloat16).float())
+    x = torch.tensor([0.0123], requires_grad=True)
+    round_scale_ste(x, QuantSpec(scale_dtype="bfloat16")).sum().backward()
+    assert torch.equal(x.grad, torch.ones(1))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bf16", "int8"])
+def test_quantspec_rejects_unknown_scale_dtype(dtype):
+    with pytest.raises(ValueError, match="scale_dtype must be one of float32, bfloat16, float16"):
+        QuantSpec(scale_dtype=dtype)

@@ -138,12 +138,14 @@ def save_packed(
         rounding.weights_total += r.weights_total
         rounding.max_relative_change = max(rounding.max_relative_change, r.max_relative_change)
     if rounding.weights_changed:
-        log.info(
-            "scales stored in %s move %d of %d weights, by at most %.2g relative",
+        log.warning(
+            "scales stored in %s move %d of %d weights, by at most %.2g relative, so the checkpoint differs from the "
+            "evaluated model; quantize with QuantSpec(scale_dtype=%r) (the CLI does: the subject's dtype) to make it exact",
             dtype,
             rounding.weights_changed,
             rounding.weights_total,
             rounding.max_relative_change,
+            str(dtype).removeprefix("torch."),
         )
 
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.layers)
