@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (default: all)")
     p.add_argument("--steps", type=int, help="fine-tuning steps per window (default: blockft's)")
     p.add_argument("--name", default="blockft", help="result file name under bench/results [blockft]")
+    p.add_argument("--resume", action="store_true", help="keep the rows of bench/results/<name>.json and measure only the missing ones")
+    p.add_argument("--note", default="", help="a sentence added to the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
     if not (SHARED / "subjects").is_dir():
         print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
@@ -80,6 +82,9 @@ def main() -> None:
     widths = [(int(w.split(":")[0]), int(w.split(":")[1])) for w in args.widths]
     variants = args.variants.split(",")
     all_rows: dict[str, list[CompareRow]] = {}
+    saved = RESULTS / f"{args.name}.json"
+    if args.resume and saved.is_file():
+        all_rows = {s: [CompareRow(**r) for r in rs] for s, rs in json.loads(saved.read_text()).items()}
     for subject in args.subjects:
         model, calib, ev = subject_paths(subject)
         job = CompareJob(
@@ -99,14 +104,16 @@ def main() -> None:
             body = (
                 "Calibration 128 × 512 tokens (seed 0); evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
-                + "; asymmetric; fine-tuning variants start from GPTQ; CPU, fp32.\n\n"
+                + "; asymmetric; fine-tuning variants start from GPTQ; joint windows do not overlap (stride K); CPU, fp32. "
+                + args.note
+                + "\n\n"
                 + "\n\n".join(done)
             )
             write_result(args.name, "Block-wise fine-tuning: single block vs joint windows vs downstream objectives", body)
             (RESULTS / f"{args.name}.json").write_text(json.dumps({s: [vars(r) for r in rs] for s, rs in all_rows.items()}, indent=1))
             plot(rows, RESULTS / f"{args.name}-{subject}.png")
 
-        run_compare(job, widths, variants, log=lambda s: print(s, flush=True), on_row=save)
+        run_compare(job, widths, variants, log=lambda s: print(s, flush=True), on_row=save, done=all_rows.get(subject, []))
     print(f"written to {RESULTS / (args.name + '.md')}")
 
 

@@ -17,8 +17,8 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "rtn": [("rtn", {})],
     "gptq": [("gptq", {})],
     "blockft": [("blockft", {})],
-    "joint K=2": [("blockft", {"window": 2})],
-    "joint K=3": [("blockft", {"window": 3})],
+    "joint K=2": [("blockft", {"window": 2, "stride": 2})],  # non-overlapping: the same steps per block as single-block FT
+    "joint K=3": [("blockft", {"window": 3, "stride": 3})],
     "next:1": [("blockft", {"objective": "next:1"})],
     "logits": [("blockft", {"objective": "logits"})],
 }
@@ -124,10 +124,13 @@ def measure_in_child(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | 
     return payload
 
 
-def run_compare(job: CompareJob, widths: list[tuple[int, int]], variants: list[str], log=print, on_row=None) -> list[CompareRow]:
+def run_compare(
+    job: CompareJob, widths: list[tuple[int, int]], variants: list[str], log=print, on_row=None, done: list[CompareRow] = ()
+) -> list[CompareRow]:
     """FP once, then every variant at every (bits, group) width (windows wider than the model skipped).
 
-    ``on_row(rows)`` is called after each variant, so long studies can save as they go.
+    ``on_row(rows)`` is called after each variant, so long studies can save as they go; rows in
+    ``done`` (an earlier, interrupted run on the same job) are kept and not measured again.
     """
     from transformers import AutoConfig
 
@@ -136,12 +139,15 @@ def run_compare(job: CompareJob, widths: list[tuple[int, int]], variants: list[s
     if too_wide:
         log(f"skipped {', '.join(too_wide)}: the model has only {n_blocks} blocks")
         variants = [v for v in variants if v not in too_wide]
-    fp = measure_in_child(job, None)
+    rows = list(done)
+    fp = {"value": rows[0].fp_value, "metric": rows[0].metric} if rows else measure_in_child(job, None)
     log(f"full precision: {fp['metric']} {fp['value']:.4f}")
-    rows = []
     for bits, group in widths:
         wjob = CompareJob(**{**asdict(job), "bits": bits, "group_size": group})
         for variant in variants:
+            if any((r.variant, r.bits, r.group_size) == (variant, bits, group) for r in rows):
+                log(f"W{bits} g{group} {variant:10s} kept from the earlier run")
+                continue
             r = measure_in_child(wjob, variant_steps(variant, wjob))
             rows.append(CompareRow(variant, bits, group, r["metric"], r["value"], fp["value"], r["seconds"], r["peak_rss_mb"], r["curves"]))
             log(f"W{bits} g{group} {variant:10s} {r['metric']} {r['value']:.4f} ({rows[-1].delta_percent:+.2f} %) {r['seconds']:.0f}s")
