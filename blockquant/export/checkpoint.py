@@ -23,7 +23,7 @@ from blockquant.api import QuantResult
 from blockquant.arch import arch_for, block_linears, get_blocks, is_linear
 from blockquant.capture import LayerResult
 from blockquant.export import compressed_tensors, gptq
-from blockquant.export.qlinear import ScaleRounding, pack_linear
+from blockquant.export.qlinear import ScaleRounding, pack_linear, triton_available
 from blockquant.export.shards import MANIFEST_FILE, read_tensors, verify_manifest, write_manifest, write_safetensors
 from blockquant.files import RECORD_FILE, atomic_dir, check_output_dir, load_model, model_class_name, save_quantized
 from blockquant.recipe import QuantSpec
@@ -275,8 +275,11 @@ def load(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | 
         raise ValueError(f"checkpoint lacks tensor {missing[0]} ({len(missing)} missing); copy the complete checkpoint")
     model.tie_weights()
     device = torch.device(device)
-    if device.type == "cuda":
-        log.warning("packed layers run torch unpack + dequantize + matmul on CUDA: no fused Triton kernel is implemented")
+    if device.type == "cuda" and not triton_available():
+        log.warning(
+            "triton is not installed: packed layers run torch unpack + dequantize + matmul on CUDA, without the fused "
+            "W4A16 kernel; pip install 'blockquant[gpu]' for it"
+        )
     return model.eval().to(device)
 
 

@@ -2,12 +2,14 @@
 
 The module holds what a low-bit kernel executes — int32 words of unsigned codes, one scale
 and one zero point per group — so a loaded model really is smaller in memory. Its forward
-unpacks, dequantizes per group and multiplies in plain torch (any device; on CUDA there is no
-fused Triton kernel yet, and ``blockquant.load`` says so when asked for one).
+unpacks, dequantizes per group and multiplies in plain torch; on CUDA, 4-bit layers with
+contiguous groups multiply 1–16 tokens of fp16/bf16 activations with the fused Triton W4A16
+kernel (``triton_w4a16``, the ``gpu`` extra) — decoding, where reading the weight dominates.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -87,7 +89,23 @@ class QuantLinear(nn.Module):
         w.sub_(self.zeros.unsqueeze(2)).mul_(self.scales.unsqueeze(2))
         return w.view(out, -1)[:, :cols].to(dtype)
 
+    @staticmethod
+    def kernel_applies(device_type: str, bits: int, has_g_idx: bool, dtype: torch.dtype, tokens: int) -> bool:
+        """Whether the Triton W4A16 kernel covers a call: CUDA, 4 bits, contiguous groups,
+        fp16/bf16 activations, 1–16 tokens (decoding; larger batches are compute-bound, where
+        dequantize + cuBLAS is the better plan)."""
+        return device_type == "cuda" and bits == 4 and not has_g_idx and dtype in (torch.float16, torch.bfloat16) and 1 <= tokens <= 16
+
+    def uses_kernel(self, x: Tensor) -> bool:
+        """Whether ``forward(x)`` runs the Triton kernel (it also needs triton installed)."""
+        tokens = x.numel() // max(self.in_features, 1)
+        return self.kernel_applies(x.device.type, self.bits, self.g_idx is not None, x.dtype, tokens) and triton_available()
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.uses_kernel(x):
+            from blockquant.export.triton_w4a16 import w4a16_linear
+
+            return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.sym, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
@@ -95,6 +113,11 @@ class QuantLinear(nn.Module):
         gran = "channel" if self.group_size >= self.in_features else f"g{self.group_size}"
         order = ", g_idx" if self.g_idx is not None else ""
         return f"in={self.in_features}, out={self.out_features}, W{self.bits} {gran} {'sym' if self.sym else 'asym'}{order}"
+
+
+def triton_available() -> bool:
+    """Whether triton is importable (the ``gpu`` extra); cheap once it is imported."""
+    return importlib.util.find_spec("triton") is not None
 
 
 @dataclass
