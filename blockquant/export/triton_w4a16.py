@@ -156,6 +156,7 @@ def w4a16_linear(
     if not 1 <= tokens <= MAX_TOKENS:
         raise ValueError(f"w4a16 multiplies 1 to {MAX_TOKENS} tokens, got {tokens}; use QuantLinear's torch path for more")
     split_k = split_k or default_split_k(n, k, group_size, x.device)
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()  # row-major (N, ·), as indexed
     x2 = x.reshape(tokens, k).contiguous()
     interpreted = x.device.type != "cuda"  # only the Triton interpreter runs CPU tensors
     if split_k > 1:  # atomic fp32 partial sums
