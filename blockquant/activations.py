@@ -87,6 +87,31 @@ class ActQuantizer(nn.Module):
         return self.spec.describe()
 
 
+SMOOTHING_ATTR = "input_smoothing"
+
+
+def _smooth_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the layer sees ``x / s`` (per input channel), before any quantizer."""
+    return (args[0] / getattr(module, SMOOTHING_ATTR).to(args[0].dtype), *args[1:])
+
+
+def smooth_input(layer: nn.Module, s: Tensor) -> None:
+    """Divide ``layer``'s input channels by ``s`` (C,) in front of its quantizer (SmoothQuant ``fold: quantizer``).
+
+    The caller multiplies the weight's columns by ``s``, so the full-precision function is
+    unchanged; the division belongs to the kernel that quantizes this input (fused into it, as
+    per-channel factors of the quantization step). No checkpoint format stores it.
+    """
+    if hasattr(layer, SMOOTHING_ATTR):
+        raise ValueError("this linear's input is already smoothed; smoothquant runs once per recipe")
+    layer.register_buffer(SMOOTHING_ATTR, s.detach().float().to(next(layer.parameters()).device), persistent=False)
+    layer.register_forward_pre_hook(_smooth_input, prepend=True)
+
+
+def has_input_smoothing(model: nn.Module) -> bool:
+    return any(hasattr(m, SMOOTHING_ATTR) for m in model.modules())
+
+
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: the layer sees its quantizer's output (a plain function: survives deepcopy)."""
     return (getattr(module, ATTR)(args[0]), *args[1:])

@@ -227,6 +227,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=args.group_size, sym=args.sym), act)
     recipe = _apply_finetune_args(recipe, args)
     recipe = _apply_alpha(recipe, args.alpha)
+    if any(st.method == "smoothquant" and st.options.fold == "quantizer" for st in recipe.steps):
+        from blockquant.export.checkpoint import QUANTIZER_FOLD_UNSAVABLE
+
+        raise ValueError(QUANTIZER_FOLD_UNSAVABLE)  # before the work, not after
     if not args.calib:
         raise ValueError("--calib FILE is required: a text file to calibrate on")
     if not args.output:

@@ -82,6 +82,9 @@ class FakeQuantLinear(nn.Module):
         return s * (q - z)
 
     def forward(self, x: Tensor) -> Tensor:
+        smoothing = getattr(self.layer, "input_smoothing", None)  # activations.smooth_input's (smoothquant fold: quantizer)
+        if smoothing is not None:
+            x = x / smoothing.to(x.dtype)
         act_quant = getattr(self.layer, "input_quantizer", None)  # activations.attach's, when the recipe has one
         if act_quant is not None:
             x = act_quant(x)

@@ -301,3 +301,35 @@ def test_recipe_file_sets_activations(tmp_path):
     path.write_text("abits: 16\nsteps: [rtn]\n")
     assert parse_recipe(str(path), QuantSpec(4, 32), ActSpec(8)).act is None
     assert recipe.to_dict()["act"]["granularity"] == "tensor"
+
+
+def test_smoothquant_quantizer_fold_keeps_fp_function_and_is_not_saved(tmp_path, calib_ids, eval_ids, calib_file, capsys):
+    """BERT: s⁻¹ of the post-norm groups goes in front of the input quantizers; FP logits unchanged."""
+    model = build_tiny("bert").double()
+    ref = _out(model, eval_ids)
+    for block, ctx in _block_contexts(model, calib_ids.long()):
+        smoothed = smoothquant.smooth(block, ctx, ctx.inputs, alpha=0.8, fold="quantizer")
+        assert len(smoothed) == 6  # every linear of the block, not only the v → o group
+    assert _rel(_out(model, eval_ids), ref) < 1e-12
+    q = build_tiny("bert")
+    steps = [make_step("smoothquant", {"fold": "quantizer"}), make_step("lkd", {"steps": 3})]  # and trains through it
+    quantize(q, Recipe(QuantSpec(8, -1), steps, ActSpec(8, "token")), calib_ids, batch_size=2, progress=False)
+    assert _rel(_out(q, eval_ids), _out(build_tiny("bert"), eval_ids)) < 1e-3
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("abits: 8\nsteps:\n  - method: smoothquant\n    fold: quantizer\n")
+    bert_dir = save_tiny("bert", tmp_path / "bert")
+    capsys.readouterr()
+    rc = main(
+        [
+            "quantize",
+            str(bert_dir),
+            "--calib",
+            str(calib_file),
+            "--output",
+            str(tmp_path / "o"),
+            *QUANT_ARGS,
+            "--recipe",
+            str(recipe),
+        ]
+    )
+    assert_usage_error(capsys, rc, "no checkpoint format stores")

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 from transformers.pytorch_utils import Conv1D
 
+from blockquant.activations import has_input_smoothing
 from blockquant.api import QuantResult
 from blockquant.arch import arch_for, block_linears, get_blocks, is_linear
 from blockquant.capture import LayerResult
@@ -34,6 +35,10 @@ FORMATS = {compressed_tensors.NAME: compressed_tensors, gptq.NAME: gptq}
 DEQUANTIZED = "dequantized"
 FORMAT_CHOICES = (*FORMATS, DEQUANTIZED)
 DEFAULT_SHARD_BYTES = 2 * 2**30
+QUANTIZER_FOLD_UNSAVABLE = (
+    "smoothquant fold: quantizer keeps s⁻¹ in front of the activation quantizers, which no checkpoint format stores; "
+    "use fold: exact (the default) to write a checkpoint"
+)
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
@@ -96,6 +101,8 @@ def save_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``fmt`` (a packed format, or ``dequantized`` for a plain HF checkpoint)."""
+    if has_input_smoothing(model):
+        raise ValueError(QUANTIZER_FOLD_UNSAVABLE)
     if fmt == DEQUANTIZED:
         return save_quantized(model, tokenizer, out_dir, record, overwrite)
     return save_packed(model, result, out_dir, fmt, tokenizer=tokenizer, record=record, overwrite=overwrite, dtype=dtype)

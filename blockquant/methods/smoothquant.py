@@ -10,6 +10,11 @@ spec (RTN; int8 per output channel is ``--wbits 8 --group-size -1``) and the rec
 quantizer reads the smoothed inputs. Note: α = 0 is not "no smoothing" under eq. 4 — it sets
 s = 1/max|W_j|, moving the weights' range into the activations; α = 0.5 balances the two maxima.
 
+BERT-style post-norm blocks read LayerNorm outputs that are also the residual, so no exact fold
+reaches their outliers; ``fold: quantizer`` smooths those groups too by keeping s⁻¹ in front of
+the linears' input quantizer — a per-channel factor that a deployment must fuse into the kernel
+quantizing that activation (e.g. the LayerNorm's int8 output), and that no checkpoint stores.
+
 ``alpha: auto`` sweeps ``alphas`` per block: each candidate is smoothed, quantized (weights and
 activations) on a copy, fitted on the first calibration batches and scored by the block's output
 error against the full-precision block on held-out calibration batches; the best is applied.
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from blockquant import activations
-from blockquant.arch import weight_matrix
+from blockquant.arch import set_weight_matrix, weight_matrix
 from blockquant.capture import BlockContext, BlockInputs, LayerResult, collect_input_stats, run_block
 from blockquant.fold import fold_problem, fold_scales
 from blockquant.methods import rtn
@@ -40,6 +45,7 @@ class SmoothQuantOptions:
     alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the "auto" sweep
     holdout: float = 0.25  # share of calibration batches that score the sweep
     fit_batches: int = 4  # calibration batches the sweep smooths and calibrates on (at most)
+    fold: str = "exact"  # "exact": only groups with a feeder to fold into; "quantizer": the others too, s⁻¹ in their input quantizer
 
     def __post_init__(self) -> None:
         if self.alpha != "auto" and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1):
@@ -51,6 +57,8 @@ class SmoothQuantOptions:
             raise ValueError(f"smoothquant alphas (the auto sweep) must be values in [0, 1], got {self.alphas}")
         if not 0 < self.holdout < 1:
             raise ValueError(f"smoothquant holdout must be in (0, 1), got {self.holdout}")
+        if self.fold not in ("exact", "quantizer"):
+            raise ValueError(f"smoothquant fold must be 'exact' (into the feeding norm / linear) or 'quantizer', got {self.fold!r}")
         if self.fit_batches < 1:
             raise ValueError(f"smoothquant fit_batches must be >= 1, got {self.fit_batches}")
 
@@ -64,15 +72,26 @@ def smoothing_scales(x_absmax: Tensor, w_absmax: Tensor, alpha: float) -> Tensor
 
 
 @torch.no_grad()
-def smooth(block: nn.Module, ctx: BlockContext, inputs: BlockInputs, alpha: float) -> list[str]:
-    """Fold the eq. 4 scales of every foldable group of ``block`` (stats from ``inputs``); the groups done."""
-    groups = [g for g in ctx.groups if fold_problem(block, g) is None]
+def smooth(block: nn.Module, ctx: BlockContext, inputs: BlockInputs, alpha: float, fold: str = "exact") -> list[str]:
+    """Apply the eq. 4 scales of ``block``'s groups (stats from ``inputs``); the linears smoothed.
+
+    Groups with an exact feeder fold s⁻¹ into it; with ``fold="quantizer"`` the others keep s⁻¹
+    in front of their input quantizer (``activations.smooth_input``).
+    """
+    groups = [g for g in ctx.groups if fold == "quantizer" or fold_problem(block, g) is None]
     if not groups:
         return []
     stats = collect_input_stats(block, inputs, {g.linears[0]: ctx.linear(block, g.linears[0]) for g in groups}, max_tokens=1)
     for group in groups:
         w_absmax = torch.stack([weight_matrix(ctx.linear(block, n)).abs().amax(0) for n in group.linears]).amax(0)
-        fold_scales(block, group, smoothing_scales(stats[group.linears[0]].absmax, w_absmax, alpha))
+        s = smoothing_scales(stats[group.linears[0]].absmax, w_absmax, alpha)
+        if fold_problem(block, group) is None:
+            fold_scales(block, group, s)
+            continue
+        for name in group.linears:  # W·diag(s) here, x/s in front of the input quantizer
+            layer = ctx.linear(block, name)
+            set_weight_matrix(layer, weight_matrix(layer) * s.unsqueeze(0))
+            activations.smooth_input(layer, s)
     return [n for g in groups for n in g.linears]
 
 
@@ -94,7 +113,7 @@ def sweep(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: SmoothQuan
     errors = {}
     for alpha in opts.alphas:
         trial = copy.deepcopy(block)
-        smooth(trial, fit_ctx, fit, alpha)
+        smooth(trial, fit_ctx, fit, alpha, opts.fold)
         rtn.apply(trial, fit_ctx, spec, rtn.RTNOptions())
         if ctx.act is not None:
             activations.attach(trial, [g.linears for g in ctx.groups], ctx.act, fit)
@@ -108,7 +127,7 @@ def sweep(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: SmoothQuan
 @torch.no_grad()
 def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: SmoothQuantOptions) -> dict[str, LayerResult]:
     alpha = sweep(block, ctx, spec, opts) if opts.alpha == "auto" else float(opts.alpha)
-    smoothed = smooth(block, ctx, ctx.inputs, alpha)
+    smoothed = smooth(block, ctx, ctx.inputs, alpha, opts.fold)
     if not smoothed:
         log.info("smoothquant block %d: no group has an exact feeder to fold into; nothing smoothed", ctx.index)
     if not ctx.final:
