@@ -333,3 +333,15 @@ def test_smoothquant_quantizer_fold_keeps_fp_function_and_is_not_saved(tmp_path,
         ]
     )
     assert_usage_error(capsys, rc, "no checkpoint format stores")
+
+
+def test_awq_before_another_step_hands_on_fp_weights(calib_ids, eval_ids):
+    """Chained (``awq,gptq``): scales folded, weights neither rounded nor clamped — FP function unchanged."""
+    from blockquant.methods import awq
+
+    model = build_tiny("llama").double()
+    ref = _out(model, eval_ids)
+    for block, ctx in _block_contexts(model, calib_ids.long()):
+        results = awq.apply(block, dataclasses.replace(ctx, final=False), QuantSpec(3, 32), awq.AWQOptions())
+        assert set(results) == {n for g in ctx.groups for n in g.linears}  # the searched grids, for blockft
+    assert _rel(_out(model, eval_ids), ref) < 1e-12
