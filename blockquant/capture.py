@@ -138,33 +138,23 @@ class LayerResult:
     error: float  # ‖(Ŵ − W)X‖² / ‖WX‖² over the calibration inputs
 
 
-@torch.no_grad()
-def collect_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> dict[str, Tensor]:
-    """``H = 2/N Σ x xᵀ`` (fp32) of each named layer's input over all calibration tokens.
-
-    Each batch's forward stops as soon as every named layer has seen its input, so the
-    Hessians of a block's first linears cost almost nothing.
-    """
-    hessians: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
+def _feed(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], make_hook: Callable[[str], Callable]) -> None:
+    """Run ``block`` on every batch with ``make_hook(name)`` as each named layer's input hook;
+    a batch's forward stops as soon as every named layer has seen it."""
     seen: set[str] = set()
 
-    def make_hook(name: str) -> Callable:
-        def hook(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
-            if name not in hessians:
-                hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                counts[name] = 0
-            total = counts[name] + x.shape[0]
-            hessians[name].mul_(counts[name] / total).addmm_(x.t(), x, alpha=2.0 / total)
-            counts[name] = total
+    def wrap(name: str) -> Callable:
+        inner = make_hook(name)
+
+        def hook(m: nn.Module, args: tuple) -> None:
+            inner(m, args)
             seen.add(name)
             if len(seen) == len(layers):
                 raise _StopForward
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    handles = [m.register_forward_pre_hook(wrap(n)) for n, m in layers.items()]
     try:
         for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
             seen.clear()
@@ -175,6 +165,31 @@ def collect_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """``H = 2/N Σ x xᵀ`` (fp32) of each named layer's input over all calibration tokens.
+
+    Each batch's forward stops as soon as every named layer has seen its input, so the
+    Hessians of a block's first linears cost almost nothing.
+    """
+    hessians: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
+            if name not in hessians:
+                hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                counts[name] = 0
+            total = counts[name] + x.shape[0]
+            hessians[name].mul_(counts[name] / total).addmm_(x.t(), x, alpha=2.0 / total)
+            counts[name] = total
+
+        return hook
+
+    _feed(block, inputs, layers, make_hook)
     return hessians
 
 
@@ -201,7 +216,6 @@ def collect_input_stats(
     gen = torch.Generator().manual_seed(seed)
     per_batch = max(1, -(-max_tokens // max(1, len(inputs.hidden))))
     acc: dict[str, dict[str, Any]] = {}
-    seen: set[str] = set()
 
     def make_hook(name: str) -> Callable:
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -213,23 +227,10 @@ def collect_input_stats(
             a["n"] += x.shape[0]
             a["lo"], a["hi"] = min(a["lo"], float(x.min())), max(a["hi"], float(x.max()))
             a["rows"].append(x[torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)])
-            seen.add(name)
-            if len(seen) == len(layers):
-                raise _StopForward
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
-    try:
-        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
-            seen.clear()
-            try:
-                block(h, *a, **k)
-            except _StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    _feed(block, inputs, layers, make_hook)
     return {n: InputStats(a["absmax"], a["abssum"] / a["n"], a["lo"], a["hi"], torch.cat(a["rows"])[:max_tokens]) for n, a in acc.items()}
 
 
