@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from blockquant import activations
 from blockquant.arch import ARCHITECTURES, ArchSpec, arch_for, block_linears, get_blocks
-from blockquant.capture import BlockContext, BlockInputs, LayerResult, WindowContext, capture_block_inputs, run_block
+from blockquant.capture import BlockContext, BlockInputs, LayerResult, ModelContext, WindowContext, capture_block_inputs, run_block
 from blockquant.methods import METHODS
 from blockquant.recipe import SCALE_DTYPES, Recipe
 
@@ -49,6 +49,7 @@ class QuantResult:
     peak_cuda_mb: float | None = None
     train_logs: list = field(default_factory=list)  # (first block, finetune.TrainLog) per window
     activations: dict | None = None  # the activation scheme and each static range (activations.record)
+    model_steps: dict[str, dict] = field(default_factory=dict)  # what each model-level step (qft) reports
 
     def record(self) -> dict[str, Any]:
         """A JSON-able, quantization_config-style record."""
@@ -66,6 +67,7 @@ class QuantResult:
             "peak_cuda_mb": None if self.peak_cuda_mb is None else round(self.peak_cuda_mb, 1),
             "blocks": [vars(b) for b in self.blocks],
             "layers": {n: {"relative_output_error": r.error, "act_order": r.g_idx is not None} for n, r in self.layers.items()},
+            **self.model_steps,  # e.g. "qft": its training record (block and layer errors above are from before it)
         }
 
 
@@ -142,18 +144,24 @@ def check_mapping(model: nn.Module, recipe: Recipe) -> ArchSpec:
     return arch
 
 
-def _window_shape(recipe: Recipe, n_blocks: int) -> tuple[list, list, int, int]:
-    """Split the recipe into per-block steps and at most one final window step; (K, S) of it."""
-    windowed = [i for i, st in enumerate(recipe.steps) if METHODS[st.method].windowed]
+def _window_shape(recipe: Recipe, n_blocks: int) -> tuple[list, list, list, int, int]:
+    """Split the recipe into per-block steps, at most one window step after them, and at most one
+    model-level step last; (K, S) of the window step."""
+    steps = list(recipe.steps)
+    model_steps = [i for i, st in enumerate(steps) if METHODS[st.method].model_level]
+    if model_steps and (len(model_steps) > 1 or model_steps[0] != len(steps) - 1):
+        raise ValueError(f"recipe {recipe.name}: a whole-model method (qft) must come last and only once (e.g. 'gptq,qft')")
+    model_level = [steps.pop()] if model_steps else []
+    windowed = [i for i, st in enumerate(steps) if METHODS[st.method].windowed]
     if not windowed:
-        return recipe.steps, [], 1, 1
-    if len(windowed) > 1 or windowed[0] != len(recipe.steps) - 1:
+        return steps, [], model_level, 1, 1
+    if len(windowed) > 1 or windowed[0] != len(steps) - 1:
         raise ValueError(f"recipe {recipe.name}: a fine-tuning method must come last and only once (e.g. 'gptq,blockft')")
-    step = recipe.steps[-1]
+    step = steps[-1]
     k, stride = step.options.window, step.options.stride
     if k > n_blocks:
         raise ValueError(f"window {k} is larger than the model's {n_blocks} blocks; use --window <= {n_blocks}")
-    return recipe.steps[:-1], [step], k, stride
+    return steps[:-1], [step], model_level, k, stride
 
 
 def with_scale_dtype(recipe: Recipe, dtype: torch.dtype) -> Recipe:
@@ -199,9 +207,9 @@ def quantize(
     start_time = time.perf_counter()
     result = QuantResult(recipe)
     blocks = get_blocks(model, arch)
-    block_steps, window_steps, k, stride = _window_shape(recipe, len(blocks))
+    block_steps, window_steps, model_steps, k, stride = _window_shape(recipe, len(blocks))
     fp_stream = capture_block_inputs(model, blocks, calibration_batches(calibration, batch_size, arch.kind == "encoder"), device)
-    q_stream = fp_stream
+    q_stream = inputs0 = fp_stream
     fp_copies: dict[int, nn.Module] = {}  # full-precision copies of the blocks in the window
     homes: dict[int, torch.device] = {}
     t_block: dict[int, float] = {}
@@ -222,7 +230,7 @@ def quantize(
                 fp_out = run_block(blocks[j], x_fp)  # targets, before any method touches it
                 _check_finite_outputs(blocks[j], x_fp, fp_out, f"block {j} (full precision)")
                 for i, step in enumerate(block_steps):
-                    final = i == len(block_steps) - 1 and not window_steps  # no later step quantizes the weights
+                    final = i == len(block_steps) - 1 and not window_steps and not model_steps  # no later step quantizes the weights
                     ctx = BlockContext(j, x_q, arch.groups, device, recipe.act, final)
                     layer_results = METHODS[step.method].apply(blocks[j], ctx, recipe.spec, step.options)
                     result.layers.update({f"{arch.blocks}.{j}.{n}": r for n, r in layer_results.items()})
@@ -274,6 +282,11 @@ def quantize(
             log.info("block %d: error in %.3e -> out %.3e, %.1fs", j, report.input_error, report.output_error, report.seconds)
         first += advance
     bar.close()
+    # 4. a model-level step (QFT) trains the whole model end to end against the FP last-block output
+    for step in model_steps:
+        mctx = ModelContext(model, arch, inputs0, fp_stream.hidden, result.layers, device, recipe.act, result.train_logs, progress)
+        result.layers.update(METHODS[step.method].apply(mctx, recipe.spec, step.options))
+        result.model_steps[step.method] = mctx.notes
     result.activations = activations.record(model, recipe.act)
     if use_cache:
         model.config.use_cache = use_cache

@@ -23,6 +23,7 @@ class LinearGroup:
     feeder: str | None
     linears: tuple[str, ...]
     part: tuple[int, int] = (0, 1)  # the linears read slice i of n equal slices of the feeder's output
+    heads: bool = False  # per attention head: with grouped-query attention each query head reads its KV head's channels
 
 
 @dataclass(frozen=True)
@@ -33,28 +34,34 @@ class ArchSpec:
     final_norm: str | None  # model-level norm after the last block
     head: str | None  # the LM head (None for encoders)
     kind: str = "causal-lm"  # or "encoder"
+    # config flags that give linears a bias in a saved checkpoint (QFT's bias corrections on layers built without one)
+    bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-def _g(feeder: str | None, *linears: str, part: tuple[int, int] = (0, 1)) -> LinearGroup:
-    return LinearGroup(feeder, linears, part)
+def _g(feeder: str | None, *linears: str, part: tuple[int, int] = (0, 1), heads: bool = False) -> LinearGroup:
+    return LinearGroup(feeder, linears, part, heads)
 
 
 _LLAMA_GROUPS = (
     _g("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    _g("self_attn.v_proj", "self_attn.o_proj"),
+    _g("self_attn.v_proj", "self_attn.o_proj", heads=True),
     _g("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj"),
     _g("mlp.up_proj", "mlp.down_proj"),
 )
+_LLAMA_BIAS = (
+    ("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
+    ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS, "input_layernorm", "model.norm", "lm_head"),
+    "LlamaForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS, "input_layernorm", "model.norm", "lm_head", bias_flags=_LLAMA_BIAS),
     "MistralForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS, "input_layernorm", "model.norm", "lm_head"),
     "Qwen2ForCausalLM": ArchSpec("model.layers", _LLAMA_GROUPS, "input_layernorm", "model.norm", "lm_head"),
     "OPTForCausalLM": ArchSpec(
         "model.decoder.layers",
         (
             _g("self_attn_layer_norm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            _g("self_attn.v_proj", "self_attn.out_proj"),
+            _g("self_attn.v_proj", "self_attn.out_proj", heads=True),
             _g("final_layer_norm", "fc1"),
             _g("fc1", "fc2"),  # ReLU is positively homogeneous: positive scales fold through it
         ),
@@ -78,7 +85,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "encoder.layer",
         (
             _g(None, "attention.self.query", "attention.self.key", "attention.self.value"),
-            _g("attention.self.value", "attention.output.dense"),
+            _g("attention.self.value", "attention.output.dense", heads=True),
             # post-norm: this LayerNorm's output is also the residual into output.LayerNorm, so
             # scaling it would change the block's function: no exact fold
             _g(None, "intermediate.dense"),

@@ -260,3 +260,19 @@ class WindowContext:
 
     def layer_name(self, offset: int, name: str) -> str:
         return f"{self.arch.blocks}.{self.first + offset}.{name}"
+
+
+@dataclass
+class ModelContext:
+    """What a model-level method (QFT) sees once every block has had its per-block steps."""
+
+    model: nn.Module  # quantized in place by the earlier steps (weights on their grids)
+    arch: ArchSpec
+    inputs: BlockInputs  # block 0's captured inputs (the same for both streams: embeddings are not quantized)
+    targets: list[Tensor]  # the full-precision model's last-block output, per calibration batch
+    prior: dict[str, LayerResult]  # grids chosen by earlier steps, by full layer name
+    device: torch.device
+    act: ActSpec | None = None
+    train_logs: list = field(default_factory=list)
+    progress: bool = True
+    notes: dict[str, Any] = field(default_factory=dict)  # what the method reports into blockquant.json

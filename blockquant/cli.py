@@ -38,6 +38,8 @@ examples:
   blockquant quantize ./bert --recipe smoothquant --alpha auto --wbits 8 --group-size -1 \
       --abits 8 --act-granularity tensor --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe zeroquant,lkd --wbits 4 --abits 8 --calib calib.txt --output ./out
+  blockquant quantize ./llama --recipe gptq,qft --wbits 2 --group-size 64 --calib calib.txt --output ./out
+  blockquant quantize ./llama --recipe gptq,qft --wbits 4 --group-size -1 --hw pow2 --calib calib.txt --output ./out
 
 --abits 8 (or 4) fake-quantizes the input of every block linear: per token at run time
 (--act-granularity token) or with one static range per linear from the calibration data
@@ -87,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--recipe",
         default="gptq",
-        help="method (rtn, gptq, awq, smoothquant, zeroquant), comma chain (awq,gptq; zeroquant,lkd) or YAML file [gptq]",
+        help="method (rtn, gptq, awq, smoothquant, zeroquant), comma chain (awq,gptq; zeroquant,lkd; gptq,blockft; gptq,qft) "
+        "or YAML file [gptq]",
     )
     q.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 [4]")
     q.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 = one per output channel [128]")
@@ -157,6 +160,12 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounding", choices=["ste", "adaround"], help="train weights (STE) or rounding offsets [ste]")
     g.add_argument("--lr-scale", type=float, help="learning rate of step sizes and zero points [1e-3]")
     g.add_argument("--lr-weight", type=float, help="learning rate of weights (in code units) / AdaRound offsets [2e-2]")
+    h = p.add_argument_group("QFT: end-to-end fine-tuning of every quantization DoF (recipes ending in qft, e.g. --recipe gptq,qft)")
+    h.add_argument(
+        "--hw",
+        help="what the target executes: int-per-channel (--group-size -1), int-per-group, pow2 (power-of-two scales) "
+        "[int-per-channel with --group-size -1, else int-per-group]",
+    )
 
 
 FINETUNE_FLAGS = ("steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight")
@@ -169,13 +178,23 @@ def _apply_finetune_args(recipe, args: argparse.Namespace):
         return recipe
     last = recipe.steps[-1]
     flags = ", ".join("--" + k.replace("_", "-") for k in given)
-    if last.method == "lkd" and set(given) <= {"steps", "lr_scale", "lr_weight"}:
-        recipe.steps[-1] = make_step("lkd", {**dataclasses.asdict(last.options), **given})
+    if last.method in ("lkd", "qft") and set(given) <= {"steps", "lr_scale", "lr_weight"}:
+        recipe.steps[-1] = make_step(last.method, {**dataclasses.asdict(last.options), **given})
         return recipe
     if last.method != "blockft":
         raise ValueError(f"{flags} apply to block-wise fine-tuning; end the recipe with blockft (e.g. --recipe gptq,blockft)")
     recipe.steps[-1] = make_step("blockft", {**dataclasses.asdict(last.options), **given})
     return recipe
+
+
+def _apply_hw(recipe, hw: str | None):
+    """Put --hw into the recipe's qft step (an error without one); re-check the recipe with it."""
+    if hw is None:
+        return recipe
+    if recipe.steps[-1].method != "qft":
+        raise ValueError("--hw restricts what QFT learns to what the target executes; end the recipe with qft (e.g. --recipe gptq,qft)")
+    recipe.steps[-1] = make_step("qft", {**dataclasses.asdict(recipe.steps[-1].options), "hw": hw})
+    return type(recipe)(recipe.spec, recipe.steps, recipe.act)  # validates the preset against the grid
 
 
 def _apply_alpha(recipe, alpha: str | None):
@@ -227,6 +246,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=args.group_size, sym=args.sym), act)
     recipe = _apply_finetune_args(recipe, args)
     recipe = _apply_alpha(recipe, args.alpha)
+    recipe = _apply_hw(recipe, args.hw)
     if any(st.method == "smoothquant" and st.options.fold == "quantizer" for st in recipe.steps):
         from blockquant.export.checkpoint import QUANTIZER_FOLD_UNSAVABLE
 

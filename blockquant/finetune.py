@@ -129,6 +129,7 @@ class TrainConfig:
     patience: int = 4  # evaluations without improvement before stopping
     reg_weight: float = 0.01  # AdaRound regulariser λ
     label: str = "train"
+    diverge: float | None = None  # stop when a held-out loss exceeds this multiple of the initial one (None: off)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -144,7 +145,7 @@ class TrainLog:
     losses: list[float] = field(default_factory=list)  # training loss per step
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
     best: float = math.inf
-    stopped: str = "steps"  # "steps", "early" or "nan"
+    stopped: str = "steps"  # "steps", "early", "nan" or "diverged"
 
 
 def _snapshot(params: list[Tensor]) -> list[Tensor]:
@@ -158,17 +159,22 @@ def train(
     eval_items: list[int],
     cfg: TrainConfig,
     progress: bool = True,
+    groups: list[tuple[list[Tensor], float]] | None = None,
 ) -> TrainLog:
     """Minimise ``loss_on(item)`` over ``train_items``; keep the state best on ``eval_items``.
 
     Items are indices of calibration batches. Without held-out items the final state is kept.
+    ``groups`` — (parameters, learning rate) — replaces the default two: the modules' step sizes
+    and zero points at ``cfg.lr_scale``, their weights / rounding offsets at ``cfg.lr_weight``
+    (QFT trains more kinds of tensors, some shared by several modules).
     """
-    scales = [p for m in modules for p in (m.scale, m.zero) if p.requires_grad]
-    weights = [m.weight if m.rounding == "ste" else m.alpha for m in modules]
-    params = scales + weights
-    opt = torch.optim.AdamW(
-        [{"params": scales, "lr": cfg.lr_scale}, {"params": weights, "lr": cfg.lr_weight}], weight_decay=cfg.weight_decay
-    )
+    if groups is None:
+        scales = [p for m in modules for p in (m.scale, m.zero) if p.requires_grad]
+        weights = [m.weight if m.rounding == "ste" else m.alpha for m in modules]
+        groups = [(scales, cfg.lr_scale), (weights, cfg.lr_weight)]
+    groups = [(ps, lr) for ps, lr in groups if ps]
+    params = [p for ps, _ in groups for p in ps]
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups], weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     result, best_state, stale = TrainLog(), _snapshot(params), 0
 
@@ -205,6 +211,16 @@ def train(
         if eval_items and (step % cfg.eval_every == 0 or step == cfg.steps):
             value = held_out()
             result.evals.append((step, value))
+            if not math.isfinite(value) or (cfg.diverge is not None and value > cfg.diverge * result.evals[0][1]):
+                result.stopped = "diverged"
+                log.warning(
+                    "%s: the held-out loss diverged at step %d (%.3e, best %.3e); restored the best state",
+                    cfg.label,
+                    step,
+                    value,
+                    result.best,
+                )
+                break
             if value < result.best:
                 result.best, best_state, stale = value, _snapshot(params), 0
             else:
@@ -213,7 +229,7 @@ def train(
                     result.stopped = "early"
                     break
             bar.set_postfix(loss=f"{float(loss):.3e}", held_out=f"{value:.3e}")
-    if eval_items or result.stopped == "nan":
+    if eval_items or result.stopped in ("nan", "diverged"):
         with torch.no_grad():
             for p, saved in zip(params, best_state):
                 p.copy_(saved)

@@ -60,3 +60,34 @@ def fold_scales(block: nn.Module, group: LinearGroup, s: Tensor) -> None:
         layer = block.get_submodule(name)
         w = weight_matrix(layer)
         set_weight_matrix(layer, w * s.to(w.device).unsqueeze(0))
+
+
+def channel_index(block: nn.Module, group: LinearGroup, head_dim: int | None) -> tuple[Tensor | None, str | None]:
+    """Which feeder output channel each input column of the group's linears reads: ``(index (C_in,), None)``,
+    or ``(None, why no exact fold exists)``.
+
+    Equal widths: column j reads channel j. A ``heads`` group (v → o) with grouped-query
+    attention: query head h reads KV head ``h // n_rep`` (transformers' ``repeat_kv``), so
+    column ``h·d + i`` reads channel ``(h // n_rep)·d + i`` — a per-channel factor of v's rows
+    is still exact when o's columns take the factor of the channel they read.
+    """
+    if group.feeder is None:
+        return None, "no feeder whose output only these linears read (table feeder None)"
+    feeder, rows = _feeder_rows(block, group)
+    if not is_linear(feeder) and getattr(feeder, "weight", None) is None:
+        return None, f"feeder {group.feeder} has no per-channel weight to fold into"
+    width = rows.stop - rows.start
+    ins = {weight_matrix(block.get_submodule(n)).shape[1] for n in group.linears}
+    if ins == {width}:
+        return torch.arange(width), None
+    (cols,) = ins if len(ins) == 1 else (None,)
+    if not group.heads or cols is None or head_dim is None or width % head_dim or cols % width:
+        return None, f"feeder {group.feeder} gives {width} channels but the linears read {sorted(ins)}"
+    n_rep = cols // width
+    j = torch.arange(cols)
+    return (j // head_dim // n_rep) * head_dim + j % head_dim, None
+
+
+def feeder_rows(block: nn.Module, group: LinearGroup) -> tuple[nn.Module, slice]:
+    """The feeder module and the slice of its output channels the group reads."""
+    return _feeder_rows(block, group)

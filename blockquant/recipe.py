@@ -136,6 +136,8 @@ class Recipe:
                 raise ValueError(f"{step.method} quantizes activations too: give --abits 8 (or 4), or abits: 8 in the recipe file")
             if need == "token" and self.act is not None and self.act.granularity != "token":
                 raise ValueError(f"{step.method} uses token-wise dynamic activation quantization: use --act-granularity token")
+            if METHODS[step.method].check is not None:
+                METHODS[step.method].check(step.options, self.spec, self.act)
 
     @property
     def name(self) -> str:
