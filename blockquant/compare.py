@@ -93,7 +93,8 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
         calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed)
         recipe = Recipe(QuantSpec(job.bits, job.group_size, job.sym), [make_step(m, o) for m, o in steps])
         result = quantize(model, recipe, calibration, device=job.device, batch_size=job.batch_size, progress=False)
-        out.update(seconds=result.seconds, peak_rss_mb=result.peak_rss_mb, curves=[(first, log.losses) for first, log in result.train_logs])
+        curves = [(first, log.losses) for first, log in result.train_logs]
+        out.update(seconds=result.seconds, peak_rss_mb=result.peak_rss_mb, curves=curves, model_steps=result.model_steps)
     if encoder:
         out.update(metric="cosine", value=embedding_cosine(mean_pooled_embeddings(model, batches, job.device), reference))
     else:

@@ -207,7 +207,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        result.losses.append(float(loss))
+        result.losses.append(float(loss.detach()))
         if eval_items and (step % cfg.eval_every == 0 or step == cfg.steps):
             value = held_out()
             result.evals.append((step, value))
@@ -228,7 +228,7 @@ def train(
                 if stale >= cfg.patience:
                     result.stopped = "early"
                     break
-            bar.set_postfix(loss=f"{float(loss):.3e}", held_out=f"{value:.3e}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3e}", held_out=f"{value:.3e}")
     if eval_items or result.stopped in ("nan", "diverged"):
         with torch.no_grad():
             for p, saved in zip(params, best_state):
