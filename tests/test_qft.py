@@ -227,3 +227,42 @@ def test_diverging_loss_stops_and_restores_the_best_state(calib_ids, caplog):
     fp = _out(build_tiny("llama"), ids).log_softmax(-1)
     assert _kl(model, fp, ids) == pytest.approx(best, rel=1e-4)
     assert json.dumps(result.record())  # the record stays JSON
+
+
+def test_bf16_checkpoint_reloads_the_trained_model_exactly(tmp_path, calib_ids):
+    """Scales, folded norms and biases trained on the checkpoint dtype's grid: the bf16 export changes nothing."""
+    model = build_tiny("llama").to(torch.bfloat16).float()  # a bf16 checkpoint computed in fp32, as the CLI does
+    spec = QuantSpec(bits=3, group_size=4, scale_dtype="bfloat16")
+    ctx = _context(model, calib_ids)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped, kinds, undo = qft._setup(ctx, spec, qft.QFTOptions())
+    for which in ("scale", "weight", "equalize", "bias"):
+        _perturb(kinds, which, seed=7)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(8))
+    fake = _out(model, ids)
+    layers = qft.fold(ctx, wrapped, undo)
+    save_packed(model, QuantResult(Recipe(spec, [make_step("qft")]), layers), tmp_path / "out", dtype=torch.bfloat16)
+    record = json.loads((tmp_path / "out" / "blockquant.json").read_text())
+    assert record["export"]["scale_rounding"]["weights_changed"] == 0
+    torch.testing.assert_close(_out(load(tmp_path / "out", dtype=torch.float32), ids), fake, rtol=1e-5, atol=1e-5)
+
+
+def test_recipe_chains_blockft_then_qft(calib_ids):
+    model = build_tiny("opt")
+    recipe = Recipe(SPEC, [make_step("gptq"), make_step("blockft", {"steps": 2}), make_step("qft", {"steps": 2})])
+    result = quantize(model, recipe, calib_ids, batch_size=4, progress=False)
+    assert [first for first, _ in result.train_logs] == [0, 1, 0]  # two blockft windows, then qft
+    assert result.model_steps["qft"]["steps_run"] == 2
+
+
+def test_cli_quantize_with_qft_writes_a_checkpoint_that_evaluates(tmp_path, llama_dir, calib_file, capsys):
+    from blockquant.cli import main
+
+    out = tmp_path / "out"
+    args = ["quantize", str(llama_dir), "--recipe", "gptq,qft", "--wbits", "3", "--group-size", "4", "--steps", "3"]
+    assert main([*args, "--nsamples", "8", "--seqlen", "32", "--calib", str(calib_file), "--output", str(out), "--quiet"]) == 0
+    record = json.loads((out / "blockquant.json").read_text())
+    assert record["qft"]["steps_run"] == 3 and record["qft"]["hw"] == "int-per-group"
+    assert main(["eval", str(out), "--data", str(calib_file), "--seqlen", "32", "--quiet", "--json"]) == 0
+    assert "perplexity" in capsys.readouterr().out
