@@ -45,6 +45,7 @@ class QuantResult:
     layers: dict[str, LayerResult] = field(default_factory=dict)
     blocks: list[BlockReport] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of this process over all its threads: a cost measure robust to other jobs sharing the CPU
     peak_rss_mb: float = 0.0
     peak_cuda_mb: float | None = None
     train_logs: list = field(default_factory=list)  # (first block, finetune.TrainLog) per window
@@ -63,6 +64,7 @@ class QuantResult:
             "recipe": self.recipe.to_dict(),
             "activations": self.activations,
             "seconds": round(self.seconds, 2),
+            "cpu_seconds": round(self.cpu_seconds, 2),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "peak_cuda_mb": None if self.peak_cuda_mb is None else round(self.peak_cuda_mb, 1),
             "blocks": [vars(b) for b in self.blocks],
@@ -204,7 +206,7 @@ def quantize(
         model.config.use_cache = False  # restored below, so a saved checkpoint keeps the user's setting
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start_time = time.perf_counter()
+    start_time, start_cpu = time.perf_counter(), time.process_time()
     result = QuantResult(recipe)
     blocks = get_blocks(model, arch)
     block_steps, window_steps, model_steps, k, stride = _window_shape(recipe, len(blocks))
@@ -292,6 +294,7 @@ def quantize(
         model.config.use_cache = use_cache
 
     result.seconds = time.perf_counter() - start_time
+    result.cpu_seconds = time.process_time() - start_cpu
     result.peak_rss_mb = peak_rss_mb()
     if device.type == "cuda":
         result.peak_cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20

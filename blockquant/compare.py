@@ -94,7 +94,13 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
         recipe = Recipe(QuantSpec(job.bits, job.group_size, job.sym), [make_step(m, o) for m, o in steps])
         result = quantize(model, recipe, calibration, device=job.device, batch_size=job.batch_size, progress=False)
         curves = [(first, log.losses) for first, log in result.train_logs]
-        out.update(seconds=result.seconds, peak_rss_mb=result.peak_rss_mb, curves=curves, model_steps=result.model_steps)
+        out.update(
+            seconds=result.seconds,
+            cpu_seconds=result.cpu_seconds,
+            peak_rss_mb=result.peak_rss_mb,
+            curves=curves,
+            model_steps=result.model_steps,
+        )
     if encoder:
         out.update(metric="cosine", value=embedding_cosine(mean_pooled_embeddings(model, batches, job.device), reference))
     else:
