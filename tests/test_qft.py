@@ -83,14 +83,18 @@ def test_fold_and_export_reproduce_the_fake_quant_model(family, tmp_path, calib_
     torch.testing.assert_close(_out(load(tmp_path / "out"), ids), fake, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("which", ["scale", "weight", "equalize", "bias"])
+@pytest.mark.parametrize("which", ["scale", "weight", "equalize", "bias", "act"])
 def test_each_dof_folds_exactly(which, calib_ids):
     """One DoF at a time on Llama (norm and linear producers, GQA-free v → o): the fold is exact."""
     model = build_tiny("llama")
-    ctx = _context(model, calib_ids)
+    act = act_spec(8, "tensor") if which == "act" else None
+    if act is not None:  # static input quantizers, as the pipeline attaches them
+        quantize(model, Recipe(SPEC, [make_step("rtn")], act), calib_ids, batch_size=4, progress=False)
+    ctx = _context(model, calib_ids, act)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped, kinds, undo = qft._setup(ctx, SPEC, qft.QFTOptions())
+    assert kinds[which]
     _perturb(kinds, which, seed=3)
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(6))
     fake = _out(model, ids)
