@@ -117,6 +117,14 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (getattr(module, ATTR)(args[0]), *args[1:])
 
 
+def add_input_quantizer(layer: nn.Module, quantizer: ActQuantizer) -> None:
+    """Put ``quantizer`` in front of ``layer`` (a forward pre-hook), e.g. a conv of a U-Net."""
+    if hasattr(layer, ATTR):
+        raise ValueError("this layer already quantizes its input; activation quantization is attached once")
+    layer.add_module(ATTR, quantizer.to(next(layer.parameters()).device))
+    layer.register_forward_pre_hook(_quantize_input)
+
+
 @torch.no_grad()
 def attach(block: nn.Module, groups: list[tuple[str, ...]], spec: ActSpec, inputs: BlockInputs) -> dict[str, ActQuantizer]:
     """Put an input quantizer on each linear of ``block``; static ranges from ``inputs``.

@@ -37,6 +37,7 @@ examples:
   blockquant quantize ./llama --recipe awq,gptq --wbits 4 --calib calib.txt --output ./out
   blockquant quantize ./bert --recipe smoothquant --alpha auto --wbits 8 --group-size -1 \
       --abits 8 --act-granularity tensor --calib calib.txt --output ./out
+  blockquant quantize ./lits-unet --recipe admm --wbits 2 --calib lits117.npz --crop 24:88 --output ./unet-w2
   blockquant quantize ./llama --recipe zeroquant,lkd --wbits 4 --abits 8 --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe gptq,qft --wbits 2 --group-size 64 --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe gptq,qft --wbits 4 --group-size -1 --hw pow2 --calib calib.txt --output ./out
@@ -68,6 +69,10 @@ example:
 EVAL_HELP = """\
 Evaluate a model directory on held-out text.
 
+MONAI segmentation networks (a directory with unet_config.json): Dice per class with MONAI's
+DiceMetric on --data (a volume with its label map), e.g.
+  blockquant eval ./unet-w2 --data lits117.npz --region 96: --classes 'liver=1,2;tumour=2' --reference ./unet
+
 Causal LMs: perplexity over non-overlapping --seqlen windows (remainder dropped).
 Encoders (BERT): mean cosine of mean-pooled embeddings of the text's paragraphs to those of
 --reference (required for encoders). With --reference, a causal LM also reports the
@@ -93,11 +98,13 @@ def _parser() -> argparse.ArgumentParser:
         "or YAML file [gptq]",
     )
     q.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 [4]")
-    q.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 = one per output channel [128]")
+    q.add_argument("--group-size", type=int, help="input columns per scale; -1 = one per output channel [128; MONAI networks: -1]")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point 0) instead of asymmetric")
     q.add_argument("--abits", type=int, default=16, help="activation bits: 4, 8, or 16 = not quantized [16]")
     q.add_argument(
-        "--act-granularity", choices=["token", "tensor"], default="token", help="per-token dynamic or per-tensor static activations [token]"
+        "--act-granularity",
+        choices=["token", "tensor"],
+        help="per-token dynamic or per-tensor static activations [token; MONAI networks: tensor]",
     )
     q.add_argument("--alpha", help="smoothquant migration strength in [0, 1], or auto (sweep on held-out calibration) [0.5]")
     q.add_argument("--calib", metavar="FILE", help="calibration text file (UTF-8)")
@@ -111,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
         help="checkpoint layout [compressed-tensors when it can hold the scheme, else dequantized]",
     )
     _finetune_args(q)
+    _network_args(q, quantize=True)
     _common(q)
 
     e = sub.add_parser(
@@ -125,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows / paragraphs")
     e.add_argument("--reference", metavar="DIR", help="full-precision model to compare with")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    _network_args(e, quantize=False)
     _common(e)
 
     c = sub.add_parser(
@@ -148,6 +157,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--output", metavar="DIR", default="compare-out", help="where compare.md/.png/.json go [compare-out]")
     _common(c)
     return p
+
+
+def _network_args(p: argparse.ArgumentParser, quantize: bool) -> None:
+    g = p.add_argument_group("MONAI segmentation networks (MODEL_DIR with unet_config.json + model.safetensors; --calib/--data: a volume)")
+    g.add_argument("--intensity", help="preprocessing: an expression of HU, e.g. 'clip((HU+200)/500, 0, 1)', or a preset [the config's]")
+    g.add_argument("--image-key", help="array name of the image in an .npz [img / image / the only one]")
+    if quantize:
+        g.add_argument("--crop", help="calibration region START:STOP[,START:STOP,...] per spatial axis, e.g. 24:88 [whole volume]")
+        g.add_argument("--quantize-ends", action="store_true", help="first and last layers at --wbits too [they stay at 8 bits]")
+        return
+    g.add_argument("--region", help="evaluation region START:STOP[,...], e.g. 96: [whole volume]")
+    g.add_argument("--labels", metavar="FILE", help="label volume [the --data file]")
+    g.add_argument("--label-key", help="array name of the labels in an .npz [lab / label / seg]")
+    g.add_argument("--classes", help="Dice regions NAME=L1,L2;NAME=L3, e.g. 'liver=1,2;tumour=2' [class c = labels >= c]")
+    g.add_argument("--roi", help="sliding-window size, e.g. 64,64,64 (MONAI sliding_window_inference) [whole region at once]")
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -242,8 +266,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     if args.model_dir is None:
         return _demo(args, device)
-    act = act_spec(args.abits, args.act_granularity)
-    recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=args.group_size, sym=args.sym), act)
+    from blockquant.unet import cli_quantize, is_network_dir
+
+    if is_network_dir(args.model_dir):
+        return cli_quantize(args)
+    act = act_spec(args.abits, args.act_granularity or "token")
+    group_size = 128 if args.group_size is None else args.group_size
+    recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=group_size, sym=args.sym), act)
     recipe = _apply_finetune_args(recipe, args)
     recipe = _apply_alpha(recipe, args.alpha)
     recipe = _apply_hw(recipe, args.hw)
@@ -312,6 +341,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from blockquant.files import model_class_name, read_text, tokenize_stream
 
     device = _check_device(args.device)
+    from blockquant.unet import cli_eval, is_network_dir
+
+    if is_network_dir(args.model_dir):
+        return cli_eval(args)
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
     encoder = ARCHITECTURES[model_class_name(args.model_dir)].kind == "encoder"

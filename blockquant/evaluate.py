@@ -68,3 +68,27 @@ def paragraph_batches(tokenizer, paragraphs: list[str], max_length: int = 128, b
         enc = tokenizer(paragraphs[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return batches
+
+
+@torch.no_grad()
+def segment(model: nn.Module, x: Tensor, roi: tuple[int, ...] | None = None, overlap: float = 0.25) -> Tensor:
+    """Predicted labels ``(B, *S)`` of volumes ``(B, C, *S)``; MONAI's sliding window when ``roi`` is given
+    (volumes larger than memory allows, or sizes the network cannot take whole)."""
+    model.eval()
+    if roi is None:
+        return model(x).argmax(1)
+    from monai.inferers import sliding_window_inference
+
+    return sliding_window_inference(x, roi, 1, model, overlap=overlap).argmax(1)
+
+
+def dice_per_class(pred: Tensor, labels: Tensor, classes: dict[str, tuple[int, ...]]) -> dict[str, float]:
+    """Dice of each named region (a set of labels, e.g. liver = labels 1 and 2) with MONAI's ``DiceMetric``."""
+    from monai.metrics import DiceMetric
+
+    def regions(t: Tensor) -> Tensor:  # (B, n_classes, *S) binary masks
+        return torch.stack([torch.isin(t, torch.tensor(v, device=t.device)) for v in classes.values()], dim=1).float()
+
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    scores = metric(regions(pred), regions(labels)).mean(0)  # (n_classes,)
+    return {name: float(s) for name, s in zip(classes, scores)}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from blockquant.methods import awq, blockft, gptq, qft, rtn, smoothquant, zeroquant
+from blockquant.methods import admm, awq, blockft, gptq, qft, rtn, smoothquant, zeroquant
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "rtn": Method(rtn.RTNOptions, rtn.apply, "round-to-nearest, optional clipping search"),
     "gptq": Method(gptq.GPTQOptions, gptq.apply, "GPTQ: Hessian-aware column-wise error feedback"),
+    "admm": Method(admm.ADMMOptions, admm.apply, "EfficientQ: per-layer ADMM with self-adaptive attention (convolution networks)"),
     "blockft": Method(
         blockft.BlockFTOptions, blockft.apply, "block-wise fine-tuning (joint windows, downstream objectives)", windowed=True
     ),

@@ -1,0 +1,346 @@
+"""MONAI networks on disk and the volumes they read: the layout of ``shared/subjects/lits-unet``.
+
+A network directory holds ``unet_config.json`` (the constructor's arguments under a key naming
+the class, e.g. ``"monai_unet": {...}``, and optionally ``"intensity"``, the preprocessing
+expression) and ``model.safetensors`` (its state dict). A quantized directory has the same two
+files (folded BatchNorms become exact identities, so any MONAI install loads it), plus
+``quantization.safetensors`` (per layer ``weight_scale`` / ``weight_zero_point``: the integer
+codes are ``round(W / scale) + zero``) and ``blockquant.json``, the record of what was done.
+
+Volumes are ``.npz`` / ``.npy`` arrays or NIfTI (``.nii``, ``.nii.gz``, through nibabel).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import operator
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from blockquant.files import RECORD_FILE, atomic_dir
+
+CONFIG_FILE = "unet_config.json"
+WEIGHTS_FILE = "model.safetensors"
+GRIDS_FILE = "quantization.safetensors"
+NETWORKS = {"monai_unet": "UNet", "monai_basicunet": "BasicUNet"}  # config key -> monai.networks.nets class
+PRESETS = {"none": "HU", "ct-abdomen": "clip((HU+200)/500, 0, 1)", "unit": "clip(HU, 0, 1)"}
+IMAGE_KEYS, LABEL_KEYS = ("img", "image", "vol", "volume", "x"), ("lab", "label", "labels", "seg", "mask", "y")
+
+
+def is_network_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_config(model_dir: str | Path) -> tuple[dict[str, Any], str]:
+    """The directory's config and the key of the network in it."""
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    keys = [k for k in NETWORKS if isinstance(config, dict) and isinstance(config.get(k), dict)]
+    if not keys:
+        raise ValueError(f"{path} names no network: it needs one of {', '.join(NETWORKS)} with the constructor's arguments")
+    return config, keys[0]
+
+
+def load_network(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The MONAI network of a directory, fp32, eval mode, and its config."""
+    config, key = read_config(model_dir)
+    try:
+        from monai.networks import nets
+    except ImportError:
+        raise ValueError("MONAI networks need the unet extra: pip install -c constraints.txt -e '.[unet]'") from None
+    try:
+        model = getattr(nets, NETWORKS[key])(**config[key])
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"cannot build {NETWORKS[key]} from {CONFIG_FILE}: {e}") from None
+    weights = Path(model_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{model_dir} has no {WEIGHTS_FILE} (the network's state dict)")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise ValueError(f"cannot load {weights}: {str(e).splitlines()[0]}") from None
+    return model.float().eval(), config
+
+
+def size_multiple(config: dict[str, Any]) -> int:
+    """Each spatial size must be a multiple of this to pass every down- and up-sampling level."""
+    _, key = config, next(k for k in NETWORKS if k in config)
+    if key == "monai_unet":
+        return math.prod(int(s) if isinstance(s, int) else int(max(s)) for s in config[key]["strides"])
+    return 16  # BasicUNet: four 2x poolings
+
+
+def save_network(
+    model: nn.Module,
+    config: dict[str, Any],
+    out_dir: str | Path,
+    record: dict[str, Any],
+    grids: dict[str, tuple[Tensor, Tensor]],
+    overwrite: bool,
+) -> None:
+    """Config + state dict (+ grids and record), written to a temporary sibling and renamed."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    grid_tensors = {}
+    for name, (scale, zero) in grids.items():
+        grid_tensors[f"{name}.weight_scale"] = scale.float().contiguous()
+        grid_tensors[f"{name}.weight_zero_point"] = zero.float().contiguous()
+    with atomic_dir(out_dir, overwrite) as tmp:
+        cfg = {k: v for k, v in config.items() if k not in ("eval_dice",)}  # scores of the source network no longer hold
+        cfg["quantization"] = {k: record[k] for k in ("method", "bits", "granularity", "sym") if k in record}
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        save_file(grid_tensors, str(tmp / GRIDS_FILE))
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
+
+
+# ---------------------------------------------------------------- volumes
+
+
+def read_array(path: str | Path, keys: tuple[str, ...], key: str | None, what: str) -> np.ndarray:
+    """An array from ``.npz`` (``key`` or the first of ``keys`` present), ``.npy`` or NIfTI."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} file {p} does not exist")
+    name = p.name.lower()
+    try:
+        if name.endswith(".npz"):
+            with np.load(p) as data:
+                pick = key or next((k for k in keys if k in data.files), data.files[0] if len(data.files) == 1 else None)
+                if pick not in data.files:
+                    raise ValueError(f"{p} has arrays {', '.join(data.files)}; name the {what} with --{what.split()[0]}-key")
+                return np.asarray(data[pick])
+        if name.endswith(".npy"):
+            return np.load(p)
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel
+
+            return np.asarray(nibabel.load(str(p)).get_fdata(dtype=np.float32))
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read {what} file {p}: {e}") from None
+    raise ValueError(f"{what} file {p}: unknown format; use .npz, .npy, .nii or .nii.gz")
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv, ast.Pow: operator.pow}
+_FUNCS = {"clip": np.clip, "abs": np.abs, "minimum": np.minimum, "maximum": np.maximum, "exp": np.exp, "log": np.log, "sqrt": np.sqrt}
+
+
+def intensity(expr: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A preprocessing preset name or an arithmetic expression of ``HU`` (the raw voxel values)."""
+    text = PRESETS.get(expr, expr)
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise ValueError(
+            f"intensity expression {expr!r} is not valid; e.g. 'clip((HU+200)/500, 0, 1)' or a preset: {', '.join(PRESETS)}"
+        ) from None
+
+    def ev(node: ast.AST, hu: np.ndarray) -> Any:
+        if isinstance(node, ast.Expression):
+            return ev(node.body, hu)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in ("HU", "x"):
+            return hu
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left, hu), ev(node.right, hu))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand, hu)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords:
+            return _FUNCS[node.func.id](*[ev(a, hu) for a in node.args])
+        raise ValueError(f"intensity expression {expr!r}: only HU, numbers, + - * / ** and {', '.join(_FUNCS)} are allowed")
+
+    ev(tree, np.zeros(1, dtype=np.float32))  # validate once
+    return lambda hu: np.asarray(ev(tree, hu.astype(np.float32)), dtype=np.float32)
+
+
+def parse_region(text: str | None, ndim: int) -> tuple[slice, ...]:
+    """``"a:b"`` (first spatial axis) or ``"a:b,c:d,e:f"``; empty bounds are open."""
+    if not text:
+        return (slice(None),) * ndim
+    parts = text.split(",")
+    if len(parts) > ndim:
+        raise ValueError(f"region {text!r} has {len(parts)} axes; the volume has {ndim}")
+    out = []
+    for part in parts:
+        bounds = part.strip().split(":")
+        try:
+            if len(bounds) != 2:
+                raise ValueError
+            out.append(slice(int(bounds[0]) if bounds[0] else None, int(bounds[1]) if bounds[1] else None))
+        except ValueError:
+            raise ValueError(f"region {text!r}: each axis is START:STOP, e.g. 24:88 or 96:") from None
+    return tuple(out) + (slice(None),) * (ndim - len(out))
+
+
+def network_input(volume: np.ndarray, config: dict[str, Any], region: tuple[slice, ...], what: str, whole: bool = True) -> Tensor:
+    """``(1, C, *S)`` tensor of a preprocessed volume's region, checked against the network
+    (``whole``: the network takes it in one pass, so each size must pass every level)."""
+    net = config[next(k for k in NETWORKS if k in config)]
+    dims, channels = int(net["spatial_dims"]), int(net["in_channels"])
+    if volume.ndim == dims:
+        volume = volume[None]
+    if volume.ndim != dims + 1:
+        raise ValueError(
+            f"{what} volume has shape {volume.shape}; the network takes {dims}-D volumes (with an optional channel axis first)"
+        )
+    if volume.shape[0] != channels:
+        raise ValueError(f"{what} volume has {volume.shape[0]} channels but the network takes {channels} (in_channels)")
+    x = volume[(slice(None), *region)]
+    if x.size == 0:
+        raise ValueError(f"{what} region is empty: the volume's spatial shape is {volume.shape[1:]}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} volume holds NaN/Inf values after preprocessing; nothing valid to run the network on")
+    if float(x.max()) == float(x.min()):
+        raise ValueError(f"{what} volume is constant ({float(x.min()):g} everywhere after preprocessing): nothing to calibrate on")
+    m = size_multiple(config)
+    if whole and any(s % m for s in x.shape[1:]):
+        fix = tuple(s - s % m or m for s in x.shape[1:])
+        raise ValueError(
+            f"{what} spatial size {tuple(x.shape[1:])} cannot pass the network: each size must be a multiple of {m}; crop to e.g. {fix}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+
+
+def check_labels(labels: np.ndarray, out_channels: int) -> np.ndarray:
+    if not np.isfinite(labels).all() or (labels != np.round(labels)).any() or labels.min() < 0:
+        raise ValueError("the label map must hold non-negative integer classes")
+    top = int(labels.max())
+    if top >= out_channels:
+        raise ValueError(f"the label map holds class {top} but the network outputs {out_channels} classes (0..{out_channels - 1})")
+    return labels.astype(np.int64)
+
+
+def parse_classes(text: str | None, out_channels: int) -> dict[str, tuple[int, ...]]:
+    """``"liver=1,2;tumour=2"``; default: class c counts labels >= c (nested regions, as in LiTS)."""
+    if not text:
+        return {f"class{c}": tuple(range(c, out_channels)) for c in range(1, out_channels)}
+    out = {}
+    for item in text.split(";"):
+        name, _, labels = item.partition("=")
+        try:
+            values = tuple(int(v) for v in labels.split(","))
+        except ValueError:
+            raise ValueError(f"--classes {text!r}: each entry is NAME=L1,L2 (e.g. liver=1,2;tumour=2)") from None
+        if not name.strip() or any(not 0 <= v < out_channels for v in values):
+            raise ValueError(f"--classes {text!r}: names must be non-empty and labels in 0..{out_channels - 1}")
+        out[name.strip()] = values
+    return out
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def cli_quantize(args: Any) -> int:
+    """``blockquant quantize NET_DIR``: checks everything before the work, writes atomically."""
+    import time
+
+    from blockquant.files import check_output_dir
+    from blockquant.recipe import QuantSpec, act_spec, parse_recipe
+    from blockquant.segmentation import SegConfig, check_recipe, quantize_network
+
+    act = act_spec(args.abits, args.act_granularity or "tensor")
+    group = -1 if args.group_size is None else args.group_size
+    recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=group, sym=args.sym, scale_dtype="float32"), act)
+    check_recipe(recipe)
+    if not args.calib:
+        raise ValueError("--calib FILE is required: a volume (.npz, .npy, .nii, .nii.gz) to calibrate on")
+    if not args.output:
+        raise ValueError("--output OUT_DIR is required: where to write the quantized network")
+    check_output_dir(args.output, args.overwrite)
+    model, config = load_network(args.model_dir)
+    expr = args.intensity or config.get("intensity", "none")
+    dims = int(config[next(k for k in NETWORKS if k in config)]["spatial_dims"])
+    volume = intensity(expr)(read_array(args.calib, IMAGE_KEYS, args.image_key, "image"))
+    x = network_input(volume, config, parse_region(args.crop, dims), "calibration")
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    result = quantize_network(model, recipe, x, SegConfig(None if args.quantize_ends else 8, args.seed, not args.quiet))
+    record = result.record() | {
+        "source": str(args.model_dir),
+        "ends_bits": None if args.quantize_ends else 8,
+        "calibration": {"file": str(args.calib), "crop": args.crop, "shape": list(x.shape), "intensity": expr},
+    }
+    save_network(model, config, args.output, record, result.grids, args.overwrite)
+    eight = [r.name for r in result.layers if r.bits != recipe.spec.bits]
+    print(
+        f"{recipe.name} {recipe.describe()}: {len(result.layers)} layers ({len(eight)} kept at 8 bits), {len(result.folded)} BatchNorms folded, "
+        f"{time.perf_counter() - start:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {args.output}"
+    )
+    return 0
+
+
+def attach_recorded_activations(model: nn.Module, record: dict[str, Any] | None) -> int:
+    """Static activation quantizers of a quantized directory's record, back on their layers."""
+    from blockquant import activations
+    from blockquant.recipe import ActSpec
+
+    act = (record or {}).get("activations")
+    if not act:
+        return 0
+    spec = ActSpec(**{k: v for k, v in act.items() if k != "static_ranges"})
+    for name, rng in (act.get("static_ranges") or {}).items():
+        quantizer = activations.ActQuantizer(spec)
+        quantizer.scale.fill_(rng["scale"])
+        quantizer.zero.fill_(rng["zero"])
+        activations.add_input_quantizer(model.get_submodule(name), quantizer)
+    return len(act.get("static_ranges") or {})
+
+
+def _dice_of(model_dir: str, args: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    from blockquant.evaluate import dice_per_class, segment
+    from blockquant.files import RECORD_FILE
+
+    model, config = load_network(model_dir)
+    record_file = Path(model_dir) / RECORD_FILE
+    n_act = attach_recorded_activations(model, json.loads(record_file.read_text()) if record_file.is_file() else None)
+    net = config[next(k for k in NETWORKS if k in config)]
+    dims, classes_out = int(net["spatial_dims"]), int(net["out_channels"])
+    region = parse_region(args.region, dims)
+    image = intensity(args.intensity or config.get("intensity", "none"))(read_array(args.data, IMAGE_KEYS, args.image_key, "image"))
+    labels = check_labels(read_array(args.labels or args.data, LABEL_KEYS, args.label_key, "label"), classes_out)
+    roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
+    if roi is not None:
+        m = size_multiple(config)
+        if len(roi) != dims or any(r < 1 or r % m for r in roi):
+            raise ValueError(f"--roi {args.roi}: give {dims} sizes, each a multiple of {m}")
+    x = network_input(image, config, region, "evaluation", whole=roi is None)  # sliding windows take any volume size
+    lab = labels[region]
+    if tuple(lab.shape) != tuple(x.shape[2:]):
+        raise ValueError(f"the label map's region has shape {lab.shape}, the image's {tuple(x.shape[2:])}: they must match")
+    classes = parse_classes(args.classes, classes_out)
+    scores = dice_per_class(segment(model, x, roi), torch.from_numpy(lab)[None], classes)
+    return scores, {"region": args.region, "shape": list(x.shape[2:]), "sliding_window": roi, "activation_quantizers": n_act}
+
+
+def cli_eval(args: Any) -> int:
+    """``blockquant eval NET_DIR --data VOLUME``: Dice per class (and against --reference)."""
+    scores, info = _dice_of(args.model_dir, args)
+    out: dict[str, Any] = {"model": str(args.model_dir), "data": str(args.data), "dice": scores, **info}
+    if args.reference:
+        out["reference_dice"], _ = _dice_of(args.reference, args)
+        out["delta"] = {k: scores[k] - out["reference_dice"][k] for k in scores}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    line = ", ".join(
+        f"{k} {v:.4f}" + (f" (reference {out['reference_dice'][k]:.4f}, {out['delta'][k]:+.4f})" if args.reference else "")
+        for k, v in scores.items()
+    )
+    print(f"Dice {line} on {args.data} region {args.region or 'all'} {tuple(info['shape'])}")
+    return 0
