@@ -78,7 +78,7 @@ def load_network(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def size_multiple(config: dict[str, Any]) -> int:
     """Each spatial size must be a multiple of this to pass every down- and up-sampling level."""
-    _, key = config, next(k for k in NETWORKS if k in config)
+    key = next(k for k in NETWORKS if k in config)
     if key == "monai_unet":
         return math.prod(int(s) if isinstance(s, int) else int(max(s)) for s in config[key]["strides"])
     return 16  # BasicUNet: four 2x poolings
@@ -121,7 +121,8 @@ def read_array(path: str | Path, keys: tuple[str, ...], key: str | None, what: s
     try:
         if name.endswith(".npz"):
             with np.load(p) as data:
-                pick = key or next((k for k in keys if k in data.files), data.files[0] if len(data.files) == 1 else None)
+                only = data.files[0] if len(data.files) == 1 and what == "image" else None  # a lone array is an image, never labels
+                pick = key or next((k for k in keys if k in data.files), only)
                 if pick not in data.files:
                     raise ValueError(f"{p} has arrays {', '.join(data.files)}; name the {what} with --{what.split()[0]}-key")
                 return np.asarray(data[pick])
@@ -254,6 +255,7 @@ def cli_quantize(args: Any) -> int:
     from blockquant.recipe import QuantSpec, act_spec, parse_recipe
     from blockquant.segmentation import SegConfig, check_recipe, quantize_network
 
+    _refuse_llm_options(args)
     act = act_spec(args.abits, args.act_granularity or "tensor")
     group = -1 if args.group_size is None else args.group_size
     recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=group, sym=args.sym, scale_dtype="float32"), act)
@@ -283,6 +285,19 @@ def cli_quantize(args: Any) -> int:
         f"{time.perf_counter() - start:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {args.output}"
     )
     return 0
+
+
+LLM_ONLY = ("format", "alpha", "hw", "steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight")
+
+
+def _refuse_llm_options(args: Any) -> None:
+    """Options of the transformer pipeline that a MONAI network cannot honour: an error, not a silent no-op."""
+    given = [name for name in LLM_ONLY if getattr(args, name, None) is not None]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(f"{flags}: transformer-model option(s); a MONAI network takes --recipe rtn/gptq/admm, --wbits, --abits, --crop")
+    if args.device != "cpu" or args.dtype != "float32":
+        raise ValueError("MONAI networks are quantized and evaluated on CPU in float32 here; drop --device / --dtype")
 
 
 def attach_recorded_activations(model: nn.Module, record: dict[str, Any] | None) -> int:
@@ -330,6 +345,8 @@ def _dice_of(model_dir: str, args: Any) -> tuple[dict[str, float], dict[str, Any
 
 def cli_eval(args: Any) -> int:
     """``blockquant eval NET_DIR --data VOLUME``: Dice per class (and against --reference)."""
+    if args.device != "cpu" or args.dtype != "float32":
+        raise ValueError("MONAI networks are evaluated on CPU in float32 here; drop --device / --dtype")
     scores, info = _dice_of(args.model_dir, args)
     out: dict[str, Any] = {"model": str(args.model_dir), "data": str(args.data), "dice": scores, **info}
     if args.reference:

@@ -265,6 +265,8 @@ def test_cli_bad_inputs(tmp_path, capsys):
     _bad(q + [_save_volume(tmp_path, img), "--crop", "0:10"], capsys, "multiple of 4", out)
     _bad(q + [_save_volume(tmp_path, img), "--group-size", "128"], capsys, "--group-size -1", out)
     _bad(q + [_save_volume(tmp_path, img), "--abits", "8", "--act-granularity", "token"], capsys, "--act-granularity tensor", out)
+    _bad(q + [_save_volume(tmp_path, img), "--format", "gptq"], capsys, "transformer-model option", out)
+    _bad(["eval", net_dir, "--data", _save_volume(tmp_path, img, name="nolab.npz")], capsys, "--label-key", None)
     bad_labels = lab.copy()
     bad_labels[0, 0, 0] = 5
     vol = _save_volume(tmp_path, img, bad_labels, name="badlab.npz")
