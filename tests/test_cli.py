@@ -433,7 +433,7 @@ def test_parse_recipe_comma_chain():
 @pytest.mark.parametrize(
     "text,fragments",
     [
-        ("qft", ["unknown method 'qft'", "known methods: " + ", ".join(sorted(METHODS))]),
+        ("peqa", ["unknown method 'peqa'", "known methods: " + ", ".join(sorted(METHODS))]),
         ("rtn,nope", ["unknown method 'nope'", "known methods: " + ", ".join(sorted(METHODS))]),
         ("", ["at least one method"]),
         (" , ", ["at least one method"]),
