@@ -147,7 +147,12 @@ def checks(rows: dict[str, dict[str, dict]]) -> list[str]:
             )
     sq, naive = v("minilm", "W8A8 SmoothQuant (token)"), v("minilm", "W8A8 naive (token)")
     if sq is not None and naive is not None:
-        line(f"MiniLM SmoothQuant W8A8 ≥ 0.995 and above naive, per-token activations: {sq:.4f} vs {naive:.4f}", sq >= 0.995 and sq > naive)
+        # a cosine difference below 1e-4 is float noise, not a gain (the exact fold reaches only v → o on BERT)
+        line(
+            f"MiniLM SmoothQuant W8A8 ≥ 0.995 and above naive by more than noise (1e-4), per-token activations: "
+            f"{sq:.4f} vs {naive:.4f} (difference {sq - naive:+.1e})",
+            sq >= 0.995 and sq - naive > 1e-4,
+        )
     return out
 
 
