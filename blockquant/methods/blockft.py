@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class BlockFTOptions:
     steps: int = 200  # optimizer steps per window, one calibration batch each
-    lr_scale: float = 1e-3  # step sizes and zero points
+    lr_scale: float = 0.02  # step sizes and zero points, relative to the window's mean initial step size
     lr_weight: float = 2e-2  # master weights, in code units of the initial grid (AdaRound: offsets α)
     rounding: str = "ste"  # "ste": train fp32 master weights; "adaround": train rounding offsets
     target: str = "fp-input"  # "fp-input": FP block on FP input; "quantized-input": on quantized input
@@ -138,6 +138,10 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
         p.requires_grad_(False)
     wrapped = [swap_in(block, block_names, make(o)) for o, (block, block_names) in enumerate(zip(ctx.blocks, names))]
     modules = [fq for w in wrapped for fq in w.values()]
+    # Adam moves every parameter by about lr per step whatever its gradient's size, so an absolute
+    # rate would be a different relative change at every bit width (the mean step size doubles per
+    # bit removed): it is relative to the window's mean initial step size.
+    mean_scale = float(torch.cat([fq.scale0.flatten() for fq in modules]).mean())
     for fq in modules:
         fq.layer.weight.requires_grad_(False)
         fq.train()
@@ -156,7 +160,7 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
     items = list(range(n))
     cfg = TrainConfig(
         steps=opts.steps,
-        lr_scale=opts.lr_scale,
+        lr_scale=opts.lr_scale * mean_scale,
         lr_weight=opts.lr_weight,
         weight_decay=opts.weight_decay,
         grad_clip=opts.grad_clip,

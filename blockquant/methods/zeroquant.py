@@ -19,13 +19,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from blockquant.arch import block_linears, weight_matrix
 from blockquant.capture import BlockContext, LayerResult, WindowContext
 from blockquant.methods import blockft, rtn
-from blockquant.primitives import compute_qparams
 from blockquant.recipe import QuantSpec
 
 
@@ -56,10 +53,10 @@ class LKDOptions:
     window = 1  # layer by layer: the api loop reads these of a window step
     stride = 1
 
-    def blockft_options(self, mean_scale: float = 1.0) -> blockft.BlockFTOptions:
+    def blockft_options(self) -> blockft.BlockFTOptions:
         return blockft.BlockFTOptions(
             steps=self.steps,
-            lr_scale=self.lr_scale * mean_scale,
+            lr_scale=self.lr_scale,
             lr_weight=self.lr_weight,
             target="fp-input" if self.input == "fp" else "quantized-input",
             holdout=self.holdout,
@@ -70,12 +67,6 @@ class LKDOptions:
 
 def apply_lkd(ctx: WindowContext, spec: QuantSpec, opts: LKDOptions) -> dict[str, LayerResult]:
     """Distil each quantized block to its full-precision copy on the same input (blockft's loop)."""
-    scales = []
-    for offset, block in enumerate(ctx.blocks):
-        for name, layer in block_linears(block, ctx.arch).items():
-            prior = ctx.prior.get(ctx.layer_name(offset, name))
-            scales.append(prior.scale.float() if prior is not None else compute_qparams(weight_matrix(layer), spec)[0])
-    mean_scale = float(torch.cat([s.flatten() for s in scales]).mean())
     if opts.input == "fp":
         ctx = dataclasses.replace(ctx, q_inputs=ctx.fp_inputs)  # the student reads the teacher's input
-    return blockft.apply(ctx, spec, opts.blockft_options(mean_scale))
+    return blockft.apply(ctx, spec, opts.blockft_options())
