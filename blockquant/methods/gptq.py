@@ -65,6 +65,9 @@ def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, opts: GPTQOptions | Non
     static groups made groups of permuted columns.
     """
     opts = opts or GPTQOptions()
+    if opts.clip_search == "auto":  # both grids through the whole error feedback; keep the lower tr(ΔW H ΔWᵀ)
+        tries = [gptq_quantize(w, h, spec, dataclasses.replace(opts, clip_search=c)) for c in (True, False)]
+        return min(tries, key=lambda t: float(relative_error(w, t[0], h)))
     out_f, cols = w.shape
     W, H = w.clone().float(), h.clone().float()
     dead = torch.diag(H) == 0  # columns never excited: any value is free, zero it
