@@ -11,7 +11,7 @@ calibration 128 × 512 tokens of data/shakespeare/calib.txt, mean cosine of mean
 embeddings of the first 512 paragraphs of data/shakespeare/eval.txt to the FP model. Each row
 runs in its own process (its wall time and peak RSS are its own); rows are cached in
 bench/results/qft.json, so an interrupted study resumes (--fresh starts over). lits-unet is not
-measured: the repository has no conv-net / U-Net support (no convnet.py) to build it on.
+measured: conv-net / U-Net support had not landed in the repository when QFT was built.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ ROWS: dict[str, list[tuple[str, dict]]] = {
 }
 # Issue #7 targets; best block-wise variants measured in bench/results/blockft.md (joint K=2 at W2).
 LLAMA_TARGETS = {(3, 128): 9.72, (2, 64): 9.95}
+GPTQ_REFERENCE = {(2, 64): 10.631, (3, 128): 9.763, (4, 128): 9.665}  # bench/results/llm.md, when no gptq row ran here
 BEST_BLOCKWISE = {(2, 64): ("joint K=2", 10.1003), (3, 128): ("blockft", 9.7479), (4, 128): ("blockft", 9.6583)}
 MINILM_TARGETS = {4: 0.995, 3: 0.98}
 
@@ -62,6 +63,12 @@ def checks(subject: str, rows: list[dict]) -> list[str]:
         def better(a: dict, b: dict, ppl: bool = ppl) -> bool:
             return a["value"] < b["value"] if ppl else a["value"] > b["value"]
 
+        if q and not base and subject == "llama-code" and (bits, group) in GPTQ_REFERENCE:
+            g = GPTQ_REFERENCE[(bits, group)]
+            out.append(
+                f"- llama-code W{bits} g{group}: gptq+qft {q['value']:.3f} vs GPTQ alone (bench/results/llm.md) {g:.3f} — "
+                f"{'better' if q['value'] < g else 'NOT better'}"
+            )
         for a, b in ((q, base), (ftq, ft)):
             if a and b:
                 out.append(
@@ -136,7 +143,7 @@ def render(all_rows: dict[str, list[dict]], note: str, max_windows: int | None) 
             ],
         )
         parts.append(f"## {subject} (FP {rows[0]['metric']} {fp:.4f})\n\n{table}\n\n" + "\n".join(checks(subject, rows)))
-    parts.append("lits-unet: not measured — the repository has no conv-net (U-Net) quantization support to run QFT on.")
+    parts.append("lits-unet: not measured — conv-net (U-Net) support had not landed in the repository when this ran.")
     return "\n\n".join(parts)
 
 
