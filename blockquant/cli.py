@@ -182,7 +182,11 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", help="block | next:k (normalised input of block b+k) | logits (KL) [block]")
     g.add_argument("--target", choices=["fp-input", "quantized-input"], help="FP block output on FP or on quantized input [fp-input]")
     g.add_argument("--rounding", choices=["ste", "adaround"], help="train weights (STE) or rounding offsets [ste]")
-    g.add_argument("--lr-scale", type=float, help="learning rate of step sizes and zero points, relative to their mean initial value (blockft [0.02], lkd [0.01])")
+    g.add_argument(
+        "--lr-scale",
+        type=float,
+        help="learning rate of step sizes and zero points, relative to their mean initial value (blockft [0.02], lkd [0.01])",
+    )
     g.add_argument("--lr-weight", type=float, help="learning rate of weights (in code units) / AdaRound offsets [2e-2]")
     h = p.add_argument_group("QFT: end-to-end fine-tuning of every quantization DoF (recipes ending in qft, e.g. --recipe gptq,qft)")
     h.add_argument(
