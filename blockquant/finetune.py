@@ -70,9 +70,14 @@ class FakeQuantLinear(nn.Module):
         the checkpoint stores scales in, so training sees exactly the grid that ``commit`` exports."""
         return round_scale_ste(self.scale.clamp(min=1e-8), self.spec)
 
+    def grid_zero(self) -> Tensor:
+        """The integer zero points in use, kept inside [qmin, qmax]: a trained zero point may drift out,
+        and a packed checkpoint can only store codes of the grid."""
+        return torch.clamp(round_ste(self.zero), self.spec.qmin, self.spec.qmax)
+
     def dequantized(self, hard: bool = False) -> Tensor:
         s = self._expand(self.grid_scale())
-        z = self._expand(round_ste(self.zero))
+        z = self._expand(self.grid_zero())
         if self.rounding == "ste":
             codes = round_ste(self.weight)
         else:
@@ -101,7 +106,7 @@ class FakeQuantLinear(nn.Module):
     def commit(self) -> tuple[Tensor, Tensor]:
         """Write the hard-rounded weight into the wrapped layer (exactly on the grid); its (scale, zero)."""
         set_weight_matrix(self.layer, self.dequantized(hard=True))
-        return self.grid_scale().detach().clone(), torch.round(self.zero.detach())
+        return self.grid_scale().detach().clone(), self.grid_zero().detach().clone()
 
 
 def swap_in(block: nn.Module, names: list[str], make: Callable[[str, nn.Module], FakeQuantLinear]) -> dict[str, FakeQuantLinear]:

@@ -147,3 +147,20 @@ def test_logits_objective_needs_a_head(make_tiny, calib_ids):
 def test_finetuning_must_come_last(make_tiny, calib_ids):
     with pytest.raises(ValueError, match="must come last"):
         run(make_tiny("llama"), calib_ids, ("blockft", {"steps": 2}), ("rtn", {}))
+
+
+def test_trained_zero_points_stay_in_the_code_range():
+    """A zero point trained past qmax is used, and committed, clamped: packed export stores only grid codes."""
+    from blockquant.primitives import compute_qparams
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 4)
+    spec = QuantSpec(2, 8)
+    scale, zero = compute_qparams(layer.weight.detach(), spec)
+    fq = FakeQuantLinear(layer, spec, scale, zero)
+    with torch.no_grad():
+        fq.zero.add_(10)  # far outside [0, 3]
+    scale, zero = fq.commit()
+    assert zero.min() >= spec.qmin and zero.max() <= spec.qmax
+    codes = layer.weight.detach() / scale.repeat_interleave(8, 1) + zero.repeat_interleave(8, 1)
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= spec.qmin - 1e-4 and codes.max() <= spec.qmax + 1e-4

@@ -214,10 +214,6 @@ class QFTLinear(FakeQuantLinear):
         b = self.bias if row is None else self.bias / row
         return storage_ste(b, self.spec)
 
-    def grid_zero(self) -> Tensor:
-        """Integer zero points inside the code range (a checkpoint holds nothing else), straight-through."""
-        return torch.clamp(round_ste(self.zero), self.spec.qmin, self.spec.qmax)
-
     def dequantized(self, hard: bool = False) -> Tensor:
         s = self._expand(self.grid_scale())
         z = self._expand(self.grid_zero())
