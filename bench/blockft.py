@@ -18,22 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, SHARED, write_result  # noqa: E402
+from bench.common import RESULTS, SHARED, subject_paths, write_result  # noqa: E402
 from blockquant.compare import VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
 
 # Issue #3 targets on llama-code (FP 9.63): best blockft variant; single-block FT must beat GPTQ at W3, W2.
 TARGETS = {(4, 128): 9.655, (3, 128): 9.75, (2, 64): 10.1}
 MINILM_TARGETS = {4: 0.99, 3: 0.97}
-
-
-def subject_paths(name: str) -> tuple[str, str, str]:
-    if name == "minilm":
-        from blockquant.demo import minilm_dir
-
-        data = SHARED / "data" / "shakespeare"
-        return str(minilm_dir()), str(data / "calib.txt"), str(data / "eval.txt")
-    data = SHARED / "data" / {"llama-code": "code", "llama-shakespeare": "shakespeare"}[name]
-    return str(SHARED / "subjects" / name), str(data / "calib.txt"), str(data / "eval.txt")
 
 
 def checks(subject: str, rows: list[CompareRow]) -> list[str]:

@@ -40,3 +40,14 @@ def write_result(name: str, title: str, body: str) -> Path:
     env = f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     path.write_text(f"# {title}\n\n{time.strftime('%Y-%m-%d')}, {env}\n\n{body}\n")
     return path
+
+
+def subject_paths(name: str) -> tuple[str, str, str]:
+    """(model dir, calibration text, evaluation text) of a shared LM subject, or of MiniLM (Shakespeare text)."""
+    if name == "minilm":
+        from blockquant.demo import minilm_dir
+
+        data = SHARED / "data" / "shakespeare"
+        return str(minilm_dir()), str(data / "calib.txt"), str(data / "eval.txt")
+    data = SHARED / "data" / {"llama-code": "code", "llama-shakespeare": "shakespeare"}[name]
+    return str(SHARED / "subjects" / name), str(data / "calib.txt"), str(data / "eval.txt")

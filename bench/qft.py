@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, SHARED, markdown_table, write_result  # noqa: E402
+from bench.common import RESULTS, SHARED, markdown_table, subject_paths, write_result  # noqa: E402
 
 ROWS: dict[str, list[tuple[str, dict]]] = {
     "gptq": [("gptq", {})],
@@ -40,16 +40,6 @@ LLAMA_TARGETS = {(3, 128): 9.72, (2, 64): 9.95}
 GPTQ_REFERENCE = {(2, 64): 10.631, (3, 128): 9.763, (4, 128): 9.665}  # bench/results/llm.md, when no gptq row ran here
 BEST_BLOCKWISE = {(2, 64): ("joint K=2", 10.1003), (3, 128): ("blockft", 9.7479), (4, 128): ("blockft", 9.6583)}
 MINILM_TARGETS = {4: 0.995, 3: 0.98}
-
-
-def subject_paths(name: str) -> tuple[str, str, str]:
-    if name == "minilm":
-        from blockquant.demo import minilm_dir
-
-        data = SHARED / "data" / "shakespeare"
-        return str(minilm_dir()), str(data / "calib.txt"), str(data / "eval.txt")
-    data = SHARED / "data" / {"llama-code": "code", "llama-shakespeare": "shakespeare"}[name]
-    return str(SHARED / "subjects" / name), str(data / "calib.txt"), str(data / "eval.txt")
 
 
 def checks(subject: str, rows: list[dict]) -> list[str]:
