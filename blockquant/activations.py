@@ -9,15 +9,25 @@ fine-tuning method (ZeroQuant's LKD) trains through it.
 An ``ActQuantizer`` lives on its linear as ``layer.input_quantizer`` and runs from a forward
 pre-hook (``attach``); the static range is a non-persistent buffer, so the state dict — and
 every checkpoint format — is unchanged. ``finetune.FakeQuantLinear`` applies it too.
+
+What a checkpoint holds of it: ``record`` (the scheme, the quantized layers and each static
+range, in ``blockquant.json``) and, for SmoothQuant ``fold: quantizer``, the smoothing vectors in
+``SMOOTHING_FILE``; ``restore`` puts both back on a loaded model so that ``blockquant eval``
+measures what was quantized.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from blockquant.arch import set_weight_matrix, weight_matrix
 from blockquant.capture import BlockInputs, InputStats, collect_input_stats
 from blockquant.primitives import round_ste
 from blockquant.recipe import ActSpec
@@ -88,6 +98,7 @@ class ActQuantizer(nn.Module):
 
 
 SMOOTHING_ATTR = "input_smoothing"
+SMOOTHING_FILE = "activation_smoothing.safetensors"  # next to blockquant.json: s of each smoothed linear
 
 
 def _smooth_input(module: nn.Module, args: tuple) -> tuple:
@@ -104,12 +115,44 @@ def smooth_input(layer: nn.Module, s: Tensor) -> None:
     """
     if hasattr(layer, SMOOTHING_ATTR):
         raise ValueError("this linear's input is already smoothed; smoothquant runs once per recipe")
-    layer.register_buffer(SMOOTHING_ATTR, s.detach().float().to(next(layer.parameters()).device), persistent=False)
+    layer.register_buffer(SMOOTHING_ATTR, s.detach().float().to(_device(layer)), persistent=False)
     layer.register_forward_pre_hook(_smooth_input, prepend=True)
 
 
 def has_input_smoothing(model: nn.Module) -> bool:
     return any(hasattr(m, SMOOTHING_ATTR) for m in model.modules())
+
+
+def smoothing_vectors(model: nn.Module) -> dict[str, Tensor]:
+    """``s`` of every smoothed layer, by its full name (what ``SMOOTHING_FILE`` holds)."""
+    return {name: getattr(m, SMOOTHING_ATTR).detach().cpu().clone() for name, m in model.named_modules() if hasattr(m, SMOOTHING_ATTR)}
+
+
+@contextmanager
+def unsmoothed(model: nn.Module) -> Iterator[None]:
+    """Inside, each smoothed layer's weight columns are divided by ``s`` again: ``Ŵ·diag(1/s)``.
+
+    What a runtime that knows nothing of the smoothing must see: ``Ŵ·diag(1/s)·x = Ŵ·(x/s)``
+    is the quantized weights' function with full-precision activations, as in any other
+    dequantized checkpoint. ``restore`` multiplies the columns back. The original weights
+    are put back exactly on exit.
+    """
+    saved = {}
+    try:
+        for name, module in model.named_modules():
+            if hasattr(module, SMOOTHING_ATTR):
+                saved[name] = module.weight.detach().clone()
+                s = getattr(module, SMOOTHING_ATTR)
+                set_weight_matrix(module, weight_matrix(module) / s.to(module.weight.device).unsqueeze(0))
+        yield
+    finally:
+        for name, weight in saved.items():
+            model.get_submodule(name).weight.data.copy_(weight)
+
+
+def _device(layer: nn.Module) -> torch.device:
+    """Where a layer's tensors live (a packed layer has buffers, maybe no parameter)."""
+    return next(iter([*layer.parameters(), *layer.buffers()])).device
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
@@ -121,7 +164,7 @@ def add_input_quantizer(layer: nn.Module, quantizer: ActQuantizer) -> None:
     """Put ``quantizer`` in front of ``layer`` (a forward pre-hook), e.g. a conv of a U-Net."""
     if hasattr(layer, ATTR):
         raise ValueError("this layer already quantizes its input; activation quantization is attached once")
-    layer.add_module(ATTR, quantizer.to(next(layer.parameters()).device))
+    layer.add_module(ATTR, quantizer.to(_device(layer)))
     layer.register_forward_pre_hook(_quantize_input)
 
 
@@ -169,8 +212,45 @@ def quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
 
 
 def record(model: nn.Module, spec: ActSpec | None) -> dict | None:
-    """What blockquant.json says about activations: the scheme and each static range."""
+    """What blockquant.json says about activations: the scheme, the layers whose input is
+    quantized, each static range, and where the smoothing vectors are (None: no smoothing)."""
     if spec is None:
         return None
-    static = {n: q.record() for n, q in quantizers(model).items()} if spec.granularity == "tensor" else None
-    return {**dataclasses.asdict(spec), "static_ranges": static}
+    found = quantizers(model)
+    static = {n: q.record() for n, q in found.items()} if spec.granularity == "tensor" else None
+    smoothed = sorted(smoothing_vectors(model))
+    smoothing = {"file": SMOOTHING_FILE, "layers": smoothed} if smoothed else None
+    return {**dataclasses.asdict(spec), "layers": sorted(found), "static_ranges": static, "smoothing": smoothing}
+
+
+def restore(model: nn.Module, act: dict | None, model_dir: str | Path | None = None) -> int:
+    """Put a saved model's recorded activation scheme back on it; returns the layers quantized.
+
+    Smoothed layers (``fold: quantizer``) get their columns multiplied by ``s`` again and ``x/s``
+    in front; then every recorded layer gets its quantizer (dynamic per token, or its static range).
+    """
+    if not act:
+        return 0
+    spec = ActSpec(**{f.name: act[f.name] for f in dataclasses.fields(ActSpec) if f.name in act})
+    static = act.get("static_ranges") or {}
+    layers = act.get("layers") or list(static)
+    smoothing = act.get("smoothing")
+    if smoothing:
+        if model_dir is None:
+            raise ValueError("this model's activations are smoothed; restoring them needs the directory of its smoothing file")
+        path = Path(model_dir) / smoothing["file"]
+        if not path.is_file():
+            raise ValueError(
+                f"{path} is missing: blockquant.json says the activations of {len(smoothing['layers'])} layers are smoothed by it"
+            )
+        for name, s in load_file(str(path)).items():
+            layer = model.get_submodule(name)
+            set_weight_matrix(layer, weight_matrix(layer) * s.to(layer.weight.device).unsqueeze(0))
+            smooth_input(layer, s)
+    for name in layers:
+        quantizer = ActQuantizer(spec)
+        if spec.granularity == "tensor":
+            quantizer.scale.fill_(static[name]["scale"])
+            quantizer.zero.fill_(static[name]["zero"])
+        add_input_quantizer(model.get_submodule(name), quantizer)
+    return len(layers)

@@ -45,7 +45,9 @@ examples:
 --abits 8 (or 4) fake-quantizes the input of every block linear: per token at run time
 (--act-granularity token) or with one static range per linear from the calibration data
 (tensor). The checkpoint holds the weights; the activation scheme and the static ranges are
-recorded in blockquant.json for the runtime to apply.
+recorded in blockquant.json, which blockquant eval applies (another runtime must read it).
+SmoothQuant with fold: quantizer (a recipe file) also smooths inputs no norm can absorb
+(post-norm BERT); it writes --format dequantized only, with s in activation_smoothing.safetensors.
 
 --format picks what OUT_DIR holds: compressed-tensors (pack-quantized int32 words + scales,
 what vLLM and transformers with compressed-tensors load), gptq (GPTQ v2 qweight/qzeros/scales/
@@ -280,10 +282,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = _apply_finetune_args(recipe, args)
     recipe = _apply_alpha(recipe, args.alpha)
     recipe = _apply_hw(recipe, args.hw)
-    if any(st.method == "smoothquant" and st.options.fold == "quantizer" for st in recipe.steps):
-        from blockquant.export.checkpoint import QUANTIZER_FOLD_UNSAVABLE
+    if args.format not in (None, "dequantized") and any(
+        st.method == "smoothquant" and st.options.fold == "quantizer" for st in recipe.steps
+    ):
+        from blockquant.export.checkpoint import QUANTIZER_FOLD_PACKED
 
-        raise ValueError(QUANTIZER_FOLD_UNSAVABLE)  # before the work, not after
+        raise ValueError(QUANTIZER_FOLD_PACKED)  # before the work, not after
     if not args.calib:
         raise ValueError("--calib FILE is required: a text file to calibrate on")
     if not args.output:
@@ -313,7 +317,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cuda = "" if result.peak_cuda_mb is None else f", peak CUDA {result.peak_cuda_mb:.0f} MB"
     if recipe.act is not None:
         log.warning(
-            "%s: the checkpoint stores the weights; the runtime must apply it (blockquant.json 'activations')", recipe.act.describe()
+            "%s: recorded in blockquant.json 'activations' (blockquant eval applies it; another runtime must read it)",
+            recipe.act.describe(),
         )
     print(
         f"{recipe.name} {recipe.describe()}: {len(result.layers)} layers in {result.seconds:.1f}s, "

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from blockquant.arch import ARCHITECTURES
@@ -142,15 +143,25 @@ def atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path, record: dict[str, Any], overwrite: bool = False) -> Path:
+def save_quantized(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    record: dict[str, Any],
+    overwrite: bool = False,
+    extra_tensors: dict[str, dict[str, Tensor]] | None = None,
+) -> Path:
     """A plain Hugging Face directory (dequantized weights) plus ``blockquant.json``.
 
     The record is kept out of ``config.json`` on purpose: a ``quantization_config`` there
     would tell runtimes to expect packed integer weights, which this layout does not hold.
+    ``extra_tensors`` are further safetensors files (file name → tensors) written beside it.
     """
     with atomic_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, tensors in (extra_tensors or {}).items():
+            save_file(tensors, str(tmp / name))
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
     return Path(out_dir)

@@ -303,18 +303,8 @@ def _refuse_llm_options(args: Any) -> None:
 def attach_recorded_activations(model: nn.Module, record: dict[str, Any] | None) -> int:
     """Static activation quantizers of a quantized directory's record, back on their layers."""
     from blockquant import activations
-    from blockquant.recipe import ActSpec
 
-    act = (record or {}).get("activations")
-    if not act:
-        return 0
-    spec = ActSpec(**{k: v for k, v in act.items() if k != "static_ranges"})
-    for name, rng in (act.get("static_ranges") or {}).items():
-        quantizer = activations.ActQuantizer(spec)
-        quantizer.scale.fill_(rng["scale"])
-        quantizer.zero.fill_(rng["zero"])
-        activations.add_input_quantizer(model.get_submodule(name), quantizer)
-    return len(act.get("static_ranges") or {})
+    return activations.restore(model, (record or {}).get("activations"))
 
 
 def _dice_of(model_dir: str, args: Any) -> tuple[dict[str, float], dict[str, Any]]:

@@ -303,7 +303,7 @@ def test_recipe_file_sets_activations(tmp_path):
     assert recipe.to_dict()["act"]["granularity"] == "tensor"
 
 
-def test_smoothquant_quantizer_fold_keeps_fp_function_and_is_not_saved(tmp_path, calib_ids, eval_ids, calib_file, capsys):
+def test_smoothquant_quantizer_fold_keeps_fp_function(calib_ids, eval_ids):
     """BERT: s⁻¹ of the post-norm groups goes in front of the input quantizers; FP logits unchanged."""
     model = build_tiny("bert").double()
     ref = _out(model, eval_ids)
@@ -315,24 +315,72 @@ def test_smoothquant_quantizer_fold_keeps_fp_function_and_is_not_saved(tmp_path,
     steps = [make_step("smoothquant", {"fold": "quantizer"}), make_step("lkd", {"steps": 3})]  # and trains through it
     quantize(q, Recipe(QuantSpec(8, -1), steps, ActSpec(8, "token")), calib_ids, batch_size=2, progress=False)
     assert _rel(_out(q, eval_ids), _out(build_tiny("bert"), eval_ids)) < 1e-3
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_activation_scheme_and_smoothing_survive_the_checkpoint(granularity, tmp_path, calib_ids, eval_ids):
+    """A saved W8A8 model (with ``fold: quantizer`` smoothing) evaluates as it was quantized; plain
+    transformers, which knows nothing of activations, gets the quantized weights' function."""
+    from transformers import AutoModel
+
+    from blockquant.activations import SMOOTHING_FILE
+    from blockquant.export import load_model_any
+    from blockquant.export.checkpoint import DEQUANTIZED, save_checkpoint
+
+    q = build_tiny("bert")
+    steps = [make_step("smoothquant", {"fold": "quantizer", "alpha": 0.8})]
+    result = quantize(q, Recipe(QuantSpec(8, -1), steps, ActSpec(8, granularity)), calib_ids, batch_size=2, progress=False)
+    expected = _out(q, eval_ids)
+    assert len(result.activations["layers"]) == 12  # every linear of the 2 blocks
+    assert len(result.activations["smoothing"]["layers"]) == 10  # all but attention.output (v → o folds exactly)
+    save_checkpoint(DEQUANTIZED, q, None, tmp_path / "o", result.record(), result)
+    assert (tmp_path / "o" / SMOOTHING_FILE).is_file()
+    assert _rel(_out(q, eval_ids), expected) == 0  # saving put the smoothed weights back exactly
+
+    loaded, _ = load_model_any(tmp_path / "o")
+    assert len(quantizers(loaded)) == 12
+    assert _rel(_out(loaded, eval_ids), expected) < 1e-10
+
+    plain = AutoModel.from_pretrained(tmp_path / "o")  # no blockquant hooks: weights Ŵ·diag(1/s), FP activations
+    without_act = copy.deepcopy(q)
+    from blockquant import activations
+
+    activations.detach(without_act)
+    for module in without_act.modules():
+        if hasattr(module, activations.SMOOTHING_ATTR):
+            module._forward_pre_hooks.clear()
+            s = getattr(module, activations.SMOOTHING_ATTR)
+            module.weight.data /= s.unsqueeze(0)
+    assert _rel(_out(plain, eval_ids), _out(without_act, eval_ids)) < 1e-10
+    assert _rel(_out(plain, eval_ids), _out(build_tiny("bert"), eval_ids)) < 1e-3  # W8: close to full precision
+
+
+def test_cli_quantizer_fold_writes_dequantized_and_refuses_packed(tmp_path, calib_file, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("abits: 8\nsteps:\n  - method: smoothquant\n    fold: quantizer\n")
+    recipe.write_text("abits: 8\nact_granularity: tensor\nsteps:\n  - method: smoothquant\n    fold: quantizer\n")
     bert_dir = save_tiny("bert", tmp_path / "bert")
+    args = [
+        "quantize",
+        str(bert_dir),
+        "--calib",
+        str(calib_file),
+        *QUANT_ARGS,
+        "--recipe",
+        str(recipe),
+        "--wbits",
+        "8",
+        "--group-size",
+        "-1",
+    ]
     capsys.readouterr()
-    rc = main(
-        [
-            "quantize",
-            str(bert_dir),
-            "--calib",
-            str(calib_file),
-            "--output",
-            str(tmp_path / "o"),
-            *QUANT_ARGS,
-            "--recipe",
-            str(recipe),
-        ]
-    )
-    assert_usage_error(capsys, rc, "no checkpoint format stores")
+    rc = main([*args, "--output", str(tmp_path / "packed"), "--format", "compressed-tensors"])
+    assert_usage_error(capsys, rc, "packed formats have no place for", "--format dequantized")
+    assert not (tmp_path / "packed").exists()
+    rc = main([*args, "--output", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "o" / "blockquant.json").read_text())
+    assert record["activations"]["smoothing"]["file"] == "activation_smoothing.safetensors"
+    assert (tmp_path / "o" / "activation_smoothing.safetensors").is_file()
 
 
 def test_awq_before_another_step_hands_on_fp_weights(calib_ids, eval_ids):

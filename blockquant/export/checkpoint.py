@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 from transformers.pytorch_utils import Conv1D
 
+from blockquant import activations
 from blockquant.activations import has_input_smoothing
 from blockquant.api import QuantResult
 from blockquant.arch import arch_for, block_linears, get_blocks, is_linear
@@ -35,9 +36,10 @@ FORMATS = {compressed_tensors.NAME: compressed_tensors, gptq.NAME: gptq}
 DEQUANTIZED = "dequantized"
 FORMAT_CHOICES = (*FORMATS, DEQUANTIZED)
 DEFAULT_SHARD_BYTES = 2 * 2**30
-QUANTIZER_FOLD_UNSAVABLE = (
-    "smoothquant fold: quantizer keeps s⁻¹ in front of the activation quantizers, which no checkpoint format stores; "
-    "use fold: exact (the default) to write a checkpoint"
+QUANTIZER_FOLD_PACKED = (
+    "smoothquant fold: quantizer divides the inputs of some linears by a per-channel s in front of their activation "
+    f"quantizer, which packed formats have no place for; write --format {DEQUANTIZED} (the weights with s folded back out "
+    f"of their columns, s in {activations.SMOOTHING_FILE}) or use fold: exact (the default)"
 )
 
 
@@ -80,10 +82,14 @@ def resolve_format(requested: str | None, model: nn.Module, spec: QuantSpec, lay
     scheme), or by default compressed-tensors, else dequantized weights with a warning why."""
     if requested is not None:
         problem = export_problem(requested, model, spec, layers)
+        if problem is None and requested != DEQUANTIZED and has_input_smoothing(model):
+            problem = QUANTIZER_FOLD_PACKED
         if problem:
             raise ValueError(f"cannot write --format {requested}: {problem}")
         return requested
     problem = export_problem(compressed_tensors.NAME, model, spec, layers)
+    if problem is None and has_input_smoothing(model):
+        problem = "smoothquant fold: quantizer smooths some activations in front of their quantizer, which packed formats cannot hold"
     if problem:
         log.warning("writing dequantized weights, not a compressed-tensors checkpoint: %s", problem)
         return DEQUANTIZED
@@ -100,11 +106,19 @@ def save_checkpoint(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``fmt`` (a packed format, or ``dequantized`` for a plain HF checkpoint)."""
-    if has_input_smoothing(model):
-        raise ValueError(QUANTIZER_FOLD_UNSAVABLE)
+    """Write ``fmt`` (a packed format, or ``dequantized`` for a plain HF checkpoint).
+
+    Smoothed activations (SmoothQuant ``fold: quantizer``) only go to ``dequantized``: the weights
+    with s divided back out of their columns, so that plain transformers computes the quantized
+    weights' function, and s in ``activations.SMOOTHING_FILE`` for ``activations.restore``.
+    """
     if fmt == DEQUANTIZED:
-        return save_quantized(model, tokenizer, out_dir, record, overwrite)
+        smoothing = activations.smoothing_vectors(model)
+        with activations.unsmoothed(model):
+            extra = {activations.SMOOTHING_FILE: smoothing} if smoothing else None
+            return save_quantized(model, tokenizer, out_dir, record, overwrite, extra)
+    if has_input_smoothing(model):
+        raise ValueError(QUANTIZER_FOLD_PACKED)
     return save_packed(model, result, out_dir, fmt, tokenizer=tokenizer, record=record, overwrite=overwrite, dtype=dtype)
 
 
@@ -299,12 +313,19 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 def load_model_any(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """Model and tokenizer of a plain or a packed directory (for ``blockquant eval``)."""
+    """Model and tokenizer of a plain or a packed directory (for ``blockquant eval``), with the
+    activation quantization its ``blockquant.json`` records put back on (``activations.restore``)."""
     if not is_packed(model_dir):
-        return load_model(model_dir, dtype)
-    model = load(model_dir, dtype)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # tokenizers raise many types for a broken directory
-        raise ValueError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        model, tokenizer = load_model(model_dir, dtype)
+    else:
+        model = load(model_dir, dtype)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as e:  # tokenizers raise many types for a broken directory
+            raise ValueError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    record_file = Path(model_dir) / RECORD_FILE
+    act = json.loads(record_file.read_text()).get("activations") if record_file.is_file() else None
+    if act:
+        n = activations.restore(model, act, model_dir)
+        log.info("activations quantized as recorded (%s bits, per %s) on %d linears", act["bits"], act["granularity"], n)
     return model, tokenizer
