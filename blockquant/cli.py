@@ -46,8 +46,9 @@ examples:
 (--act-granularity token) or with one static range per linear from the calibration data
 (tensor). The checkpoint holds the weights; the activation scheme and the static ranges are
 recorded in blockquant.json, which blockquant eval applies (another runtime must read it).
-SmoothQuant with fold: quantizer (a recipe file) also smooths inputs no norm can absorb
-(post-norm BERT); it writes --format dequantized only, with s in activation_smoothing.safetensors.
+SmoothQuant --smooth-fold quantizer also smooths inputs no norm can absorb (post-norm BERT's
+LayerNorm outputs, which are also its residual): s stays in the activation quantizer, stored in
+activation_smoothing.safetensors beside a dequantized checkpoint (--format dequantized only).
 
 --format picks what OUT_DIR holds: compressed-tensors (pack-quantized int32 words + scales,
 what vLLM and transformers with compressed-tensors load), gptq (GPTQ v2 qweight/qzeros/scales/
@@ -109,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         help="per-token dynamic or per-tensor static activations [token; MONAI networks: tensor]",
     )
     q.add_argument("--alpha", help="smoothquant migration strength in [0, 1], or auto (sweep on held-out calibration) [0.5]")
+    q.add_argument(
+        "--smooth-fold",
+        choices=["exact", "quantizer"],
+        help="smoothquant: fold s only where a norm / linear feeds the group exactly, or also divide the other inputs by s "
+        "in their activation quantizer (post-norm BERT; --format dequantized only) [exact]",
+    )
     q.add_argument("--calib", metavar="FILE", help="calibration text file (UTF-8)")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows [128]")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window [512]")
@@ -227,20 +234,22 @@ def _apply_hw(recipe, hw: str | None):
     return type(recipe)(recipe.spec, recipe.steps, recipe.act)  # validates the preset against the grid
 
 
-def _apply_alpha(recipe, alpha: str | None):
-    """Put --alpha into the recipe's smoothquant step (an error without one)."""
-    if alpha is None:
+def _apply_smoothquant(recipe, alpha: str | None, fold: str | None):
+    """Put --alpha / --smooth-fold into the recipe's smoothquant step (an error without one)."""
+    given = {k: v for k, v in (("alpha", alpha), ("fold", fold)) if v is not None}
+    if not given:
         return recipe
     where = [i for i, st in enumerate(recipe.steps) if st.method == "smoothquant"]
     if not where:
-        raise ValueError("--alpha is SmoothQuant's migration strength; put smoothquant in the recipe (e.g. --recipe smoothquant)")
-    if alpha != "auto":
+        flags = " and ".join({"alpha": "--alpha", "fold": "--smooth-fold"}[k] for k in given)
+        raise ValueError(f"{flags}: SmoothQuant options; put smoothquant in the recipe (e.g. --recipe smoothquant)")
+    if given.get("alpha", "auto") != "auto":
         try:
-            alpha = float(alpha)
+            given["alpha"] = float(alpha)
         except ValueError:
             raise ValueError(f"--alpha must be a number in [0, 1] or auto, got {alpha!r}") from None
     for i in where:
-        recipe.steps[i] = make_step("smoothquant", {**dataclasses.asdict(recipe.steps[i].options), "alpha": alpha})
+        recipe.steps[i] = make_step("smoothquant", {**dataclasses.asdict(recipe.steps[i].options), **given})
     return recipe
 
 
@@ -280,7 +289,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     group_size = 128 if args.group_size is None else args.group_size
     recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=group_size, sym=args.sym), act)
     recipe = _apply_finetune_args(recipe, args)
-    recipe = _apply_alpha(recipe, args.alpha)
+    recipe = _apply_smoothquant(recipe, args.alpha, args.smooth_fold)
     recipe = _apply_hw(recipe, args.hw)
     if args.format not in (None, "dequantized") and any(
         st.method == "smoothquant" and st.options.fold == "quantizer" for st in recipe.steps

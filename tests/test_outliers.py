@@ -251,6 +251,7 @@ def test_unknown_feeder_mapping_names_the_method(calib_ids, monkeypatch):
         (["--recipe", "smoothquant", "--abits", "8", "--alpha", "2"], "alpha must be in [0, 1]"),
         (["--recipe", "smoothquant", "--abits", "8", "--alpha", "much"], "--alpha must be a number in [0, 1] or auto"),
         (["--recipe", "gptq", "--alpha", "0.5"], "put smoothquant in the recipe"),
+        (["--recipe", "gptq", "--smooth-fold", "quantizer"], "--smooth-fold: SmoothQuant options; put smoothquant in the recipe"),
         (["--recipe", "smoothquant"], "give --abits 8"),
         (["--recipe", "zeroquant", "--abits", "8", "--act-granularity", "tensor"], "--act-granularity token"),
     ],
@@ -376,7 +377,8 @@ def test_cli_quantizer_fold_writes_dequantized_and_refuses_packed(tmp_path, cali
     rc = main([*args, "--output", str(tmp_path / "packed"), "--format", "compressed-tensors"])
     assert_usage_error(capsys, rc, "packed formats have no place for", "--format dequantized")
     assert not (tmp_path / "packed").exists()
-    rc = main([*args, "--output", str(tmp_path / "o")])
+    flags = ["--recipe", "smoothquant", "--smooth-fold", "quantizer", "--abits", "8", "--act-granularity", "tensor"]
+    rc = main([*args[: args.index("--recipe")], *args[args.index("--recipe") + 2 :], *flags, "--output", str(tmp_path / "o")])
     assert rc == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "o" / "blockquant.json").read_text())
     assert record["activations"]["smoothing"]["file"] == "activation_smoothing.safetensors"

@@ -13,7 +13,8 @@ s = 1/max|W_j|, moving the weights' range into the activations; α = 0.5 balance
 BERT-style post-norm blocks read LayerNorm outputs that are also the residual, so no exact fold
 reaches their outliers; ``fold: quantizer`` smooths those groups too by keeping s⁻¹ in front of
 the linears' input quantizer — a per-channel factor that a deployment must fuse into the kernel
-quantizing that activation (e.g. the LayerNorm's int8 output), and that no checkpoint stores.
+quantizing that activation (e.g. the LayerNorm's int8 output); the dequantized checkpoint layout
+stores it beside the weights (``activations.SMOOTHING_FILE``).
 
 ``alpha: auto`` sweeps ``alphas`` per block: each candidate is smoothed, quantized (weights and
 activations) on a copy, fitted on the first calibration batches and scored by the block's output
@@ -127,6 +128,15 @@ def sweep(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: SmoothQuan
 @torch.no_grad()
 def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: SmoothQuantOptions) -> dict[str, LayerResult]:
     alpha = sweep(block, ctx, spec, opts) if opts.alpha == "auto" else float(opts.alpha)
+    if ctx.index == 0 and opts.fold == "exact":
+        unfolded = [",".join(g.linears) for g in ctx.groups if fold_problem(block, g) is not None]
+        if unfolded:  # said once: every block of a model has the same groups
+            log.warning(
+                "smoothquant: the inputs of %s have no feeder to fold s into exactly (e.g. a post-norm LayerNorm output that is "
+                "also the residual) and stay unsmoothed in every block; --smooth-fold quantizer (recipe: fold: quantizer) smooths "
+                "them in their activation quantizer",
+                " / ".join(unfolded),
+            )
     smoothed = smooth(block, ctx, ctx.inputs, alpha, opts.fold)
     if not smoothed:
         log.info("smoothquant block %d: no group has an exact feeder to fold into; nothing smoothed", ctx.index)
