@@ -244,13 +244,22 @@ def restore(model: nn.Module, act: dict | None, model_dir: str | Path | None = N
                 f"{path} is missing: blockquant.json says the activations of {len(smoothing['layers'])} layers are smoothed by it"
             )
         for name, s in load_file(str(path)).items():
-            layer = model.get_submodule(name)
+            layer = _recorded_layer(model, name)
             set_weight_matrix(layer, weight_matrix(layer) * s.to(layer.weight.device).unsqueeze(0))
             smooth_input(layer, s)
     for name in layers:
         quantizer = ActQuantizer(spec)
         if spec.granularity == "tensor":
+            if name not in static:
+                raise ValueError(f"blockquant.json records static activations but no range for {name}")
             quantizer.scale.fill_(static[name]["scale"])
             quantizer.zero.fill_(static[name]["zero"])
-        add_input_quantizer(model.get_submodule(name), quantizer)
+        add_input_quantizer(_recorded_layer(model, name), quantizer)
     return len(layers)
+
+
+def _recorded_layer(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"blockquant.json's activation record names {name}, which this model has no layer for") from None
