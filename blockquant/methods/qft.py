@@ -267,6 +267,19 @@ def _head_dim(model: nn.Module) -> int | None:
     return d or (config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None)
 
 
+def trainable_kinds(modules: list[QFTLinear], opts: QFTOptions) -> dict[str, list]:
+    """Switch each module's tensors on or off as ``opts`` says; the trainable ones by kind (equalize / act: filled later)."""
+    kinds: dict[str, list] = {"scale": [], "weight": [], "bias": [], "equalize": [], "act": []}
+    for fq in modules:
+        fq.weight.requires_grad_(opts.weights)
+        fq.log_scale.requires_grad_(opts.step_sizes)
+        fq.zero.requires_grad_(opts.step_sizes and not fq.spec.sym)
+        kinds["scale"] += [p for p in (fq.log_scale, fq.zero) if p.requires_grad]
+        kinds["weight"] += [fq.weight] if opts.weights else []
+        kinds["bias"] += [fq.bias] if fq.bias is not None and fq.bias.requires_grad else []
+    return kinds
+
+
 def _bias_layers(model: nn.Module, ctx: ModelContext, names: list[str]) -> tuple[set[str], list[str], list[str]]:
     """(relative names that may carry a bias correction, config flags to turn on, names that may not)."""
     blocks = get_blocks(model, ctx.arch)
@@ -304,15 +317,7 @@ def _setup(ctx: ModelContext, spec: QuantSpec, opts: QFTOptions) -> tuple[list[d
         return build
 
     wrapped = [swap_in(block, names, make(i)) for i, block in enumerate(blocks)]
-    kinds: dict[str, list] = {"scale": [], "weight": [], "bias": [], "equalize": [], "act": []}
-    for w in wrapped:
-        for fq in w.values():
-            fq.weight.requires_grad_(opts.weights)
-            fq.log_scale.requires_grad_(opts.step_sizes)
-            fq.zero.requires_grad_(opts.step_sizes and not spec.sym)
-            kinds["scale"] += [p for p in (fq.log_scale, fq.zero) if p.requires_grad]
-            kinds["weight"] += [fq.weight] if opts.weights else []
-            kinds["bias"] += [fq.bias] if fq.bias is not None and fq.bias.requires_grad else []
+    kinds = trainable_kinds([fq for w in wrapped for fq in w.values()], opts)
     undo: list[Callable] = []
     if opts.equalize:
         kinds["equalize"] = _attach_equalizers(ctx, blocks, wrapped, spec, undo)
