@@ -126,6 +126,8 @@ def check_recipe(recipe: Recipe) -> None:
         raise ValueError(
             f"convolution networks are quantized by one of {first}, optionally followed by qft (e.g. admm,qft); got recipe {recipe.name!r}"
         )
+    if len(methods) == 2:
+        qft_conv.check(recipe.steps[1].options)
     if recipe.spec.group_size != -1 and not recipe.spec.per_tensor:
         raise ValueError(f"convolution layers are quantized per output channel: use --group-size -1 (got {recipe.spec.group_size})")
     if recipe.act is not None and recipe.act.granularity != "tensor":

@@ -228,10 +228,14 @@ def test_cli_admm_qft_round_trip(tmp_path, capsys):
         ("admm", ["--steps", "5"], "transformer-model option"),
         ("admm,qft", ["--window", "2"], "transformer-model option"),
         ("admm,qft", ["--hw", "int-per-group"], "--group-size g"),
+        ("{recipe_file}", [], "feature_weight"),
     ],
 )
 def test_cli_bad_qft_inputs(tmp_path, capsys, recipe, extra, match):
     net_dir, vol = _dirs(tmp_path)
+    if recipe == "{recipe_file}":
+        recipe = str(tmp_path / "r.yaml")
+        (tmp_path / "r.yaml").write_text("steps:\n  - method: admm\n  - method: qft\n    feature_weight: 0.1\n")
     out = tmp_path / "q"
     assert (
         main(["quantize", net_dir, "--recipe", recipe, "--wbits", "2", "--calib", vol, "--crop", "0:16", "--output", str(out), *extra]) == 2

@@ -12,6 +12,7 @@ Loss (DESIGN.md §3 EfficientQ): the class-balanced self-adaptive attention loss
 network's own prediction on the calibration volume (``admm.attention_map``, computed once by
 ``segmentation.quantize_network``). The volume is cut into tiles (the training items; the last
 one is held out for early stopping); the teacher's logits are the FP network's on each tile.
+The tiles bound the activation memory, so ``checkpointing`` (a transformer-block knob) is not used.
 """
 
 from __future__ import annotations
@@ -106,6 +107,14 @@ def tiles(shape: tuple[int, ...], multiple: int, max_voxels: int = 2**17) -> lis
     return [tuple(slice(o, o + s) for o, s in zip(start, size)) for start in starts]
 
 
+def check(opts: QFTOptions) -> None:
+    """Refuse the options a convolution network cannot honour (before any work)."""
+    if opts.feature_weight:
+        raise ValueError(
+            "qft feature_weight is a token-level term of transformer models; convolution networks train on the logits only: drop it"
+        )
+
+
 def setup(
     model: nn.Module,
     layers: list[str],
@@ -188,6 +197,7 @@ def apply(
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict]:
     """Fine-tune every DoF of the quantized ``model`` jointly against ``fp`` on ``calibration``
     ``(B, C, *S)``; leave it folded on its grids. Returns the grids (name -> (scale, zero)) and notes."""
+    check(opts)
     layers = list(specs)
     parts = tiles(tuple(calibration.shape[2:]), multiple, tile_voxels)
     inputs = [calibration[(slice(None), slice(None), *t)] for t in parts]
