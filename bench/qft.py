@@ -167,7 +167,10 @@ def unet_one(label: str, bits: int) -> dict:
             "eight_bit": [r.name for r in result.layers if r.bits == 8],
         }
     row["load_after"] = os.getloadavg()[0]
-    row["dice"] = dice_per_class(segment(model, x_eval), lab_eval, CLASSES)
+    pred = segment(model, x_eval)
+    row["dice"] = dice_per_class(pred, lab_eval, CLASSES)
+    if label != "fp":  # fidelity: Dice of the prediction against the FP network's own prediction (not the labels)
+        row["fp_agreement"] = dice_per_class(pred, segment(load_network(SUBJECT)[0], x_eval), CLASSES)
     return row
 
 
@@ -202,6 +205,7 @@ def render_unet(rows: list[dict], note: str) -> str:
             f"{d['tumour']:.4f}",
             f"{100 * (d['liver'] - fp['liver']):+.2f}",
             f"{100 * (d['tumour'] - fp['tumour']):+.2f}",
+            f"{r['fp_agreement']['liver']:.4f} / {r['fp_agreement']['tumour']:.4f}" if "fp_agreement" in r else "-",
             f"{r['seconds']:.0f} ({r['cpu_seconds']:.0f})",
             f"{q['seconds']:.0f}" if q else "-",
             f"{r['peak_rss_mb']:.0f}",
@@ -210,7 +214,17 @@ def render_unet(rows: list[dict], note: str) -> str:
             f"{r['load_before']:.1f}→{r['load_after']:.1f}",
         ]
 
-    headers = ["row", "wbits", "Dice liver", "Dice tumour", "Δ liver (pts)", "Δ tumour (pts)", "quantize s wall (CPU)", "of which qft s"]
+    headers = [
+        "row",
+        "wbits",
+        "Dice liver",
+        "Dice tumour",
+        "Δ liver (pts)",
+        "Δ tumour (pts)",
+        "agreement with FP liver / tumour",
+        "quantize s wall (CPU)",
+        "of which qft s",
+    ]
     headers += ["peak RSS MB", "qft steps / stop", "held-out loss start → best", "load avg"]
     table = markdown_table(headers, [cells(r) for r in order])
     eq = next((r["qft_record"] for r in order if r.get("qft_record") and r["qft_record"].get("equalized") is not None), None)
@@ -221,7 +235,8 @@ def render_unet(rows: list[dict], note: str) -> str:
         "QFT: library defaults (150 steps, AdamW, cosine, early stop on the held-out tile), the calibration crop cut into "
         "tiles of ≤ 2^17 voxels (training items, the last held out), loss Σ A·‖z_q − z_fp‖² / Σ ‖z_fp‖² on the logits "
         "(A: the self-adaptive attention of the FP prediction on the whole crop). Each row runs ADMM itself then QFT, in its own "
-        "process; `quantize s` is the whole recipe, `of which qft s` the QFT step."
+        "process; `quantize s` is the whole recipe, `of which qft s` the QFT step. `agreement with FP`: Dice of the row's prediction "
+        "against the full-precision network's prediction on the same slab (fidelity to the teacher, not accuracy)."
     )
     if eq is not None:
         protocol += (
