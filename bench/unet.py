@@ -219,8 +219,8 @@ def render(rows: dict[str, dict], cli: dict | None, threads: int) -> str:
         "",
         table,
         "",
-        "Block-wise fine-tuning: not run on the U-Net. `finetune.FakeQuantLinear` wraps Linear / Conv1D only and the network has no chain "
-        "of blocks for `blockft`'s window driver; a layer-wise variant would need a conv fake-quant module, not built in this issue.",
+        "Fine-tuning: QFT after ADMM (`--recipe admm,qft`, every conv's DoF trained end to end) is measured in bench/results/qft.md. "
+        "Block-wise `blockft` is not run here: the network has no chain of blocks for its window driver.",
     ]
     if cli:
         d = cli["dice"]

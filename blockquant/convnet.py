@@ -152,12 +152,29 @@ def weight_matrix(layer: nn.Module) -> Tensor:
     return w.reshape(w.shape[0], -1).clone()
 
 
-def set_weight_matrix(layer: nn.Module, w: Tensor) -> None:
-    """Write an ``(out, K)`` matrix back in the layer's own layout and dtype."""
+def matrix_to_weight(layer: nn.Module, w: Tensor) -> Tensor:
+    """An ``(out, K)`` matrix in the layer's own weight layout (the inverse of ``weight_matrix``), w's dtype."""
     if isinstance(layer, CONV_T):
         i, o, *k = layer.weight.shape
         w = w.reshape(o, i, *k).flip(list(range(2, 2 + len(k)))).transpose(0, 1)
-    layer.weight.data.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
+    return w.reshape(layer.weight.shape)
+
+
+def set_weight_matrix(layer: nn.Module, w: Tensor) -> None:
+    """Write an ``(out, K)`` matrix back in the layer's own layout and dtype."""
+    layer.weight.data.copy_(matrix_to_weight(layer, w).to(layer.weight.dtype))
+
+
+def run_with_weight(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """The layer's own operation (stride, padding, dilation, output padding) with weight matrix ``w`` (out, K) and ``bias``."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, bias)
+    weight = matrix_to_weight(layer, w)
+    if isinstance(layer, CONV):
+        return layer._conv_forward(x, weight, bias)
+    nd = weight.ndim - 2
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    return fn(x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
 
 
 # ---------------------------------------------------------------- im2col statistics

@@ -1,6 +1,7 @@
 """Fine-tuning machinery shared by the training methods (block-wise FT, and later QFT / LKD).
 
-``FakeQuantLinear`` swaps in for a Linear (or GPT-2 Conv1D) and makes its quantization
+``FakeQuantLinear`` swaps in for a Linear (or GPT-2 Conv1D, or a convolution / transposed
+convolution, seen as its ``(out, in·∏kernel)`` im2col matrix) and makes its quantization
 degrees of freedom trainable: per-group step sizes (LSQ-style, Esser et al. 2020), zero points
 (rounded with a straight-through estimator) and either the fp32 master weights (STE) or
 AdaRound rounding offsets (Nagel et al. 2020, ``h(α) = clamp(σ(α)(ζ−γ)+γ, 0, 1)``).
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from blockquant.arch import set_weight_matrix, weight_matrix
+from blockquant import arch, convnet
 from blockquant.primitives import expand, group_width, round_scale_ste, round_ste
 from blockquant.recipe import QuantSpec
 
@@ -37,12 +38,31 @@ log = logging.getLogger(__name__)
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid
 
 
+def layer_matrix(layer: nn.Module) -> Tensor:
+    """The layer's weight as the ``(out, K)`` fp32 matrix its grid is defined on (a copy)."""
+    return convnet.weight_matrix(layer) if isinstance(layer, (*convnet.CONV, *convnet.CONV_T)) else arch.weight_matrix(layer)
+
+
+def set_layer_matrix(layer: nn.Module, w: Tensor) -> None:
+    if isinstance(layer, (*convnet.CONV, *convnet.CONV_T)):
+        convnet.set_weight_matrix(layer, w)
+    else:
+        arch.set_weight_matrix(layer, w)
+
+
+def run_layer(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """``layer``'s operation on ``x`` with the weight matrix ``w`` (out, K): a linear map or the layer's convolution."""
+    if isinstance(layer, (*convnet.CONV, *convnet.CONV_T)):
+        return convnet.run_with_weight(layer, x, w, bias)
+    return F.linear(x, w, bias)
+
+
 class FakeQuantLinear(nn.Module):
     """``y = x ŵᵀ + b`` with ``ŵ = s·(clamp(⌊w/s⌉ + z, qmin, qmax) − z)``, all of s, z, w trainable."""
 
     def __init__(self, layer: nn.Module, spec: QuantSpec, scale: Tensor, zero: Tensor, rounding: str = "ste") -> None:
         super().__init__()
-        w = weight_matrix(layer)  # (out, in) fp32
+        w = layer_matrix(layer)  # (out, in) fp32; (out, in·∏kernel) for a convolution
         self.spec, self.rounding, self.layer = spec, rounding, layer
         self.in_features = w.shape[1]
         self.width = group_width(spec, w.shape[1])
@@ -94,7 +114,7 @@ class FakeQuantLinear(nn.Module):
         if act_quant is not None:
             x = act_quant(x)
         w = self.dequantized(hard=not self.training)
-        return F.linear(x, w.to(x.dtype), self.layer.bias)
+        return run_layer(self.layer, x, w.to(x.dtype), self.layer.bias)
 
     def regularizer(self, beta: float) -> Tensor:
         """AdaRound's push of every h towards 0 or 1; zero for STE weights."""
@@ -105,7 +125,7 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def commit(self) -> tuple[Tensor, Tensor]:
         """Write the hard-rounded weight into the wrapped layer (exactly on the grid); its (scale, zero)."""
-        set_weight_matrix(self.layer, self.dequantized(hard=True))
+        set_layer_matrix(self.layer, self.dequantized(hard=True))
         return self.grid_scale().detach().clone(), self.grid_zero().detach().clone()
 
 

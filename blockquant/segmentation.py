@@ -5,7 +5,8 @@ Per layer: the input ``X`` is captured on the network whose earlier layers are a
 quantized (a full forward pass with a hook, stopped at the layer: skip connections included),
 ``Y`` is the full-precision layer's output; the method (rtn, gptq, admm) writes the layer's
 weights on the grid. Optional static 8-bit per-tensor activation quantization puts a quantizer
-on every layer's input, its range from ``X`` before the layer is quantized.
+on every layer's input, its range from ``X`` before the layer is quantized. A recipe may end in
+``qft`` (``admm,qft``): every layer's grid is then fine-tuned end to end (``methods.qft_conv``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from blockquant import activations
 from blockquant.api import peak_rss_mb
 from blockquant.capture import relative_error
 from blockquant.convnet import fold_batchnorm, layer_stats, layers_in_order, set_weight_matrix, weight_matrix
-from blockquant.methods import admm
+from blockquant.methods import admm, qft_conv
 from blockquant.methods.gptq import GPTQOptions, gptq_quantize
 from blockquant.methods.rtn import rtn_quantize
 from blockquant.recipe import QuantSpec, Recipe
@@ -73,6 +74,8 @@ class SegConfig:
     ends_bits: int | None = 8  # bits of the first layers (reading the input) and the last layer; None: the recipe's
     seed: int = 0  # position sampling of the Gram matrices
     progress: bool = True
+    size_multiple: int = 1  # spatial sizes the network takes are multiples of this (QFT's training tiles keep it)
+    tile_voxels: int = 2**17  # qft: the calibration volume is cut into tiles of at most this many voxels (training items)
 
 
 @dataclass
@@ -95,6 +98,7 @@ class SegQuantResult:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     activations: dict | None = None
+    model_steps: dict[str, dict] = field(default_factory=dict)  # qft: its record (steps run, held-out loss, ...)
 
     def record(self) -> dict[str, Any]:
         spec = self.recipe.spec
@@ -109,14 +113,21 @@ class SegQuantResult:
             "activations": self.activations,
             "seconds": round(self.seconds, 2),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "model_steps": self.model_steps,
             "layers": {r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in self.layers},
         }
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Segmentation networks take one per-layer method, per output channel or per tensor."""
-    if len(recipe.steps) != 1 or recipe.steps[0].method not in LAYER_METHODS:
-        raise ValueError(f"convolution networks are quantized by one of {', '.join(LAYER_METHODS)}, got recipe {recipe.name!r}")
+    """Segmentation networks take one per-layer method (optionally followed by qft), per output channel or per tensor."""
+    methods = [s.method for s in recipe.steps]
+    if methods[0] not in LAYER_METHODS or len(methods) > 2 or (len(methods) == 2 and methods[1] != "qft"):
+        first = ", ".join(LAYER_METHODS)
+        raise ValueError(
+            f"convolution networks are quantized by one of {first}, optionally followed by qft (e.g. admm,qft); got recipe {recipe.name!r}"
+        )
+    if len(methods) == 2:
+        qft_conv.check(recipe.steps[1].options)
     if recipe.spec.group_size != -1 and not recipe.spec.per_tensor:
         raise ValueError(f"convolution layers are quantized per output channel: use --group-size -1 (got {recipe.spec.group_size})")
     if recipe.act is not None and recipe.act.granularity != "tensor":
@@ -171,6 +182,8 @@ def quantize_network(model: nn.Module, recipe: Recipe, calibration: Tensor, cfg:
     """
     cfg = cfg or SegConfig()
     check_recipe(recipe)
+    if cfg.size_multiple < 1 or cfg.tile_voxels < 1:
+        raise ValueError(f"size_multiple and tile_voxels must be >= 1, got {cfg.size_multiple} and {cfg.tile_voxels}")
     step = recipe.steps[0]
     method = LAYER_METHODS[step.method]
     start = time.perf_counter()
@@ -185,12 +198,13 @@ def quantize_network(model: nn.Module, recipe: Recipe, calibration: Tensor, cfg:
     logits = fp(calibration)  # (B, classes, *S)
     for h in hooks:
         h.remove()
-    attention = admm.attention_map(logits.argmax(1), logits.shape[1]) if step.method == "admm" else None
+    attention = admm.attention_map(logits.argmax(1), logits.shape[1])  # (B, *S); rtn and gptq do not read it
+    specs: dict[str, QuantSpec] = {}
     bar = tqdm(order, desc=f"{recipe.name} {recipe.describe()}", unit="layer", disable=not cfg.progress)
     for name in bar:
         t0 = time.perf_counter()
         layer = model.get_submodule(name)
-        spec = replace(recipe.spec, bits=cfg.ends_bits) if name in ends else recipe.spec
+        spec = specs[name] = replace(recipe.spec, bits=cfg.ends_bits) if name in ends else recipe.spec
         x = _capture(model, name, calibration)
         if not torch.isfinite(x).all():
             raise ValueError(f"layer {name}: its calibration input holds NaN/Inf")
@@ -214,6 +228,22 @@ def quantize_network(model: nn.Module, recipe: Recipe, calibration: Tensor, cfg:
         )
         bar.set_postfix(err=f"{err:.2e}", rss_mb=f"{peak_rss_mb():.0f}")
     bar.close()
+    if len(recipe.steps) == 2:  # qft: every layer's DoF fine-tuned jointly, end to end, from the grids just set
+        t0 = time.perf_counter()
+        result.grids, notes = qft_conv.apply(
+            model,
+            fp,
+            calibration,
+            attention,
+            result.grids,
+            specs,
+            recipe.steps[1].options,
+            recipe.act,
+            cfg.size_multiple,
+            cfg.tile_voxels,
+            cfg.progress,
+        )
+        result.model_steps["qft"] = notes | {"seconds": round(time.perf_counter() - t0, 2)}
     result.activations = activations.record(model, recipe.act)
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()

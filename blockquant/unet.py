@@ -251,14 +251,16 @@ def cli_quantize(args: Any) -> int:
     """``blockquant quantize NET_DIR``: checks everything before the work, writes atomically."""
     import time
 
+    from blockquant.cli import _apply_finetune_args, _apply_hw
     from blockquant.files import check_output_dir
     from blockquant.recipe import QuantSpec, act_spec, parse_recipe
     from blockquant.segmentation import SegConfig, check_recipe, quantize_network
 
-    _refuse_llm_options(args)
     act = act_spec(args.abits, args.act_granularity or "tensor")
     group = -1 if args.group_size is None else args.group_size
     recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=group, sym=args.sym, scale_dtype="float32"), act)
+    _refuse_llm_options(args, qft=recipe.steps[-1].method == "qft")
+    recipe = _apply_hw(_apply_finetune_args(recipe, args), args.hw)
     check_recipe(recipe)
     if not args.calib:
         raise ValueError("--calib FILE is required: a volume (.npz, .npy, .nii, .nii.gz) to calibrate on")
@@ -272,7 +274,8 @@ def cli_quantize(args: Any) -> int:
     x = network_input(volume, config, parse_region(args.crop, dims), "calibration")
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    result = quantize_network(model, recipe, x, SegConfig(None if args.quantize_ends else 8, args.seed, not args.quiet))
+    seg = SegConfig(None if args.quantize_ends else 8, args.seed, not args.quiet, size_multiple(config))
+    result = quantize_network(model, recipe, x, seg)
     record = result.record() | {
         "source": str(args.model_dir),
         "ends_bits": None if args.quantize_ends else 8,
@@ -284,18 +287,27 @@ def cli_quantize(args: Any) -> int:
         f"{recipe.name} {recipe.describe()}: {len(result.layers)} layers ({len(eight)} kept at 8 bits), {len(result.folded)} BatchNorms folded, "
         f"{time.perf_counter() - start:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {args.output}"
     )
+    if "qft" in result.model_steps:
+        q = result.model_steps["qft"]
+        held = [v for _, v in q["held_out_loss"]]
+        loss = f"held-out loss {held[0]:.4g} -> best {min(held):.4g}" if held else "no held-out tile (the calibration crop is one tile)"
+        print(f"qft: {q['steps_run']} steps ({q['stopped']}), {loss}, {q['seconds']:.1f}s")
     return 0
 
 
 LLM_ONLY = ("format", "alpha", "hw", "steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight")
+QFT_FLAGS = ("hw", "steps", "lr_scale", "lr_weight")  # honoured when the recipe ends in qft
 
 
-def _refuse_llm_options(args: Any) -> None:
+def _refuse_llm_options(args: Any, qft: bool = False) -> None:
     """Options of the transformer pipeline that a MONAI network cannot honour: an error, not a silent no-op."""
-    given = [name for name in LLM_ONLY if getattr(args, name, None) is not None]
+    given = [name for name in LLM_ONLY if getattr(args, name, None) is not None and not (qft and name in QFT_FLAGS)]
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise ValueError(f"{flags}: transformer-model option(s); a MONAI network takes --recipe rtn/gptq/admm, --wbits, --abits, --crop")
+        raise ValueError(
+            f"{flags}: transformer-model option(s); a MONAI network takes --recipe rtn/gptq/admm (optionally ,qft), --wbits, "
+            "--abits, --crop, and with qft --steps, --lr-scale, --lr-weight, --hw"
+        )
     if args.device != "cpu" or args.dtype != "float32":
         raise ValueError("MONAI networks are quantized and evaluated on CPU in float32 here; drop --device / --dtype")
 

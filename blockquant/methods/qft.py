@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from blockquant import activations
 from blockquant.arch import LinearGroup, block_linears, get_blocks, weight_matrix
 from blockquant.capture import LayerResult, ModelContext, block_output
-from blockquant.finetune import FakeQuantLinear, TrainConfig, swap_in, swap_out, train
+from blockquant.finetune import FakeQuantLinear, TrainConfig, run_layer, swap_in, swap_out, train
 from blockquant.fold import channel_index, feeder_rows
 from blockquant.primitives import compute_qparams, round_scale_ste, round_ste
 from blockquant.recipe import ActSpec, QuantSpec
@@ -229,7 +229,7 @@ class QFTLinear(FakeQuantLinear):
         if act_quant is not None:
             x = act_quant(x)
         b = self.folded_bias()
-        return F.linear(x, self.dequantized().to(x.dtype), None if b is None else b.to(x.dtype))
+        return run_layer(self.layer, x, self.dequantized().to(x.dtype), None if b is None else b.to(x.dtype))
 
     @torch.no_grad()
     def commit(self) -> tuple[Tensor, Tensor]:
@@ -265,6 +265,19 @@ def _head_dim(model: nn.Module) -> int | None:
     d = getattr(config, "head_dim", None)
     heads = getattr(config, "num_attention_heads", None)
     return d or (config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None)
+
+
+def trainable_kinds(modules: list[QFTLinear], opts: QFTOptions) -> dict[str, list]:
+    """Switch each module's tensors on or off as ``opts`` says; the trainable ones by kind (equalize / act: filled later)."""
+    kinds: dict[str, list] = {"scale": [], "weight": [], "bias": [], "equalize": [], "act": []}
+    for fq in modules:
+        fq.weight.requires_grad_(opts.weights)
+        fq.log_scale.requires_grad_(opts.step_sizes)
+        fq.zero.requires_grad_(opts.step_sizes and not fq.spec.sym)
+        kinds["scale"] += [p for p in (fq.log_scale, fq.zero) if p.requires_grad]
+        kinds["weight"] += [fq.weight] if opts.weights else []
+        kinds["bias"] += [fq.bias] if fq.bias is not None and fq.bias.requires_grad else []
+    return kinds
 
 
 def _bias_layers(model: nn.Module, ctx: ModelContext, names: list[str]) -> tuple[set[str], list[str], list[str]]:
@@ -304,15 +317,7 @@ def _setup(ctx: ModelContext, spec: QuantSpec, opts: QFTOptions) -> tuple[list[d
         return build
 
     wrapped = [swap_in(block, names, make(i)) for i, block in enumerate(blocks)]
-    kinds: dict[str, list] = {"scale": [], "weight": [], "bias": [], "equalize": [], "act": []}
-    for w in wrapped:
-        for fq in w.values():
-            fq.weight.requires_grad_(opts.weights)
-            fq.log_scale.requires_grad_(opts.step_sizes)
-            fq.zero.requires_grad_(opts.step_sizes and not spec.sym)
-            kinds["scale"] += [p for p in (fq.log_scale, fq.zero) if p.requires_grad]
-            kinds["weight"] += [fq.weight] if opts.weights else []
-            kinds["bias"] += [fq.bias] if fq.bias is not None and fq.bias.requires_grad else []
+    kinds = trainable_kinds([fq for w in wrapped for fq in w.values()], opts)
     undo: list[Callable] = []
     if opts.equalize:
         kinds["equalize"] = _attach_equalizers(ctx, blocks, wrapped, spec, undo)
@@ -361,26 +366,27 @@ def _fold_into_norm(norm: nn.Module, eq: Equalizer, rows: slice, spec: QuantSpec
 
 def _learn_act_ranges(groups: tuple[LinearGroup, ...], blocks: nn.ModuleList, wrapped: list, pow2: bool, undo: list) -> list:
     """One trainable log scale per group of linears reading the same tensor (one quantized input at run time)."""
-    params = []
-    for i in range(len(blocks)):
-        for group in groups:
-            layers = [wrapped[i][n].layer for n in group.linears]
-            bases = [getattr(layer, activations.ATTR) for layer in layers]
-            log_scale = nn.Parameter(bases[0].scale.detach().float().clamp(min=1e-10).log())
-            params.append(log_scale)
-            for layer, base in zip(layers, bases):
-                delattr(layer, activations.ATTR)
-                layer.add_module(activations.ATTR, _LearnedActQuantizer(base, log_scale, pow2))
+    return [share_act_range([wrapped[i][n].layer for n in group.linears], pow2, undo) for i in range(len(blocks)) for group in groups]
 
-                def restore(layer: nn.Module = layer, base: activations.ActQuantizer = base) -> None:
-                    learned = getattr(layer, activations.ATTR)
-                    with torch.no_grad():
-                        base.scale.copy_(learned.scale().detach())
-                    delattr(layer, activations.ATTR)
-                    layer.add_module(activations.ATTR, base)
 
-                undo.append(restore)
-    return params
+def share_act_range(layers: list[nn.Module], pow2: bool, undo: list) -> nn.Parameter:
+    """One trainable log scale for the static input quantizers of ``layers`` (they read one tensor);
+    ``undo`` gets what writes the learned scale back into each layer's plain quantizer."""
+    bases = [getattr(layer, activations.ATTR) for layer in layers]
+    log_scale = nn.Parameter(bases[0].scale.detach().float().clamp(min=1e-10).log())
+    for layer, base in zip(layers, bases):
+        delattr(layer, activations.ATTR)
+        layer.add_module(activations.ATTR, _LearnedActQuantizer(base, log_scale, pow2))
+
+        def restore(layer: nn.Module = layer, base: activations.ActQuantizer = base) -> None:
+            learned = getattr(layer, activations.ATTR)
+            with torch.no_grad():
+                base.scale.copy_(learned.scale().detach())
+            delattr(layer, activations.ATTR)
+            layer.add_module(activations.ATTR, base)
+
+        undo.append(restore)
+    return log_scale
 
 
 def _body(blocks: nn.ModuleList, inputs, i: int, ckpt: bool) -> Tensor:
