@@ -136,22 +136,16 @@ def unet_one(label: str, bits: int) -> dict:
     import os
     import time
 
-    import numpy as np
     import torch
 
-    from bench.unet import CALIB, CLASSES, DATA, EVAL, SUBJECT
+    from bench.unet import CLASSES, SUBJECT, load_subject
     from blockquant.evaluate import dice_per_class, segment
     from blockquant.recipe import QuantSpec, Recipe, make_step
     from blockquant.segmentation import SegConfig, quantize_network
-    from blockquant.unet import intensity, load_network, network_input, parse_region, size_multiple
+    from blockquant.unet import load_network, size_multiple
 
     torch.manual_seed(0)
-    model, config = load_network(SUBJECT)
-    data = np.load(DATA)
-    image, labels = intensity(config["intensity"])(data["img"]), data["lab"].astype(np.int64)
-    x_cal = network_input(image, config, parse_region(CALIB, 3), "calibration")
-    x_eval = network_input(image, config, parse_region(EVAL, 3), "evaluation")
-    lab_eval = torch.from_numpy(labels[parse_region(EVAL, 3)])[None]
+    model, config, x_cal, x_eval, lab_eval = load_subject()
     row = {"row": label, "bits": bits, "load_before": os.getloadavg()[0]}
     if label != "fp":
         qft = UNET_ROWS[label]

@@ -54,23 +54,31 @@ ALL_LAYERS = {
 ROWS.update({label: ROWS[base] for label, base in ALL_LAYERS.items()})
 
 
-def one(label: str) -> dict:
+def load_subject():
+    """lits-unet and its volume: (model, config, calibration input, evaluation input, evaluation labels)."""
     import numpy as np
     import torch
 
-    from blockquant.evaluate import dice_per_class, segment
-    from blockquant.recipe import ActSpec, QuantSpec, Recipe, make_step
-    from blockquant.segmentation import SegConfig, quantize_network
     from blockquant.unet import intensity, load_network, network_input, parse_region
 
-    torch.manual_seed(0)
-    bits, abits, method, opts = ROWS[label]
     model, config = load_network(SUBJECT)
     data = np.load(DATA)
     image, labels = intensity(config["intensity"])(data["img"]), data["lab"].astype(np.int64)
     x_cal = network_input(image, config, parse_region(CALIB, 3), "calibration")
     x_eval = network_input(image, config, parse_region(EVAL, 3), "evaluation")
-    lab_eval = torch.from_numpy(labels[parse_region(EVAL, 3)])[None]
+    return model, config, x_cal, x_eval, torch.from_numpy(labels[parse_region(EVAL, 3)])[None]
+
+
+def one(label: str) -> dict:
+    import torch
+
+    from blockquant.evaluate import dice_per_class, segment
+    from blockquant.recipe import ActSpec, QuantSpec, Recipe, make_step
+    from blockquant.segmentation import SegConfig, quantize_network
+
+    torch.manual_seed(0)
+    bits, abits, method, opts = ROWS[label]
+    model, config, x_cal, x_eval, lab_eval = load_subject()
     row = {"label": label, "bits": bits, "abits": abits, "method": method or "fp", "options": opts, "load_before": os.getloadavg()[0]}
     if method:
         act = ActSpec(8, "tensor", sym=False) if abits == 8 else None

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 pytest.importorskip("monai")
-from monai.networks.nets import UNet  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from test_unet import tiny_unet as unet_with  # noqa: E402
 
 from blockquant.cli import main  # noqa: E402
 from blockquant.convnet import fold_batchnorm, layers_in_order, weight_matrix  # noqa: E402
@@ -38,18 +38,7 @@ PAIRS = {  # conv → BN → dropout → PReLU → conv inside each two-subunit 
 
 
 def tiny_unet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = UNet(**ARGS).eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-            if isinstance(m, nn.PReLU):
-                m.weight.fill_(0.1)  # a visible negative slope: equalization must commute with it
-    return net
+    return unet_with(seed, ARGS, prelu_slope=0.1)  # a visible negative slope: equalization must commute with it
 
 
 def volume(seed: int = 0, shape=(16, 16, 16)) -> torch.Tensor:

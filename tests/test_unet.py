@@ -27,9 +27,10 @@ from blockquant.segmentation import quantize_network  # noqa: E402
 ARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=[4, 8, 16], strides=[2, 2], num_res_units=1, norm="batch")
 
 
-def tiny_unet(seed: int = 0) -> nn.Module:
+def tiny_unet(seed: int = 0, args: dict | None = None, prelu_slope: float | None = None) -> nn.Module:
+    """A tiny MONAI U-Net with random BatchNorm statistics (and, if given, every PReLU at ``prelu_slope``)."""
     torch.manual_seed(seed)
-    net = UNet(**ARGS).eval()
+    net = UNet(**(args or ARGS)).eval()
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm3d):
@@ -37,6 +38,8 @@ def tiny_unet(seed: int = 0) -> nn.Module:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+            if isinstance(m, nn.PReLU) and prelu_slope is not None:
+                m.weight.fill_(prelu_slope)
     return net
 
 

@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from blockquant import activations
 from blockquant.arch import LinearGroup, block_linears, get_blocks, weight_matrix
 from blockquant.capture import LayerResult, ModelContext, block_output
-from blockquant.finetune import FakeQuantLinear, TrainConfig, run_layer, swap_in, swap_out, train
+from blockquant.finetune import FakeQuantLinear, TrainConfig, TrainLog, run_layer, swap_in, swap_out, train
 from blockquant.fold import channel_index, feeder_rows
 from blockquant.primitives import compute_qparams, round_scale_ste, round_ste
 from blockquant.recipe import ActSpec, QuantSpec
@@ -439,6 +439,40 @@ def fold(ctx: ModelContext, wrapped: list[dict[str, QFTLinear]], undo: list[Call
     return layers
 
 
+def held_out(n: int, holdout: float) -> int:
+    """How many of ``n`` training items early stopping holds out (none when there are fewer than 2)."""
+    return max(1, round(holdout * n)) if holdout > 0 and n >= 2 else 0
+
+
+def train_all(
+    modules: list[nn.Module], kinds: dict[str, list[Tensor]], loss_on: Callable[[int], Tensor], n: int, opts: QFTOptions, progress: bool
+) -> TrainLog:
+    """One ``finetune.train`` run over items ``0 … n−1`` (the last ``holdout`` share held out), each DoF kind at its own rate."""
+    n_eval = held_out(n, opts.holdout)
+    items = list(range(n))
+    groups = [
+        (kinds["scale"], opts.lr_scale),
+        (kinds["weight"], opts.lr_weight),
+        (kinds["equalize"], opts.lr_equalize),
+        (kinds["bias"], opts.lr_bias),
+        (kinds["act"], opts.lr_act),
+    ]
+    result = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train_config(), progress, groups)
+    if result.stopped in ("nan", "diverged"):
+        log.warning("qft: training %s; kept the best state (held-out loss %.4g)", result.stopped, result.best)
+    return result
+
+
+def train_notes(result: TrainLog, kinds: dict[str, list[Tensor]]) -> dict:
+    """What the record says of a QFT run: how it stopped, the held-out curve, the trained parameters per kind."""
+    return {
+        "stopped": result.stopped,
+        "steps_run": len(result.losses),
+        "held_out_loss": [(s, float(f"{v:.6g}")) for s, v in result.evals],
+        "trained": {k: int(sum(p.numel() for p in v)) for k, v in kinds.items()},
+    }
+
+
 def apply(ctx: ModelContext, spec: QuantSpec, opts: QFTOptions) -> dict[str, LayerResult]:
     """Fine-tune every DoF of the whole model jointly; leave it folded on the integer grids."""
     check(opts, spec, ctx.act)
@@ -466,32 +500,17 @@ def apply(ctx: ModelContext, spec: QuantSpec, opts: QFTOptions) -> dict[str, Lay
             return checkpoint(loss_of, h, ctx.targets[i], use_reentrant=False)
         return loss_of(h, ctx.targets[i])
 
-    n = len(ctx.inputs.hidden)
-    n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0
-    items = list(range(n))
-    groups = [
-        (kinds["scale"], opts.lr_scale),
-        (kinds["weight"], opts.lr_weight),
-        (kinds["equalize"], opts.lr_equalize),
-        (kinds["bias"], opts.lr_bias),
-        (kinds["act"], opts.lr_act),
-    ]
     try:
-        result = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train_config(), ctx.progress, groups)
+        result = train_all(modules, kinds, loss_on, len(ctx.inputs.hidden), opts, ctx.progress)
         layers = fold(ctx, wrapped, undo)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
         for p in model.parameters():
             p.data = p.data.to(homes.get(id(p), p.device))
-    if result.stopped in ("nan", "diverged"):
-        log.warning("qft: training %s; kept the best state (held-out loss %.4g)", result.stopped, result.best)
     ctx.train_logs.append((0, result))
     ctx.notes.update(
         hw=hw_preset(opts, spec),
-        stopped=result.stopped,
-        steps_run=len(result.losses),
-        held_out_loss=[(s, float(f"{v:.6g}")) for s, v in result.evals],
-        trained={k: int(sum(p.numel() for p in v)) for k, v in kinds.items()},
+        **train_notes(result, kinds),
     )
     return layers

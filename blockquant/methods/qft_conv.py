@@ -27,8 +27,18 @@ from torch import Tensor, nn
 
 from blockquant import activations
 from blockquant.convnet import BATCHNORM, CONV, CONV_T
-from blockquant.finetune import layer_matrix, swap_in, swap_out, train
-from blockquant.methods.qft import Equalizer, QFTLinear, QFTOptions, hw_preset, share_act_range, trainable_kinds
+from blockquant.finetune import layer_matrix, swap_in, swap_out
+from blockquant.methods.qft import (
+    Equalizer,
+    QFTLinear,
+    QFTOptions,
+    held_out,
+    hw_preset,
+    share_act_range,
+    train_all,
+    train_notes,
+    trainable_kinds,
+)
 from blockquant.primitives import compute_qparams
 from blockquant.recipe import ActSpec, QuantSpec
 
@@ -215,29 +225,15 @@ def apply(
         return attention_loss(model(inputs[i]), targets[i], weights[i])
 
     n = len(inputs)
-    n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0
-    items = list(range(n))
-    groups = [
-        (kinds["scale"], opts.lr_scale),
-        (kinds["weight"], opts.lr_weight),
-        (kinds["equalize"], opts.lr_equalize),
-        (kinds["bias"], opts.lr_bias),
-        (kinds["act"], opts.lr_act),
-    ]
     try:
-        result = train(list(wrapped.values()), loss_on, items[: n - n_eval], items[n - n_eval :], opts.train_config(), progress, groups)
+        result = train_all(list(wrapped.values()), kinds, loss_on, n, opts, progress)
         out = fold(model, wrapped, undo)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
-    if result.stopped in ("nan", "diverged"):
-        log.warning("qft: training %s; kept the best state (held-out loss %.4g)", result.stopped, result.best)
     notes.update(
         hw=hw_preset(opts, next(iter(specs.values()))),
-        tiles=[[s.stop - s.start for s in parts[0]], n, n_eval],
-        stopped=result.stopped,
-        steps_run=len(result.losses),
-        held_out_loss=[(s, float(f"{v:.6g}")) for s, v in result.evals],
-        trained={k: int(sum(p.numel() for p in v)) for k, v in kinds.items()},
+        tiles=[[s.stop - s.start for s in parts[0]], n, held_out(n, opts.holdout)],
+        **train_notes(result, kinds),
     )
     return out, notes
