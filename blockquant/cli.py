@@ -275,8 +275,9 @@ def _check_device(name: str) -> torch.device:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from blockquant.api import quantize, with_scale_dtype
+    from blockquant.arch import arch_for
     from blockquant.export import export_problem, resolve_format, save_checkpoint, stored_dtype
-    from blockquant.files import check_output_dir, load_calibration, load_model, read_text
+    from blockquant.files import check_output_dir, load_calibration, load_model, read_text, warn_calibration_length
 
     device = _check_device(args.device)
     if args.model_dir is None:
@@ -311,7 +312,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
-    calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
+    warn_calibration_length(args.model_dir, args.seqlen)
+    encoder = arch_for(model).kind == "encoder"
+    calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, encoder=encoder)
     if args.format and (problem := export_problem(args.format, model, recipe.spec)):
         raise ValueError(f"cannot write --format {args.format}: {problem}")  # before the work, not after
     torch.manual_seed(args.seed)
@@ -405,7 +408,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from blockquant.compare import CompareJob, run_compare, save, verdict
-    from blockquant.files import model_class_name, read_text
+    from blockquant.files import model_class_name, read_text, warn_calibration_length
 
     device = _check_device(args.device)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -417,6 +420,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ft = {"steps": args.steps} if args.steps is not None else {}
     make_step("blockft", ft)  # validates --steps
     model_class_name(args.model_dir)
+    warn_calibration_length(args.model_dir, args.seqlen)
     read_text(args.calib, "calibration")
     read_text(args.eval, "evaluation")
     if args.max_windows is not None and args.max_windows < 1:

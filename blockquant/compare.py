@@ -86,11 +86,12 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
     text = read_text(job.eval, "evaluation")
     if encoder:
         paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()][: job.max_windows or 512]
-        batches = paragraph_batches(tokenizer, paragraphs, max_length=min(job.seqlen, 512))
+        limit = getattr(model.config, "max_position_embeddings", None) or 512  # whole paragraphs, whatever the calibration length
+        batches = paragraph_batches(tokenizer, paragraphs, max_length=min(limit, 512))
         reference = mean_pooled_embeddings(model, batches, job.device)
     out: dict[str, Any] = {"seconds": 0.0, "peak_rss_mb": 0.0, "curves": []}
     if steps is not None:
-        calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed)
+        calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed, encoder=encoder)
         recipe = Recipe(QuantSpec(job.bits, job.group_size, job.sym), [make_step(m, o) for m, o in steps])
         result = quantize(model, recipe, calibration, device=job.device, batch_size=job.batch_size, progress=False)
         curves = [(first, log.losses) for first, log in result.train_logs]

@@ -81,16 +81,26 @@ def tokenize_stream(tokenizer: Any, text: str) -> Tensor:
     return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
 
 
-def load_calibration(path: str | Path, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0) -> Tensor:
+def load_calibration(path: str | Path, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, encoder: bool = False) -> Tensor:
     """``nsamples`` random non-overlapping ``seqlen``-token windows of a text file: (N, seqlen).
 
+    ``encoder``: where the tokenizer has CLS and SEP tokens (BERT-style), each sample is
+    ``[CLS] + (seqlen − 2) tokens + [SEP]``, the shape of one input the encoder is called on,
+    rather than a cut through the middle of the token stream.
     A file too short for ``nsamples`` windows gives fewer, with a warning; one too short for
     a single window is an error.
     """
-    if nsamples < 1 or seqlen < 2:
-        raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
-    ids = tokenize_stream(tokenizer, read_text(path, "calibration"))
-    chunks = windows(ids, seqlen)
+    frame = encoder and tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+    if nsamples < 1 or seqlen < 2 + 2 * frame:
+        raise ValueError(f"--nsamples must be >= 1 and --seqlen >= {2 + 2 * frame}, got {nsamples} and {seqlen}")
+    text = read_text(path, "calibration")
+    head = tail = torch.zeros(0, dtype=torch.long)
+    if frame:
+        head, tail = torch.tensor([tokenizer.cls_token_id]), torch.tensor([tokenizer.sep_token_id])
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    else:
+        ids = tokenize_stream(tokenizer, text)
+    chunks = windows(ids, seqlen - head.numel() - tail.numel())
     if chunks.shape[0] == 0:
         raise ValueError(
             f"calibration file {path} has {ids.numel()} tokens, fewer than one sample of {seqlen}; use a longer file or a smaller --seqlen"
@@ -105,7 +115,33 @@ def load_calibration(path: str | Path, tokenizer: Any, nsamples: int, seqlen: in
             chunks.shape[0],
         )
     order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(seed))
-    return chunks[order[:nsamples]]
+    chosen = chunks[order[:nsamples]]
+    n = chosen.shape[0]
+    return torch.cat([head.expand(n, -1), chosen, tail.expand(n, -1)], dim=1)
+
+
+def trained_length(model_dir: str | Path) -> int | None:
+    """The longest input a sentence-transformers model runs on (``max_seq_length`` of its
+    ``sentence_bert_config.json``), or None: calibrating on longer samples shows the quantizer
+    positions and statistics the model never produces in use."""
+    path = Path(model_dir) / "sentence_bert_config.json"
+    try:
+        value = json.loads(path.read_text()).get("max_seq_length") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def warn_calibration_length(model_dir: str | Path, seqlen: int) -> None:
+    limit = trained_length(model_dir)
+    if limit is not None and seqlen > limit:
+        log.warning(
+            "--seqlen %d is longer than the %d tokens this sentence-transformers model runs on (sentence_bert_config.json): "
+            "calibration samples that long look unlike its inputs; use --seqlen %d or less (and more samples for the same tokens)",
+            seqlen,
+            limit,
+            limit,
+        )
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:

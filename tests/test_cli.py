@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_on_grid, make_text, save_tiny, subprocess_env
+from conftest import assert_on_grid, build_tokenizer, make_text, save_tiny, subprocess_env
 
 import blockquant.api
 from blockquant import QuantSpec, parse_recipe
 from blockquant.arch import weight_matrix
 from blockquant.cli import main
-from blockquant.files import atomic_dir
+from blockquant.files import atomic_dir, load_calibration, warn_calibration_length
 from blockquant.methods import METHODS
 
 QUANT_ARGS = ["--wbits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "16", "--quiet"]
@@ -151,6 +151,40 @@ def test_short_calibration_warns_and_proceeds(llama_dir, tmp_path, capsys, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("only 2 samples" in m and "8 requested" in m for m in warnings), warnings
     assert json.loads((out / "blockquant.json").read_text())["calibration"]["nsamples"] == 2
+
+
+def test_encoder_calibration_samples_are_framed(calib_file):
+    """An encoder sees each sample as one input, [CLS] … [SEP], cut from the stream without special tokens."""
+    tok = build_tokenizer()
+    tok.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]"})
+    stream = tok(calib_file.read_text(), add_special_tokens=False)["input_ids"]
+    framed = load_calibration(calib_file, tok, 5, 12, seed=3, encoder=True)
+    assert framed.shape == (5, 12)
+    assert (framed[:, 0] == tok.cls_token_id).all() and (framed[:, -1] == tok.sep_token_id).all()
+    for row in framed[:, 1:-1].tolist():  # 10 consecutive tokens of the stream, starting on a window boundary
+        start = stream.index(row[0], 0)
+        while stream[start : start + 10] != row:
+            start = stream.index(row[0], start + 1)
+        assert start % 10 == 0
+    plain = load_calibration(calib_file, tok, 5, 12, seed=3)  # decoders: plain windows of the stream
+    assert plain.shape == (5, 12) and not (plain == tok.cls_token_id).any()
+    tok_plain = build_tokenizer()  # an encoder tokenizer without CLS/SEP gets plain windows too
+    assert torch.equal(
+        load_calibration(calib_file, tok_plain, 5, 12, seed=3, encoder=True), load_calibration(calib_file, tok_plain, 5, 12, seed=3)
+    )
+
+
+def test_calibration_longer_than_a_sentence_model_runs_warns(tmp_path, caplog):
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
+    with caplog.at_level(logging.WARNING):
+        warn_calibration_length(tmp_path, 256)
+        assert not caplog.records
+        warn_calibration_length(tmp_path, 512)
+    assert any("--seqlen 512" in r.getMessage() and "256" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_calibration_length(tmp_path / "missing", 4096)  # no sentence-transformers config: nothing to say
+    assert not caplog.records
 
 
 def test_overwrite_replaces_existing_output(llama_dir, calib_file, tmp_path, capsys):
