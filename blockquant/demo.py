@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from blockquant.api import quantize
-from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches, windows
-from blockquant.files import load_model, tokenize_stream
+from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches
+from blockquant.files import calibration_samples, load_model
 from blockquant.recipe import QuantSpec, Recipe, make_step
 
 
@@ -62,9 +62,7 @@ def run_demo(
     torch.manual_seed(seed)
     model, tokenizer = load_model(minilm_dir())
     calib_text, paragraphs = pydoc_split()
-    chunks = windows(tokenize_stream(tokenizer, calib_text), seqlen)
-    order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(seed))
-    calibration = chunks[order[:nsamples]]
+    calibration = calibration_samples(tokenizer, calib_text, nsamples, seqlen, seed, encoder=True)
     batches = paragraph_batches(tokenizer, paragraphs[:eval_paragraphs])
     reference = mean_pooled_embeddings(model, batches, device)
     rows = [DemoRow("fp32", None, None, 1.0, 0.0)]

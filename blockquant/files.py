@@ -82,18 +82,29 @@ def tokenize_stream(tokenizer: Any, text: str) -> Tensor:
 
 
 def load_calibration(path: str | Path, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, encoder: bool = False) -> Tensor:
-    """``nsamples`` random non-overlapping ``seqlen``-token windows of a text file: (N, seqlen).
+    """``nsamples`` random non-overlapping ``seqlen``-token samples of a text file: (N, seqlen)
+    (see ``calibration_samples``)."""
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
+    return calibration_samples(
+        tokenizer, read_text(path, "calibration"), nsamples, seqlen, seed, encoder, source=f"calibration file {path}"
+    )
+
+
+def calibration_samples(
+    tokenizer: Any, text: str, nsamples: int, seqlen: int, seed: int = 0, encoder: bool = False, source: str = "calibration text"
+) -> Tensor:
+    """``nsamples`` random non-overlapping ``seqlen``-token windows of ``text``: (N, seqlen).
 
     ``encoder``: where the tokenizer has CLS and SEP tokens (BERT-style), each sample is
     ``[CLS] + (seqlen − 2) tokens + [SEP]``, the shape of one input the encoder is called on,
     rather than a cut through the middle of the token stream.
-    A file too short for ``nsamples`` windows gives fewer, with a warning; one too short for
+    A text too short for ``nsamples`` windows gives fewer, with a warning; one too short for
     a single window is an error.
     """
     frame = encoder and tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
-    if nsamples < 1 or seqlen < 2 + 2 * frame:
-        raise ValueError(f"--nsamples must be >= 1 and --seqlen >= {2 + 2 * frame}, got {nsamples} and {seqlen}")
-    text = read_text(path, "calibration")
+    if seqlen < 2 + 2 * frame:
+        raise ValueError(f"--seqlen must be >= {2 + 2 * frame}, got {seqlen}")
     head = tail = torch.zeros(0, dtype=torch.long)
     if frame:
         head, tail = torch.tensor([tokenizer.cls_token_id]), torch.tensor([tokenizer.sep_token_id])
@@ -102,13 +113,11 @@ def load_calibration(path: str | Path, tokenizer: Any, nsamples: int, seqlen: in
         ids = tokenize_stream(tokenizer, text)
     chunks = windows(ids, seqlen - head.numel() - tail.numel())
     if chunks.shape[0] == 0:
-        raise ValueError(
-            f"calibration file {path} has {ids.numel()} tokens, fewer than one sample of {seqlen}; use a longer file or a smaller --seqlen"
-        )
+        raise ValueError(f"{source} has {ids.numel()} tokens, fewer than one sample of {seqlen}; use a longer file or a smaller --seqlen")
     if chunks.shape[0] < nsamples:
         log.warning(
-            "calibration file %s yields only %d samples of %d tokens (%d requested); proceeding with %d",
-            path,
+            "%s yields only %d samples of %d tokens (%d requested); proceeding with %d",
+            source,
             chunks.shape[0],
             seqlen,
             nsamples,
