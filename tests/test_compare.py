@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_text
+from conftest import make_text, save_tiny
 
 from blockquant.cli import main
 
@@ -57,6 +57,19 @@ def test_compare_writes_table_plot_and_verdict(llama_dir, calib_file, eval_file,
     assert rows[1]["curves"] and len(rows[1]["curves"][0][1]) >= 1  # one loss curve per window
     assert (out / "compare.png").stat().st_size > 1000
     assert "| blockft | 2 | 32 | ppl |" in (out / "compare.md").read_text()
+
+
+def test_compare_skips_logits_objective_for_an_encoder(calib_file, eval_file, tmp_path, capsys, monkeypatch):
+    """An encoder has no LM logits: the advisor says so and measures the rest, instead of failing the study."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    bert = save_tiny("bert", tmp_path / "bert")
+    out = tmp_path / "cmp"
+    argv = ["compare", str(bert), "--wbits", "4", "--group-size", "32", "--calib", str(calib_file), "--eval", str(eval_file)]
+    argv += ["--nsamples", "4", "--seqlen", "32", "--variants", "rtn,logits", "--output", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert "skipped logits: an encoder has no language-model logits" in capsys.readouterr().out
+    rows = json.loads((out / "compare.json").read_text())
+    assert [(r["variant"], r["metric"]) for r in rows] == [("rtn", "cosine")]
 
 
 @pytest.mark.parametrize(
