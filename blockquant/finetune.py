@@ -151,7 +151,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 25
-    patience: int = 4  # evaluations without improvement before stopping
+    patience: int = 4  # evaluations without improvement, in the annealing part of the schedule, before stopping
+    settle: float = 0.5  # share of the steps before which no evaluation counts towards patience (see ``train``)
     reg_weight: float = 0.01  # AdaRound regulariser λ
     label: str = "train"
     diverge: float | None = None  # stop when a held-out loss exceeds this multiple of the initial one (None: off)
@@ -163,6 +164,8 @@ class TrainConfig:
             raise ValueError(f"learning rates must be > 0, got lr_scale={self.lr_scale}, lr_weight={self.lr_weight}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if not 0 <= self.settle < 1:
+            raise ValueError(f"settle must be in [0, 1) (a share of the steps), got {self.settle}")
 
 
 @dataclass
@@ -189,6 +192,11 @@ def train(
     """Minimise ``loss_on(item)`` over ``train_items``; keep the state best on ``eval_items``.
 
     Items are indices of calibration batches. Without held-out items the final state is kept.
+    Early stopping only counts evaluations after ``cfg.settle`` of the steps: while the cosine
+    rate is high the held-out loss plateaus or wanders (weights hop between grid points) and
+    falls as the rate anneals — measured on llama-code W2 g64 block 0, held-out 0.040 at step 25,
+    0.043 at steps 50–125, 0.031 at 200; a patience counted from the start stopped it at 125.
+    The best held-out state is kept either way.
     ``groups`` — (parameters, learning rate) — replaces the default two: the modules' step sizes
     and zero points at ``cfg.lr_scale``, their weights / rounding offsets at ``cfg.lr_weight``
     (QFT trains more kinds of tensors, some shared by several modules).
@@ -248,7 +256,7 @@ def train(
                 break
             if value < result.best:
                 result.best, best_state, stale = value, _snapshot(params), 0
-            else:
+            elif step > cfg.settle * cfg.steps:
                 stale += 1
                 if stale >= cfg.patience:
                     result.stopped = "early"

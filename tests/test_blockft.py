@@ -164,3 +164,35 @@ def test_trained_zero_points_stay_in_the_code_range():
     assert zero.min() >= spec.qmin and zero.max() <= spec.qmax
     codes = layer.weight.detach() / scale.repeat_interleave(8, 1) + zero.repeat_interleave(8, 1)
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= spec.qmin - 1e-4 and codes.max() <= spec.qmax + 1e-4
+
+
+def _scripted_train(held_out: list[float], steps: int, settle: float):
+    """``train`` on one layer whose held-out losses are the script (one value per evaluation)."""
+    from blockquant.finetune import TrainConfig
+    from blockquant.primitives import compute_qparams
+
+    layer = torch.nn.Linear(8, 4)
+    spec = QuantSpec(2, 8)
+    fq = FakeQuantLinear(layer, spec, *compute_qparams(layer.weight.detach(), spec))
+    script = iter(held_out)
+    x = torch.randn(16, 8)
+
+    def loss_on(i: int) -> torch.Tensor:
+        if i == 1:  # the held-out item
+            return torch.tensor(next(script))
+        return fq(x).pow(2).mean()
+
+    cfg = TrainConfig(steps=steps, eval_every=1, patience=2, settle=settle)
+    return train([fq], loss_on, [0], [1], cfg, progress=False)
+
+
+def test_early_stopping_waits_for_the_annealing_half_of_the_schedule():
+    """A held-out loss that plateaus while the rate is high and falls as it anneals is not cut short;
+    one that stops improving in the second half is (the best state being kept either way)."""
+    plateau_then_fall = [1.0, 0.8, 0.9, 0.9, 0.9, 0.9, 0.7, 0.6, 0.5]  # evaluations at steps 0 … 8
+    log = _scripted_train(plateau_then_fall, steps=8, settle=0.5)
+    assert log.stopped == "steps" and log.best == 0.5
+    assert _scripted_train(plateau_then_fall, steps=8, settle=0.0).stopped == "early"  # the old rule stopped at step 3
+    overfit = [1.0, 0.8, 0.7, 0.6, 0.5, 0.6, 0.7, 0.8, 0.9]
+    log = _scripted_train(overfit, steps=8, settle=0.5)
+    assert log.stopped == "early" and len(log.losses) == 6 and log.best == 0.5
