@@ -65,6 +65,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="fine-tuning steps per window (default: blockft's)")
     p.add_argument("--name", default="blockft", help="result file name under bench/results [blockft]")
     p.add_argument("--resume", action="store_true", help="keep the rows of bench/results/<name>.json and measure only the missing ones")
+    p.add_argument(
+        "--calib-shape", metavar="NxT", help="calibration samples × tokens, replacing the subject's (default 128x512; MiniLM 512x128)"
+    )
     p.add_argument("--note", default="", help="a sentence added to the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
     if not (SHARED / "subjects").is_dir():
@@ -79,6 +82,8 @@ def main() -> None:
     for subject in args.subjects:
         model, calib, ev = subject_paths(subject)
         nsamples, seqlen = calibration_shape(subject)
+        if args.calib_shape:
+            nsamples, seqlen = (int(v) for v in args.calib_shape.lower().split("x"))
         job = CompareJob(
             model,
             calib,
@@ -96,7 +101,7 @@ def main() -> None:
             all_rows[subject] = rows
             done = [f"## {s}\n\n{table(rs)}\n\n" + "\n".join(verdict(rs)) + "\n\n" + "\n".join(checks(s, rs)) for s, rs in all_rows.items()]
             body = (
-                CALIBRATION_TEXT
+                (f"calibration {args.calib_shape} (samples x tokens, seed 0)" if args.calib_shape else CALIBRATION_TEXT)
                 + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
                 + "; asymmetric; fine-tuning variants start from GPTQ; joint windows do not overlap (stride K); CPU, fp32. "
