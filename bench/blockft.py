@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def checks(subject: str, rows: list[CompareRow]) -> list[str]:
     return out
 
 
+def calib_shape(text: str) -> tuple[int, int]:
+    """``NxT`` → (samples, tokens per sample); argparse turns the ValueError into one usage line."""
+    m = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
+    if not m or min(int(m[1]), int(m[2])) < 1:
+        raise argparse.ArgumentTypeError(f"expected NxT with positive integers, e.g. 2048x32; got {text!r}")
+    return int(m[1]), int(m[2])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", nargs="+", default=["llama-code", "llama-shakespeare", "minilm"])
@@ -66,7 +75,10 @@ def main() -> None:
     p.add_argument("--name", default="blockft", help="result file name under bench/results [blockft]")
     p.add_argument("--resume", action="store_true", help="keep the rows of bench/results/<name>.json and measure only the missing ones")
     p.add_argument(
-        "--calib-shape", metavar="NxT", help="calibration samples × tokens, replacing the subject's (default 128x512; MiniLM 512x128)"
+        "--calib-shape",
+        metavar="NxT",
+        type=calib_shape,
+        help="calibration samples × tokens, replacing the subject's (default 128x512; MiniLM 512x128)",
     )
     p.add_argument("--note", default="", help="a sentence added to the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
@@ -83,7 +95,7 @@ def main() -> None:
         model, calib, ev = subject_paths(subject)
         nsamples, seqlen = calibration_shape(subject)
         if args.calib_shape:
-            nsamples, seqlen = (int(v) for v in args.calib_shape.lower().split("x"))
+            nsamples, seqlen = args.calib_shape
         job = CompareJob(
             model,
             calib,
@@ -101,7 +113,7 @@ def main() -> None:
             all_rows[subject] = rows
             done = [f"## {s}\n\n{table(rs)}\n\n" + "\n".join(verdict(rs)) + "\n\n" + "\n".join(checks(s, rs)) for s, rs in all_rows.items()]
             body = (
-                (f"calibration {args.calib_shape} (samples x tokens, seed 0)" if args.calib_shape else CALIBRATION_TEXT)
+                (f"calibration {args.calib_shape[0]} × {args.calib_shape[1]} tokens (seed 0)" if args.calib_shape else CALIBRATION_TEXT)
                 + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
                 + "; asymmetric; fine-tuning variants start from GPTQ; joint windows do not overlap (stride K); CPU, fp32. "
