@@ -114,6 +114,14 @@ def checks(subject: str, rows: list[dict]) -> list[str]:
                 + (f"; CPU time {cpu:.2f}×" if cpu else "")
                 + f" (both from GPTQ) — {'within' if (cpu or ratio) <= 2 else 'OVER'} 2×"
             )
+        chain = by.get((bits, group, "blockft+qft"), {}).get("step_seconds") or {}
+        if "blockft" in chain and "qft" in chain:  # both steps timed inside one process: the cleanest ratio
+            b, f = chain["blockft"], chain["qft"]
+            out.append(
+                f"- {subject} W{bits} g{group}, row blockft+qft: its QFT step took {f['seconds']:.0f}s wall / {f['cpu_seconds']:.0f} CPU-s, "
+                f"{f['seconds'] / b['seconds']:.2f}× / {f['cpu_seconds'] / b['cpu_seconds']:.2f}× its block-wise FT step "
+                f"({b['seconds']:.0f}s / {b['cpu_seconds']:.0f} CPU-s) — {'within' if f['cpu_seconds'] <= 2 * b['cpu_seconds'] else 'OVER'} 2×"
+            )
     return out
 
 
@@ -373,6 +381,7 @@ def main() -> None:
                         "peak_rss_mb": r["peak_rss_mb"],
                         "qft": qft,
                         "qft_record": notes_,
+                        "step_seconds": r.get("step_seconds"),
                     }
                 )
                 print(f"{subject} W{bits} g{group} {label}: {r['metric']} {r['value']:.4f} {r['seconds']:.0f}s", flush=True)

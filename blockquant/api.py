@@ -51,6 +51,13 @@ class QuantResult:
     train_logs: list = field(default_factory=list)  # (first block, finetune.TrainLog) per window
     activations: dict | None = None  # the activation scheme and each static range (activations.record)
     model_steps: dict[str, dict] = field(default_factory=dict)  # what each model-level step (qft) reports
+    step_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> wall and CPU seconds, summed over blocks
+
+    def timed(self, method: str, wall: float, cpu: float) -> None:
+        """Add one run of a recipe step to its totals (so a chain's steps can be costed against each other)."""
+        t = self.step_seconds.setdefault(method, {"seconds": 0.0, "cpu_seconds": 0.0})
+        t["seconds"] += wall
+        t["cpu_seconds"] += cpu
 
     def record(self) -> dict[str, Any]:
         """A JSON-able, quantization_config-style record."""
@@ -67,6 +74,7 @@ class QuantResult:
             "cpu_seconds": round(self.cpu_seconds, 2),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "peak_cuda_mb": None if self.peak_cuda_mb is None else round(self.peak_cuda_mb, 1),
+            "step_seconds": {m: {k: round(v, 2) for k, v in t.items()} for m, t in self.step_seconds.items()},
             "blocks": [vars(b) for b in self.blocks],
             "layers": {n: {"relative_output_error": r.error, "act_order": r.g_idx is not None} for n, r in self.layers.items()},
             **self.model_steps,  # e.g. "qft": its training record (block and layer errors above are from before it)
@@ -234,7 +242,9 @@ def quantize(
                 for i, step in enumerate(block_steps):
                     final = i == len(block_steps) - 1 and not window_steps and not model_steps  # no later step quantizes the weights
                     ctx = BlockContext(j, x_q, arch.groups, device, recipe.act, final)
+                    w0, c0 = time.perf_counter(), time.process_time()
                     layer_results = METHODS[step.method].apply(blocks[j], ctx, recipe.spec, step.options)
+                    result.timed(step.method, time.perf_counter() - w0, time.process_time() - c0)
                     result.layers.update({f"{arch.blocks}.{j}.{n}": r for n, r in layer_results.items()})
                 if recipe.act is not None:  # static ranges from the quantized stream, weights already quantized
                     activations.attach(blocks[j], [g.linears for g in arch.groups], recipe.act, x_q)
@@ -261,7 +271,9 @@ def quantize(
                 result.train_logs,
                 progress,
             )
+            w0, c0 = time.perf_counter(), time.process_time()
             result.layers.update(METHODS[step.method].apply(wctx, recipe.spec, step.options))
+            result.timed(step.method, time.perf_counter() - w0, time.process_time() - c0)
         for j in window:
             t_block[j] += (time.perf_counter() - t0) / len(window)
         # 3. the first S blocks (all, at the end) are final: advance both streams past them
@@ -287,7 +299,9 @@ def quantize(
     # 4. a model-level step (QFT) trains the whole model end to end against the FP last-block output
     for step in model_steps:
         mctx = ModelContext(model, arch, inputs0, fp_stream.hidden, result.layers, device, recipe.act, result.train_logs, progress)
+        w0, c0 = time.perf_counter(), time.process_time()
         result.layers.update(METHODS[step.method].apply(mctx, recipe.spec, step.options))
+        result.timed(step.method, time.perf_counter() - w0, time.process_time() - c0)
         result.model_steps[step.method] = mctx.notes
     result.activations = activations.record(model, recipe.act)
     if use_cache:

@@ -101,6 +101,7 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
             peak_rss_mb=result.peak_rss_mb,
             curves=curves,
             model_steps=result.model_steps,
+            step_seconds=result.step_seconds,
         )
     if encoder:
         out.update(metric="cosine", value=embedding_cosine(mean_pooled_embeddings(model, batches, job.device), reference))

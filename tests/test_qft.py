@@ -258,6 +258,9 @@ def test_recipe_chains_blockft_then_qft(calib_ids):
     result = quantize(model, recipe, calib_ids, batch_size=4, progress=False)
     assert [first for first, _ in result.train_logs] == [0, 1, 0]  # two blockft windows, then qft
     assert result.model_steps["qft"]["steps_run"] == 2
+    times = result.record()["step_seconds"]  # each step of the chain costed on its own (bench/qft.py's cost ratio)
+    assert set(times) == {"gptq", "blockft", "qft"}
+    assert all(0 < t["seconds"] <= result.seconds and t["cpu_seconds"] >= 0 for t in times.values())
 
 
 def test_cli_quantize_with_qft_writes_a_checkpoint_that_evaluates(tmp_path, llama_dir, calib_file, capsys):
