@@ -148,14 +148,6 @@ def run_compare(
     if too_wide:
         log(f"skipped {', '.join(too_wide)}: the model has only {n_blocks} blocks")
         variants = [v for v in variants if v not in too_wide]
-    from blockquant.arch import ARCHITECTURES
-    from blockquant.files import model_class_name
-
-    if ARCHITECTURES[model_class_name(job.model_dir)].kind == "encoder":
-        headless = [v for v in variants if VARIANTS[v][-1][1].get("objective") == "logits"]
-        if headless:
-            log(f"skipped {', '.join(headless)}: an encoder has no language-model logits to measure the loss at")
-            variants = [v for v in variants if v not in headless]
     rows = list(done)
     fp = {"value": rows[0].fp_value, "metric": rows[0].metric} if rows else measure_in_child(job, None)
     log(f"full precision: {fp['metric']} {fp['value']:.4f}")

@@ -143,6 +143,23 @@ def swap_out(block: nn.Module, wrapped: dict[str, FakeQuantLinear]) -> None:
         block.set_submodule(name, fq.layer)
 
 
+def output_loss(head: nn.Module | None, pred: Tensor, target: Tensor) -> Tensor:
+    """Distillation loss at a model's output, given the final normalised hidden states (B, T, C).
+
+    Language models: KL(p_fp ‖ p_q) per token through the LM head. Encoders (no head): the
+    MSE of the mean-pooled embeddings relative to their mean square, since a sentence embedding
+    is what an encoder's user compares (calibration samples are full, unpadded windows, so
+    the mean runs over real tokens only).
+    """
+    if head is None:
+        p, t = pred.float().mean(1), target.float().mean(1)
+        return F.mse_loss(p, t) / t.pow(2).mean().clamp(min=1e-12)
+    with torch.no_grad():
+        t = head(target).float().log_softmax(-1).flatten(0, -2)
+    p = head(pred).float().log_softmax(-1).flatten(0, -2)
+    return F.kl_div(p, t, log_target=True, reduction="batchmean")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200

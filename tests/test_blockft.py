@@ -11,7 +11,7 @@ from conftest import assert_on_grid
 import blockquant.methods.blockft as blockft_module
 from blockquant import QuantSpec, quantize
 from blockquant.arch import arch_for, block_linears, get_blocks, weight_matrix
-from blockquant.finetune import FakeQuantLinear, train
+from blockquant.finetune import FakeQuantLinear, output_loss, train
 from blockquant.recipe import Recipe, make_step
 
 SPEC = QuantSpec(bits=2, group_size=32)
@@ -75,10 +75,10 @@ def test_joint_window_on_grid_with_one_report_per_block(make_tiny, calib_ids, wi
     all_on_grid(model, result)
 
 
-@pytest.mark.parametrize("objective", ["next:1", "logits"])
-def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids, monkeypatch, objective):
+@pytest.mark.parametrize("family,objective,linears", [("llama", "next:1", 7), ("llama", "logits", 7), ("bert", "logits", 6)])
+def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids, monkeypatch, family, objective, linears):
     """During block 0's training, no parameter outside block 0's fake-quant wrappers gets a gradient."""
-    model = make_tiny("llama")
+    model = make_tiny(family)
     seen = []
 
     def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True):
@@ -98,7 +98,7 @@ def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids
     run(model, calib_ids, ("blockft", {"steps": 2, "objective": objective}))
     outside, inside, total = seen[0]
     assert outside == []
-    assert inside == total == 7  # every linear of block 0, and only those, is trained
+    assert inside == total == linears  # every linear of block 0, and only those, is trained
 
 
 def test_nan_loss_restores_best_state_and_warns(make_tiny, calib_ids, monkeypatch, caplog):
@@ -139,9 +139,16 @@ def test_bad_options_raise(make_tiny, calib_ids, opts, match):
         run(make_tiny("llama"), calib_ids, ("blockft", opts))
 
 
-def test_logits_objective_needs_a_head(make_tiny, calib_ids):
-    with pytest.raises(ValueError, match="needs a language-model head"):
-        run(make_tiny("bert"), calib_ids, ("blockft", {"objective": "logits", "steps": 2}))
+def test_an_encoders_output_objective_is_its_pooled_embedding(make_tiny, calib_ids):
+    """An encoder has no LM head: ``logits`` measures the mean-pooled embedding, which token-level
+    errors that cancel in the mean leave untouched."""
+    target = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    cancel = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    assert output_loss(None, target + cancel - cancel.mean(1, keepdim=True), target) < 1e-12
+    assert output_loss(None, 1.1 * target, target) == pytest.approx(0.01, rel=1e-4)  # relative to the embedding's mean square
+    model = make_tiny("bert")
+    result = run(model, calib_ids, ("gptq", {}), ("blockft", {"objective": "logits", "steps": 4, "eval_every": 2}))
+    all_on_grid(model, result)
 
 
 def test_finetuning_must_come_last(make_tiny, calib_ids):

@@ -59,17 +59,16 @@ def test_compare_writes_table_plot_and_verdict(llama_dir, calib_file, eval_file,
     assert "| blockft | 2 | 32 | ppl |" in (out / "compare.md").read_text()
 
 
-def test_compare_skips_logits_objective_for_an_encoder(calib_file, eval_file, tmp_path, capsys, monkeypatch):
-    """An encoder has no LM logits: the advisor says so and measures the rest, instead of failing the study."""
+def test_compare_measures_an_encoders_output_objective(calib_file, eval_file, tmp_path, capsys, monkeypatch):
+    """An encoder's ``logits`` variant trains against its pooled embedding, and is scored by cosine like the rest."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     bert = save_tiny("bert", tmp_path / "bert")
     out = tmp_path / "cmp"
     argv = ["compare", str(bert), "--wbits", "4", "--group-size", "32", "--calib", str(calib_file), "--eval", str(eval_file)]
     argv += ["--nsamples", "4", "--seqlen", "32", "--variants", "rtn,logits", "--output", str(out), "--quiet"]
     assert main(argv) == 0
-    assert "skipped logits: an encoder has no language-model logits" in capsys.readouterr().out
     rows = json.loads((out / "compare.json").read_text())
-    assert [(r["variant"], r["metric"]) for r in rows] == [("rtn", "cosine")]
+    assert [(r["variant"], r["metric"]) for r in rows] == [("rtn", "cosine"), ("logits", "cosine")]
 
 
 @pytest.mark.parametrize(

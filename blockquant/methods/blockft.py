@@ -5,8 +5,9 @@ step sizes, zero points and weights (STE) or rounding offsets (AdaRound) to repr
 full-precision block's output (BRECQ, Li et al. 2021; EfficientQAT Block-AP, Chen et al. 2024).
 Joint window (K > 1): K consecutive blocks are trained together against the window's
 full-precision output. Downstream objective: the loss is taken at the normalised input of
-block b+k (``next:k``; blocks in between stay full precision and frozen) or at the final logits
-as KL to the full-precision logits (``logits``).
+block b+k (``next:k``; blocks in between stay full precision and frozen) or at the model's
+output (``logits``): KL to the full-precision logits, or for an encoder the relative MSE of
+its mean-pooled sentence embedding (``finetune.output_loss``, the loss QFT uses).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from blockquant.arch import block_linears, get_blocks, weight_matrix
 from blockquant.capture import BlockInputs, LayerResult, WindowContext, block_output, collect_hessians, relative_error, run_block
-from blockquant.finetune import FakeQuantLinear, TrainConfig, swap_in, swap_out, train
+from blockquant.finetune import FakeQuantLinear, TrainConfig, output_loss, swap_in, swap_out, train
 from blockquant.primitives import compute_qparams
 from blockquant.recipe import QuantSpec
 
@@ -73,13 +74,13 @@ class BlockFTOptions:
 def _downstream_path(ctx: WindowContext, k: int | None) -> tuple[Callable[[Tensor, int], Tensor], nn.Module | None, list[nn.Module]]:
     """The frozen full-precision map from the window's output to where the loss is measured.
 
-    Returns (path to the normalised hidden state, the LM head for ``logits`` or None, the
-    modules it moved to the device).
+    Returns (path to the normalised hidden state, the LM head for ``logits`` or None (also for an
+    encoder's ``logits``: its output is the pooled hidden state), the modules it moved to the device).
     """
     blocks = get_blocks(ctx.model, ctx.arch)
     last = ctx.first + len(ctx.blocks) - 1
     n = len(blocks)
-    if k is None and ctx.arch.head is None:
+    if k is None and ctx.arch.head is None and ctx.arch.kind != "encoder":
         raise ValueError(f"objective 'logits' needs a language-model head; {type(ctx.model).__name__} has none")
     if k is not None and k > n:
         raise ValueError(f"objective next:{k} points past the last block (the model has {n}); use k <= {n}")
@@ -89,7 +90,7 @@ def _downstream_path(ctx: WindowContext, k: int | None) -> tuple[Callable[[Tenso
         norm = blocks[stop].get_submodule(ctx.arch.input_norm) if ctx.arch.input_norm else nn.Identity()
     else:
         norm = ctx.model.get_submodule(ctx.arch.final_norm) if ctx.arch.final_norm else nn.Identity()
-    head = ctx.model.get_submodule(ctx.arch.head) if k is None else None
+    head = ctx.model.get_submodule(ctx.arch.head) if k is None and ctx.arch.head else None
     moved = [m for m in (*later, norm, head) if m is not None and k != 0]
     for m in moved:
         m.to(ctx.device)
@@ -148,12 +149,9 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
 
     def loss_on(i: int) -> Tensor:
         pred = path(_window_forward(ctx.blocks, ctx.q_inputs, i), i)
-        if head is None:
-            return F.mse_loss(pred.float(), targets[i].float())
-        with torch.no_grad():  # KL(p_fp || p_q) per token; FP log-probs from the cached hidden state
-            target = head(targets[i]).float().log_softmax(-1).flatten(0, -2)
-        pred = head(pred).float().log_softmax(-1).flatten(0, -2)
-        return F.kl_div(pred, target, log_target=True, reduction="batchmean")
+        if opts.downstream is None:  # the model's output, from the cached FP final hidden state
+            return output_loss(head, pred, targets[i])
+        return F.mse_loss(pred.float(), targets[i].float())
 
     n = len(ctx.q_inputs.hidden)
     n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0

@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from blockquant import activations
 from blockquant.arch import LinearGroup, block_linears, get_blocks, weight_matrix
 from blockquant.capture import LayerResult, ModelContext, block_output
-from blockquant.finetune import FakeQuantLinear, TrainConfig, TrainLog, run_layer, swap_in, swap_out, train
+from blockquant.finetune import FakeQuantLinear, TrainConfig, TrainLog, output_loss, run_layer, swap_in, swap_out, train
 from blockquant.fold import channel_index, feeder_rows
 from blockquant.primitives import compute_qparams, round_scale_ste, round_ste
 from blockquant.recipe import ActSpec, QuantSpec
@@ -410,13 +410,9 @@ def _loss_fn(ctx: ModelContext, opts: QFTOptions) -> Callable[[Tensor, Tensor], 
         return F.mse_loss(h.float(), t.float()) / t.float().pow(2).mean().clamp(min=1e-12)
 
     def loss(h: Tensor, t: Tensor) -> Tensor:
-        if head is not None:  # KL(p_fp || p_q) per token
-            with torch.no_grad():
-                target = head(norm(t)).float().log_softmax(-1).flatten(0, -2)
-            pred = head(norm(h)).float().log_softmax(-1).flatten(0, -2)
-            value = F.kl_div(pred, target, log_target=True, reduction="batchmean")
-        else:  # encoders: mean-pooled embeddings (calibration windows are full, unpadded)
-            value = features(h.mean(1), t.mean(1))
+        with torch.no_grad():
+            t_out = norm(t)
+        value = output_loss(head, norm(h), t_out)  # KL on logits; encoders: pooled embeddings
         return value + opts.feature_weight * features(h, t) if opts.feature_weight else value
 
     return loss
