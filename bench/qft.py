@@ -41,6 +41,8 @@ ROWS: dict[str, list[tuple[str, dict]]] = {
     "qft no bias correction": [("gptq", {}), ("qft", {"bias": False})],
     "qft no step sizes": [("gptq", {}), ("qft", {"step_sizes": False})],
     "qft no weight nudges": [("gptq", {}), ("qft", {"weights": False})],
+    # every QFT learning rate at a fifth of the default (a whole-model step moves every layer at once)
+    "gptq+qft rates ×0.2": [("gptq", {}), ("qft", {"lr_weight": 2e-3, "lr_scale": 1e-3, "lr_equalize": 1e-3, "lr_bias": 2e-4})],
 }
 # Issue #7 targets. References (GPTQ alone, the best block-wise variant) are read from rows, see references().
 LLAMA_TARGETS = {(3, 128): 9.72, (2, 64): 9.95}

@@ -188,7 +188,10 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="optimizer steps per window [200]")
     g.add_argument("--window", type=int, help="K consecutive blocks trained jointly [1]")
     g.add_argument("--stride", type=int, help="blocks the window slides by, 1..K [1]")
-    g.add_argument("--objective", help="block | next:k (normalised input of block b+k) | logits (KL to the FP logits; an encoder: its mean-pooled embedding) [block]")
+    g.add_argument(
+        "--objective",
+        help="block | next:k (normalised input of block b+k) | logits (KL to the FP logits; an encoder: its mean-pooled embedding) [block]",
+    )
     g.add_argument("--target", choices=["fp-input", "quantized-input"], help="FP block output on FP or on quantized input [fp-input]")
     g.add_argument("--rounding", choices=["ste", "adaround"], help="train weights (STE) or rounding offsets [ste]")
     g.add_argument(
