@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CALIBRATION_TEXT, RESULTS, SHARED, calibration_shape, subject_paths, write_result  # noqa: E402
+from bench.common import CALIBRATION_TEXT, RESULTS, SHARED, calib_shape, calibration_shape, subject_paths, write_result  # noqa: E402
 from blockquant.compare import VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
 
 # Issue #3 targets on llama-code (FP 9.63): best blockft variant; single-block FT must beat GPTQ at W3, W2.
@@ -55,14 +54,6 @@ def checks(subject: str, rows: list[CompareRow]) -> list[str]:
                 f"{'beats' if s.better_than(g) else 'does NOT beat'} GPTQ"
             )
     return out
-
-
-def calib_shape(text: str) -> tuple[int, int]:
-    """``NxT`` → (samples, tokens per sample); argparse turns the ValueError into one usage line."""
-    m = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
-    if not m or min(int(m[1]), int(m[2])) < 1:
-        raise argparse.ArgumentTypeError(f"expected NxT with positive integers, e.g. 2048x32; got {text!r}")
-    return int(m[1]), int(m[2])
 
 
 def main() -> None:

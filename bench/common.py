@@ -5,8 +5,10 @@ Each quantization runs in its own process so that its peak RSS is its own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -62,3 +64,11 @@ def subject_paths(name: str) -> tuple[str, str, str]:
         return str(minilm_dir()), str(data / "calib.txt"), str(data / "eval.txt")
     data = SHARED / "data" / {"llama-code": "code", "llama-shakespeare": "shakespeare"}[name]
     return str(SHARED / "subjects" / name), str(data / "calib.txt"), str(data / "eval.txt")
+
+
+def calib_shape(text: str) -> tuple[int, int]:
+    """``NxT`` → (samples, tokens per sample); argparse turns the ValueError into one usage line."""
+    m = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
+    if not m or min(int(m[1]), int(m[2])) < 1:
+        raise argparse.ArgumentTypeError(f"expected NxT with positive integers, e.g. 2048x32; got {text!r}")
+    return int(m[1]), int(m[2])

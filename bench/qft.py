@@ -30,7 +30,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CALIBRATION_TEXT, RESULTS, SHARED, calibration_shape, markdown_table, run_child, subject_paths, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    CALIBRATION_TEXT,
+    RESULTS,
+    SHARED,
+    calib_shape,
+    calibration_shape,
+    markdown_table,
+    run_child,
+    subject_paths,
+    write_result,
+)
 
 ROWS: dict[str, list[tuple[str, dict]]] = {
     "gptq": [("gptq", {})],
@@ -325,6 +335,12 @@ def main() -> None:
     p.add_argument("--note", help="text under the language-model tables (kept in the JSON; replaces the stored one)")
     p.add_argument("--unet-note", help="text under the lits-unet table (kept in the JSON; replaces the stored one)")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument(
+        "--calib-shape",
+        metavar="NxT",
+        type=calib_shape,
+        help="language models: calibration samples × tokens, replacing the subject's (a diagnostic: use its own --name)",
+    )
     args = p.parse_args()
     if args.one:
         print(json.dumps(unet_one(args.one[0], int(args.one[1]))))
@@ -354,7 +370,7 @@ def main() -> None:
         rows = all_rows.setdefault(subject, [])
         for width in args.widths:
             bits, group = (int(x) for x in width.split(":"))
-            nsamples, seqlen = calibration_shape(subject)
+            nsamples, seqlen = args.calib_shape or calibration_shape(subject)
             job = CompareJob(model, calib, ev, bits, group, nsamples=nsamples, seqlen=seqlen, max_windows=args.max_windows)
             if not rows:
                 fp = measure_in_child(job, None)
