@@ -13,6 +13,8 @@ import dataclasses
 import logging
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +55,15 @@ class QuantResult:
     model_steps: dict[str, dict] = field(default_factory=dict)  # what each model-level step (qft) reports
     step_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> wall and CPU seconds, summed over blocks
 
-    def timed(self, method: str, wall: float, cpu: float) -> None:
-        """Add one run of a recipe step to its totals (so a chain's steps can be costed against each other)."""
+    @contextmanager
+    def timing(self, method: str) -> Iterator[None]:
+        """Add the wall and CPU time of the enclosed run of a recipe step to its totals (so a
+        chain's steps can be costed against each other)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
         t = self.step_seconds.setdefault(method, {"seconds": 0.0, "cpu_seconds": 0.0})
-        t["seconds"] += wall
-        t["cpu_seconds"] += cpu
+        t["seconds"] += time.perf_counter() - wall
+        t["cpu_seconds"] += time.process_time() - cpu
 
     def record(self) -> dict[str, Any]:
         """A JSON-able, quantization_config-style record."""
@@ -242,9 +248,8 @@ def quantize(
                 for i, step in enumerate(block_steps):
                     final = i == len(block_steps) - 1 and not window_steps and not model_steps  # no later step quantizes the weights
                     ctx = BlockContext(j, x_q, arch.groups, device, recipe.act, final)
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    layer_results = METHODS[step.method].apply(blocks[j], ctx, recipe.spec, step.options)
-                    result.timed(step.method, time.perf_counter() - w0, time.process_time() - c0)
+                    with result.timing(step.method):
+                        layer_results = METHODS[step.method].apply(blocks[j], ctx, recipe.spec, step.options)
                     result.layers.update({f"{arch.blocks}.{j}.{n}": r for n, r in layer_results.items()})
                 if recipe.act is not None:  # static ranges from the quantized stream, weights already quantized
                     activations.attach(blocks[j], [g.linears for g in arch.groups], recipe.act, x_q)
@@ -271,9 +276,8 @@ def quantize(
                 result.train_logs,
                 progress,
             )
-            w0, c0 = time.perf_counter(), time.process_time()
-            result.layers.update(METHODS[step.method].apply(wctx, recipe.spec, step.options))
-            result.timed(step.method, time.perf_counter() - w0, time.process_time() - c0)
+            with result.timing(step.method):
+                result.layers.update(METHODS[step.method].apply(wctx, recipe.spec, step.options))
         for j in window:
             t_block[j] += (time.perf_counter() - t0) / len(window)
         # 3. the first S blocks (all, at the end) are final: advance both streams past them
@@ -299,9 +303,8 @@ def quantize(
     # 4. a model-level step (QFT) trains the whole model end to end against the FP last-block output
     for step in model_steps:
         mctx = ModelContext(model, arch, inputs0, fp_stream.hidden, result.layers, device, recipe.act, result.train_logs, progress)
-        w0, c0 = time.perf_counter(), time.process_time()
-        result.layers.update(METHODS[step.method].apply(mctx, recipe.spec, step.options))
-        result.timed(step.method, time.perf_counter() - w0, time.process_time() - c0)
+        with result.timing(step.method):
+            result.layers.update(METHODS[step.method].apply(mctx, recipe.spec, step.options))
         result.model_steps[step.method] = mctx.notes
     result.activations = activations.record(model, recipe.act)
     if use_cache:

@@ -143,6 +143,12 @@ def swap_out(block: nn.Module, wrapped: dict[str, FakeQuantLinear]) -> None:
         block.set_submodule(name, fq.layer)
 
 
+def relative_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """MSE relative to the target's mean square (in fp32): comparable across layers and models."""
+    pred, target = pred.float(), target.float()
+    return F.mse_loss(pred, target) / target.pow(2).mean().clamp(min=1e-12)
+
+
 def output_loss(head: nn.Module | None, pred: Tensor, target: Tensor) -> Tensor:
     """Distillation loss at a model's output, given the final normalised hidden states (B, T, C).
 
@@ -152,8 +158,7 @@ def output_loss(head: nn.Module | None, pred: Tensor, target: Tensor) -> Tensor:
     the mean runs over real tokens only).
     """
     if head is None:
-        p, t = pred.float().mean(1), target.float().mean(1)
-        return F.mse_loss(p, t) / t.pow(2).mean().clamp(min=1e-12)
+        return relative_mse(pred.float().mean(1), target.float().mean(1))
     with torch.no_grad():
         t = head(target).float().log_softmax(-1).flatten(0, -2)
     p = head(pred).float().log_softmax(-1).flatten(0, -2)

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
@@ -46,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from blockquant import activations
 from blockquant.arch import LinearGroup, block_linears, get_blocks, weight_matrix
 from blockquant.capture import LayerResult, ModelContext, block_output
-from blockquant.finetune import FakeQuantLinear, TrainConfig, TrainLog, output_loss, run_layer, swap_in, swap_out, train
+from blockquant.finetune import FakeQuantLinear, TrainConfig, TrainLog, output_loss, relative_mse, run_layer, swap_in, swap_out, train
 from blockquant.fold import channel_index, feeder_rows
 from blockquant.primitives import compute_qparams, round_scale_ste, round_ste
 from blockquant.recipe import ActSpec, QuantSpec
@@ -406,14 +405,11 @@ def _loss_fn(ctx: ModelContext, opts: QFTOptions) -> Callable[[Tensor, Tensor], 
     head = model.get_submodule(arch.head) if arch.head else None
     norm = model.get_submodule(arch.final_norm) if arch.final_norm else nn.Identity()
 
-    def features(h: Tensor, t: Tensor) -> Tensor:
-        return F.mse_loss(h.float(), t.float()) / t.float().pow(2).mean().clamp(min=1e-12)
-
     def loss(h: Tensor, t: Tensor) -> Tensor:
         with torch.no_grad():
             t_out = norm(t)
         value = output_loss(head, norm(h), t_out)  # KL on logits; encoders: pooled embeddings
-        return value + opts.feature_weight * features(h, t) if opts.feature_weight else value
+        return value + opts.feature_weight * relative_mse(h, t) if opts.feature_weight else value
 
     return loss
 
