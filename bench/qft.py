@@ -17,7 +17,8 @@ ablations at W2; first and last layers at 8 bits. Each row runs in its own proce
 time and peak RSS are its own); rows are cached in bench/results/qft.json, so an interrupted
 study resumes (--fresh starts over), and so is each subject's note (--note replaces the LLM one).
 The GPTQ and best block-wise reference values of the checks come from rows of this study or of
-bench/results/blockft.json, never from numbers written into this script.
+the block-wise study on current code (--blockwise, bench/results/blockft-current.json), never from
+numbers written into this script.
 """
 
 from __future__ import annotations
@@ -59,28 +60,30 @@ LLAMA_TARGETS = {(3, 128): 9.72, (2, 64): 9.95}
 MINILM_TARGETS = {4: 0.995, 3: 0.98}
 
 
-def references(subject: str, rows: list[dict], bits: int, group: int) -> tuple[tuple[str, float] | None, tuple[str, float] | None]:
+def references(
+    subject: str, rows: list[dict], bits: int, group: int, blockwise: Path
+) -> tuple[tuple[str, float] | None, tuple[str, float] | None]:
     """(GPTQ alone, best block-wise variant) at this width, each as (where, value): rows of this study
-    first, then bench/results/blockft.json (its rows carry their own protocol: same calibration, full eval set)."""
+    first, then the block-wise study's JSON ``blockwise`` (bench/blockft.py rows: same calibration, full eval set)."""
     here = {r["row"]: r["value"] for r in rows if (r["bits"], r["group"]) == (bits, group)}
-    path = RESULTS / "blockft.json"
-    saved = json.loads(path.read_text()).get(subject, []) if path.is_file() else []
+    saved = json.loads(blockwise.read_text()).get(subject, []) if blockwise.is_file() else []
+    where = f"bench/results/{blockwise.name}"
     there = {r["variant"]: r["value"] for r in saved if (r["bits"], r["group_size"]) == (bits, group)}
-    gptq = ("this study", here["gptq"]) if "gptq" in here else ("bench/results/blockft.json", there["gptq"]) if "gptq" in there else None
+    gptq = ("this study", here["gptq"]) if "gptq" in here else (where, there["gptq"]) if "gptq" in there else None
     ft = {f"{v} (this study)": x for v, x in here.items() if v == "blockft"}
-    ft |= {f"{v} (bench/results/blockft.json)": x for v, x in there.items() if v not in ("rtn", "gptq")}
+    ft |= {f"{v} ({where})": x for v, x in there.items() if v not in ("rtn", "gptq")}
     best = min(ft.items(), key=lambda kv: kv[1]) if ft else None
     return gptq, best
 
 
-def checks(subject: str, rows: list[dict]) -> list[str]:
+def checks(subject: str, rows: list[dict], blockwise: Path) -> list[str]:
     out = []
     by = {(r["bits"], r["group"], r["row"]): r for r in rows}
     for bits, group in dict.fromkeys((r["bits"], r["group"]) for r in rows if r["row"] != "fp"):
         q, base = by.get((bits, group, "gptq+qft")), by.get((bits, group, "gptq"))
         ft, ftq = by.get((bits, group, "blockft")), by.get((bits, group, "blockft+qft"))
         ppl = rows[0]["metric"] == "ppl"
-        gptq_ref, best_blockwise = references(subject, rows, bits, group) if ppl else (None, None)
+        gptq_ref, best_blockwise = references(subject, rows, bits, group, blockwise) if ppl else (None, None)
 
         def better(a: dict, b: dict, ppl: bool = ppl) -> bool:
             return a["value"] < b["value"] if ppl else a["value"] > b["value"]
@@ -89,7 +92,7 @@ def checks(subject: str, rows: list[dict]) -> list[str]:
             text = (
                 f"{gptq_ref[1]:.3f} ({gptq_ref[0]}) — {'better' if q['value'] < gptq_ref[1] else 'NOT better'}"
                 if gptq_ref
-                else "no GPTQ row in this study or in bench/results/blockft.json (run --rows gptq)"
+                else f"no GPTQ row in this study or in bench/results/{blockwise.name} (run --rows gptq)"
             )
             out.append(f"- {subject} W{bits} g{group}: gptq+qft {q['value']:.3f} vs GPTQ alone: {text}")
         for a, b in ((q, base), (ftq, ft)):
@@ -273,7 +276,7 @@ def render_unet(rows: list[dict], note: str) -> str:
     return "\n".join(out)
 
 
-def render(all_rows: dict, notes: dict[str, str], max_windows: int | None) -> str:
+def render(all_rows: dict, notes: dict[str, str], max_windows: int | None, blockwise: Path) -> str:
     parts = []
     llm = {k: v for k, v in all_rows.items() if k not in ("lits-unet", NOTES)}
     if llm:
@@ -314,7 +317,7 @@ def render(all_rows: dict, notes: dict[str, str], max_windows: int | None) -> st
                 for r in rows
             ],
         )
-        parts.append(f"## {subject} (FP {rows[0]['metric']} {fp:.4f})\n\n{table}\n\n" + "\n".join(checks(subject, rows)))
+        parts.append(f"## {subject} (FP {rows[0]['metric']} {fp:.4f})\n\n{table}\n\n" + "\n".join(checks(subject, rows, blockwise)))
     if "lits-unet" in all_rows:
         parts.append(render_unet(all_rows["lits-unet"], notes.get("lits-unet", "")))
     else:
@@ -335,6 +338,11 @@ def main() -> None:
     p.add_argument("--note", help="text under the language-model tables (kept in the JSON; replaces the stored one)")
     p.add_argument("--unet-note", help="text under the lits-unet table (kept in the JSON; replaces the stored one)")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument(
+        "--blockwise",
+        default="blockft-current",
+        help="bench/results/<NAME>.json of bench/blockft.py whose rows are the checks' GPTQ and block-wise references [blockft-current]",
+    )
     p.add_argument(
         "--calib-shape",
         metavar="NxT",
@@ -360,7 +368,11 @@ def main() -> None:
 
     def save() -> None:
         saved.write_text(json.dumps(all_rows, indent=1))
-        write_result(args.name, "QFT: joint end-to-end fine-tuning of every quantization DoF", render(all_rows, notes, args.max_windows))
+        write_result(
+            args.name,
+            "QFT: joint end-to-end fine-tuning of every quantization DoF",
+            render(all_rows, notes, args.max_windows, RESULTS / f"{args.blockwise}.json"),
+        )
 
     for subject in args.subjects:
         if subject == "lits-unet":

@@ -143,11 +143,18 @@ def run_compare(
     """
     from transformers import AutoConfig
 
+    from blockquant.arch import ARCHITECTURES
+    from blockquant.files import model_class_name
+
     n_blocks = AutoConfig.from_pretrained(job.model_dir).num_hidden_layers
     too_wide = [v for v in variants if VARIANTS[v][-1][1].get("window", 1) > n_blocks]
     if too_wide:
         log(f"skipped {', '.join(too_wide)}: the model has only {n_blocks} blocks")
         variants = [v for v in variants if v not in too_wide]
+    arch = ARCHITECTURES[model_class_name(job.model_dir)]
+    if arch.input_norm is None and "next:1" in variants:  # post-norm: block b+1 reads block b's output unchanged
+        log("skipped next:1: on a post-norm model block b+1's input is block b's output, so next:1 is single-block FT")
+        variants = [v for v in variants if v != "next:1"]
     rows = list(done)
     fp = {"value": rows[0].fp_value, "metric": rows[0].metric} if rows else measure_in_child(job, None)
     log(f"full precision: {fp['metric']} {fp['value']:.4f}")

@@ -151,6 +151,18 @@ def test_an_encoders_output_objective_is_its_pooled_embedding(make_tiny, calib_i
     all_on_grid(model, result)
 
 
+def test_next_one_on_a_post_norm_model_is_single_block_ft_and_says_so(make_tiny, calib_ids, caplog):
+    """BERT's block b+1 reads block b's output unnormalised, so next:1 measures the single-block loss."""
+    opts = {"steps": 6, "eval_every": 3}
+    a, b = make_tiny("bert"), make_tiny("bert")
+    run(a, calib_ids, ("blockft", opts))
+    with caplog.at_level(logging.WARNING):
+        run(b, calib_ids, ("blockft", {**opts, "objective": "next:1"}))
+    assert any("post-norm" in r.message for r in caplog.records)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_finetuning_must_come_last(make_tiny, calib_ids):
     with pytest.raises(ValueError, match="must come last"):
         run(make_tiny("llama"), calib_ids, ("blockft", {"steps": 2}), ("rtn", {}))

@@ -120,6 +120,8 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
             prior = ctx.prior.get(ctx.layer_name(offset, name))
             if prior is not None and prior.g_idx is not None:
                 raise ValueError("blockft needs contiguous groups: run gptq with static_groups: true (the default)")
+    if opts.downstream == 1 and ctx.arch.input_norm is None and ctx.first == 0:
+        log.warning("objective next:1 on a post-norm model is the single-block objective: block b+1 reads block b's output unchanged")
     path, head, moved = _downstream_path(ctx, opts.downstream)
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
     source = ctx.fp_inputs if opts.target == "fp-input" else ctx.q_inputs
