@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CALIBRATION_TEXT, RESULTS, SHARED, calib_shape, calibration_shape, subject_paths, write_result  # noqa: E402
-from blockquant.compare import VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
+from blockquant.compare import DEFAULT_VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
 
 # Issue #3 targets on llama-code (FP 9.63): best blockft variant; single-block FT must beat GPTQ at W3, W2.
 TARGETS = {(4, 128): 9.655, (3, 128): 9.75, (2, 64): 10.1}
@@ -60,7 +60,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", nargs="+", default=["llama-code", "llama-shakespeare", "minilm"])
     p.add_argument("--widths", nargs="+", default=["4:128", "3:128", "2:64"], help="bits:group")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="also: adaround, quantized-input")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (default: all)")
     p.add_argument("--steps", type=int, help="fine-tuning steps per window (default: blockft's)")
     p.add_argument("--name", default="blockft", help="result file name under bench/results [blockft]")

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from blockquant.compare import DEFAULT_VARIANTS
 from blockquant.compare import VARIANTS as COMPARE_VARIANTS
 from blockquant.recipe import QuantSpec, act_spec, make_step, parse_recipe
 
@@ -160,7 +161,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows [128]")
     c.add_argument("--seqlen", type=int, default=512, help="tokens per window [512]")
     c.add_argument("--max-windows", type=int, help="evaluate only the first N windows / paragraphs")
-    c.add_argument("--variants", default=",".join(COMPARE_VARIANTS), help=f"comma list from {', '.join(COMPARE_VARIANTS)} [all]")
+    c.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma list from {', '.join(COMPARE_VARIANTS)} [{','.join(DEFAULT_VARIANTS)}]",
+    )
     c.add_argument("--init", choices=["rtn", "gptq"], default="gptq", help="what the fine-tuning variants start from [gptq]")
     c.add_argument("--steps", type=int, help="fine-tuning steps per window [blockft default]")
     c.add_argument("--output", metavar="DIR", default="compare-out", help="where compare.md/.png/.json go [compare-out]")

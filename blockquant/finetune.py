@@ -60,7 +60,15 @@ def run_layer(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Te
 class FakeQuantLinear(nn.Module):
     """``y = x ŵᵀ + b`` with ``ŵ = s·(clamp(⌊w/s⌉ + z, qmin, qmax) − z)``, all of s, z, w trainable."""
 
-    def __init__(self, layer: nn.Module, spec: QuantSpec, scale: Tensor, zero: Tensor, rounding: str = "ste") -> None:
+    def __init__(
+        self, layer: nn.Module, spec: QuantSpec, scale: Tensor, zero: Tensor, rounding: str = "ste", reference: Tensor | None = None
+    ) -> None:
+        """``reference``: AdaRound only, the full-precision weight matrix of a layer whose weight an
+        earlier step (GPTQ) left on the grid. Each offset then chooses between that code and its
+        neighbour towards the FP weight, starting at the code: the start is the earlier step's
+        result, and a code may move down as well as up. (Rounding the FP weight afresh would throw
+        GPTQ's error compensation away: on llama-code W2 g64 block 0 the held-out block loss started
+        at 0.256 instead of GPTQ's 0.057 and ended at 0.134, against 0.039 from GPTQ's codes.)"""
         super().__init__()
         w = layer_matrix(layer)  # (out, in) fp32; (out, in·∏kernel) for a convolution
         self.spec, self.rounding, self.layer = spec, rounding, layer
@@ -73,6 +81,10 @@ class FakeQuantLinear(nn.Module):
             self.weight = nn.Parameter(w / self._expand(self.scale0))
         elif rounding == "adaround":
             x = w / self._expand(self.scale0)
+            if reference is not None:  # on-grid positions: a hair towards the FP weight picks the neighbour
+                on_grid = (x - x.round()).abs() < 1e-3
+                toward = torch.where(reference.float().to(w.device) < w, -0.01, 0.01)
+                x = torch.where(on_grid, x.round() + toward, x)
             self.register_buffer("w_floor", torch.floor(x))
             rest = (x - torch.floor(x)).clamp(0.01, 0.99)  # so that h(α) starts at w's own position
             self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))

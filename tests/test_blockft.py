@@ -12,6 +12,7 @@ import blockquant.methods.blockft as blockft_module
 from blockquant import QuantSpec, quantize
 from blockquant.arch import arch_for, block_linears, get_blocks, weight_matrix
 from blockquant.finetune import FakeQuantLinear, output_loss, train
+from blockquant.primitives import compute_qparams, expand, fake_quantize
 from blockquant.recipe import Recipe, make_step
 
 SPEC = QuantSpec(bits=2, group_size=32)
@@ -161,6 +162,23 @@ def test_next_one_on_a_post_norm_model_is_single_block_ft_and_says_so(make_tiny,
     assert any("post-norm" in r.message for r in caplog.records)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_adaround_after_gptq_starts_at_its_codes_and_may_move_towards_the_fp_weight():
+    """GPTQ leaves every weight on the grid: each AdaRound offset starts at GPTQ's code and chooses
+    between it and the neighbouring code on the full-precision weight's side (down as well as up)."""
+    spec = QuantSpec(bits=3, group_size=8, scale_dtype="float32")
+    fp = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    scale, zero = compute_qparams(fp, spec)
+    layer = torch.nn.Linear(16, 6, bias=False)
+    layer.weight.data = fake_quantize(fp, scale, zero, spec)  # on the grid, as GPTQ leaves it
+    fq = FakeQuantLinear(layer, spec, scale, zero, "adaround", reference=fp)
+    codes = (layer.weight / expand(scale, 16, 8)).round()
+    assert torch.equal(fq.dequantized(hard=True), layer.weight)  # the start is GPTQ's result
+    assert torch.allclose(fq.w_floor + fq.soft_rounding(), codes, atol=0.011)
+    below = fp < layer.weight
+    assert below.any() and (~below).any()
+    assert torch.equal(fq.w_floor, torch.where(below, codes - 1, codes))  # the other candidate lies towards the FP weight
 
 
 def test_finetuning_must_come_last(make_tiny, calib_ids):

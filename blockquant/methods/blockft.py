@@ -132,7 +132,8 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
         def build(name: str, layer: nn.Module) -> FakeQuantLinear:
             prior = ctx.prior.get(ctx.layer_name(offset, name))
             scale, zero = (prior.scale, prior.zero) if prior is not None else compute_qparams(weight_matrix(layer), spec)
-            return FakeQuantLinear(layer, spec, scale, zero, opts.rounding)
+            fp = weight_matrix(ctx.fp_blocks[offset].get_submodule(name)) if opts.rounding == "adaround" else None
+            return FakeQuantLinear(layer, spec, scale, zero, opts.rounding, reference=fp)
 
         return build
 
