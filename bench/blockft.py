@@ -13,6 +13,7 @@ scored by mean embedding cosine on 512 held-out Shakespeare paragraphs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CALIBRATION_TEXT, RESULTS, SHARED, calib_shape, calibration_shape, subject_paths, write_result  # noqa: E402
 from blockquant.compare import DEFAULT_VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
+from blockquant.methods.blockft import BlockFTOptions  # noqa: E402
 
 # Issue #3 targets on llama-code (FP 9.63): best blockft variant; single-block FT must beat GPTQ at W3, W2.
 TARGETS = {(4, 128): 9.655, (3, 128): 9.75, (2, 64): 10.1}
@@ -56,6 +58,20 @@ def checks(subject: str, rows: list[CompareRow]) -> list[str]:
     return out
 
 
+def ft_option(text: str) -> tuple[str, int | float | str]:
+    """``lr_weight=0.01`` → ("lr_weight", 0.01): a BlockFTOptions field and its value (a number where it reads as one)."""
+    key, sep, value = text.partition("=")
+    fields = {f.name for f in dataclasses.fields(BlockFTOptions)}
+    if not sep or key not in fields:
+        raise SystemExit(f"--ft takes KEY=VALUE with KEY one of {', '.join(sorted(fields))}; got {text!r}")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", nargs="+", default=["llama-code", "llama-shakespeare", "minilm"])
@@ -63,6 +79,13 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="also: adaround, quantized-input")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (default: all)")
     p.add_argument("--steps", type=int, help="fine-tuning steps per window (default: blockft's)")
+    p.add_argument(
+        "--ft",
+        metavar="KEY=VALUE",
+        nargs="+",
+        default=[],
+        help="other fine-tuning options for every FT variant, e.g. lr_weight=0.01 (blockft.BlockFTOptions' fields)",
+    )
     p.add_argument("--name", default="blockft", help="result file name under bench/results [blockft]")
     p.add_argument("--resume", action="store_true", help="keep the rows of bench/results/<name>.json and measure only the missing ones")
     p.add_argument(
@@ -73,6 +96,7 @@ def main() -> None:
     )
     p.add_argument("--note", default="", help="a sentence added to the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
+    ft_options = {**({"steps": args.steps} if args.steps else {}), **dict(ft_option(o) for o in args.ft)}
     if not (SHARED / "subjects").is_dir():
         print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
         return
@@ -96,7 +120,7 @@ def main() -> None:
             nsamples=nsamples,
             seqlen=seqlen,
             max_windows=args.max_windows,
-            ft_options={"steps": args.steps} if args.steps else {},
+            ft_options=ft_options,
         )
         print(f"== {subject}", flush=True)
 
@@ -108,6 +132,7 @@ def main() -> None:
                 + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
                 + "; asymmetric; fine-tuning variants start from GPTQ; joint windows do not overlap (stride K); CPU, fp32. "
+                + (f"Fine-tuning options: {' '.join(args.ft)}. " if args.ft else "")
                 + args.note
                 + "\n\n"
                 + "\n\n".join(done)
