@@ -191,11 +191,14 @@ def verdict(rows: list[CompareRow]) -> list[str]:
         for r in width:
             if single is None or r.variant in ("rtn", "gptq", "blockft"):
                 continue
-            gain = (single.value - r.value) if r.metric == "ppl" else (r.value - single.value)
-            lines.append(
-                f"  {r.variant} vs single-block FT: {'helped' if r.better_than(single) else 'did not help'} "
-                f"({gain:+.4f} {r.metric} better, {r.seconds / max(single.seconds, 1e-9):.1f}× the time)"
-            )
+            diff = abs(r.value - single.value)
+            if r.better_than(single):
+                outcome = f"helped ({r.metric} {diff:.4f} better"
+            elif single.better_than(r):
+                outcome = f"did not help ({r.metric} {diff:.4f} worse"
+            else:
+                outcome = f"did not help (the same {r.metric}"
+            lines.append(f"  {r.variant} vs single-block FT: {outcome}, {r.seconds / max(single.seconds, 1e-9):.1f}× the time)")
     return lines
 
 

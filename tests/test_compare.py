@@ -176,3 +176,18 @@ def test_finetune_bad_flags(llama_dir, calib_file, tmp_path, capsys, argv, messa
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_verdict_states_each_variants_difference_to_single_block_ft_in_the_right_direction():
+    from blockquant.compare import CompareRow, verdict
+
+    def row(variant: str, value: float, metric: str = "ppl") -> CompareRow:
+        return CompareRow(variant, 2, 64, metric, value, 9.0 if metric == "ppl" else 1.0, 10.0, 100.0, [])
+
+    lines = verdict([row("gptq", 11.0), row("blockft", 10.0), row("joint K=2", 9.9), row("next:1", 10.2), row("logits", 10.0)])
+    assert lines[0].startswith("W2 g64: best is joint K=2 (ppl 9.9000")
+    assert "joint K=2 vs single-block FT: helped (ppl 0.1000 better" in lines[1]
+    assert "next:1 vs single-block FT: did not help (ppl 0.2000 worse" in lines[2]
+    assert "logits vs single-block FT: did not help (the same ppl" in lines[3]
+    cosine = verdict([row("blockft", 0.95, "cosine"), row("joint K=2", 0.96, "cosine")])
+    assert "helped (cosine 0.0100 better" in cosine[1]
