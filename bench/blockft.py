@@ -97,6 +97,10 @@ def main() -> None:
     p.add_argument("--note", default="", help="a sentence added to the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
     ft_options = {**({"steps": args.steps} if args.steps else {}), **dict(ft_option(o) for o in args.ft)}
+    try:  # a bad value fails here, not in a child after the full-precision evaluation
+        BlockFTOptions(**ft_options)
+    except ValueError as e:
+        raise SystemExit(f"--ft: {e}") from None
     if not (SHARED / "subjects").is_dir():
         print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
         return
