@@ -58,12 +58,17 @@ def checks(subject: str, rows: list[CompareRow]) -> list[str]:
     return out
 
 
-def ft_option(text: str) -> tuple[str, int | float | str]:
-    """``lr_weight=0.01`` → ("lr_weight", 0.01): a BlockFTOptions field and its value (a number where it reads as one)."""
+def ft_option(text: str) -> tuple[str, bool | int | float | str]:
+    """``lr_weight=0.01`` → ("lr_weight", 0.01): a BlockFTOptions field and its value (a bool or a
+    number where the field is one)."""
     key, sep, value = text.partition("=")
-    fields = {f.name for f in dataclasses.fields(BlockFTOptions)}
+    fields = {f.name: f.type for f in dataclasses.fields(BlockFTOptions)}
     if not sep or key not in fields:
         raise SystemExit(f"--ft takes KEY=VALUE with KEY one of {', '.join(sorted(fields))}; got {text!r}")
+    if fields[key] in (bool, "bool"):
+        if value.lower() not in ("true", "false"):
+            raise SystemExit(f"--ft {key} takes true or false, got {value!r}")
+        return key, value.lower() == "true"
     for kind in (int, float):
         try:
             return key, kind(value)

@@ -214,6 +214,14 @@ def _snapshot(params: list[Tensor]) -> list[Tensor]:
     return [p.detach().clone() for p in params]
 
 
+def default_groups(modules: list[FakeQuantLinear], cfg: TrainConfig) -> list[tuple[list[Tensor], float]]:
+    """(parameters, learning rate): the modules' step sizes and zero points at ``cfg.lr_scale``,
+    their weights (STE) or rounding offsets (AdaRound) at ``cfg.lr_weight``."""
+    scales = [p for m in modules for p in (m.scale, m.zero) if p.requires_grad]
+    weights = [m.weight if m.rounding == "ste" else m.alpha for m in modules]
+    return [(scales, cfg.lr_scale), (weights, cfg.lr_weight)]
+
+
 def train(
     modules: list[FakeQuantLinear],
     loss_on: Callable[[int], Tensor],
@@ -234,14 +242,11 @@ def train(
     patience counted from the start stopped that run at 125; one counted against the best of the
     whole run stopped a 400-step schedule at 300 of 400, before the fall. The best held-out state
     of the whole run is kept either way.
-    ``groups`` — (parameters, learning rate) — replaces the default two: the modules' step sizes
-    and zero points at ``cfg.lr_scale``, their weights / rounding offsets at ``cfg.lr_weight``
-    (QFT trains more kinds of tensors, some shared by several modules).
+    ``groups`` — (parameters, learning rate) — replaces ``default_groups`` (QFT and block-wise FT
+    with float parameters train more kinds of tensors, some shared by several modules).
     """
     if groups is None:
-        scales = [p for m in modules for p in (m.scale, m.zero) if p.requires_grad]
-        weights = [m.weight if m.rounding == "ste" else m.alpha for m in modules]
-        groups = [(scales, cfg.lr_scale), (weights, cfg.lr_weight)]
+        groups = default_groups(modules, cfg)
     groups = [(ps, lr) for ps, lr in groups if ps]
     params = [p for ps, _ in groups for p in ps]
     opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups], weight_decay=cfg.weight_decay)

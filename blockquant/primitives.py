@@ -64,6 +64,14 @@ def round_scale_ste(scale: Tensor, spec: QuantSpec) -> Tensor:
     return scale + (round_scale(scale, spec) - scale).detach()
 
 
+def storage_ste(t: Tensor, spec: QuantSpec) -> Tensor:
+    """``t`` rounded to the checkpoint's dtype (``spec.scale_dtype``), straight-through; signed values
+    too. For the float tensors a fine-tuning step trains (norms, biases): training sees what is saved."""
+    if spec.scale_dtype in (None, "float32"):
+        return t
+    return t + (t.to(getattr(torch, spec.scale_dtype)).float() - t).detach()
+
+
 def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Scale and zero point for a range; the range always includes 0 so that 0 is exact.
 

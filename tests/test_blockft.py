@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 from conftest import assert_on_grid
+from torch.nn.utils import parametrize
 
 import blockquant.methods.blockft as blockft_module
 from blockquant import QuantSpec, quantize
@@ -76,30 +77,36 @@ def test_joint_window_on_grid_with_one_report_per_block(make_tiny, calib_ids, wi
     all_on_grid(model, result)
 
 
-@pytest.mark.parametrize("family,objective,linears", [("llama", "next:1", 7), ("llama", "logits", 7), ("bert", "logits", 6)])
-def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids, monkeypatch, family, objective, linears):
-    """During block 0's training, no parameter outside block 0's fake-quant wrappers gets a gradient."""
+@pytest.mark.parametrize(
+    "family,objective,linears,floats",
+    [("llama", "next:1", 7, False), ("llama", "logits", 7, False), ("bert", "logits", 6, False), ("llama", "next:1", 7, True)],
+)
+def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids, monkeypatch, family, objective, linears, floats):
+    """During block 0's training, no parameter outside block 0's fake-quant wrappers (and, with
+    ``train_float``, its norms) gets a gradient."""
     model = make_tiny(family)
     seen = []
 
-    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True):
-        trainable = {id(p) for m in modules for p in (m.scale, m.zero, m.weight)}
+    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True, groups=None):
+        trainable = {id(p) for ps, _ in groups for p in ps}
         with torch.enable_grad():
             loss = loss_on(train_items[0])
             loss.backward()
         outside = [n for n, p in model.named_parameters() if p.grad is not None and id(p) not in trainable]
         inside = [m for m in modules if m.weight.grad is not None and m.weight.grad.abs().sum() > 0]
-        seen.append((outside, len(inside), len(modules)))
-        for m in modules:
-            for p in (m.scale, m.zero, m.weight):
+        norms = [n for n, p in model.named_parameters() if "norm" in n and p.grad is not None and p.grad.abs().sum() > 0]
+        seen.append((outside, len(inside), len(modules), norms))
+        for ps, _ in groups:
+            for p in ps:
                 p.grad = None
-        return train(modules, loss_on, train_items, eval_items, cfg, progress)
+        return train(modules, loss_on, train_items, eval_items, cfg, progress, groups)
 
     monkeypatch.setattr(blockft_module, "train", checking_train)
-    run(model, calib_ids, ("blockft", {"steps": 2, "objective": objective}))
-    outside, inside, total = seen[0]
+    run(model, calib_ids, ("blockft", {"steps": 2, "objective": objective, "train_float": floats}))
+    outside, inside, total, norms = seen[0]
     assert outside == []
     assert inside == total == linears  # every linear of block 0, and only those, is trained
+    assert len(norms) == (2 if floats else 0) and all(n.startswith("model.layers.0.") for n in norms)
 
 
 def test_nan_loss_restores_best_state_and_warns(make_tiny, calib_ids, monkeypatch, caplog):
@@ -121,6 +128,38 @@ def test_nan_loss_restores_best_state_and_warns(make_tiny, calib_ids, monkeypatc
     all_on_grid(model, result)
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_float_tensors_train_as_the_checkpoint_stores_them(make_tiny, calib_ids, family):
+    """``train_float``: the norms and the linears' biases move, each to a value the checkpoint's
+    dtype holds exactly; the linears stay on their grids; nothing is left parametrized or trainable."""
+    spec = QuantSpec(bits=2, group_size=32, scale_dtype="bfloat16")
+    before = make_tiny(family)
+    model = make_tiny(family)
+    result = run(model, calib_ids, ("blockft", {"steps": 12, "eval_every": 4, "train_float": True, "lr_float": 1e-2}), spec=spec)
+    all_on_grid(model, result, spec)
+    arch = arch_for(model)
+    quantized = {f"{arch.blocks}.{i}.{n}.weight" for i, b in enumerate(get_blocks(model, arch)) for n in block_linears(b, arch)}
+    old = dict(before.named_parameters())
+    floats = {n: p for n, p in model.named_parameters() if n.startswith(arch.blocks) and n not in quantized}
+    assert any(n.endswith("norm.weight") or n.endswith("LayerNorm.weight") for n in floats)
+    if family == "bert":
+        assert any(n.endswith("dense.bias") for n in floats)
+    for name, p in floats.items():
+        assert not torch.equal(p, old[name]), name
+        assert torch.equal(p, p.to(torch.bfloat16).float()), name
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert all(p.requires_grad == old[n].requires_grad for n, p in model.named_parameters())
+
+
+def test_float_tensors_stay_put_by_default(make_tiny, calib_ids):
+    before, model = make_tiny("bert"), make_tiny("bert")
+    run(model, calib_ids, ("blockft", {"steps": 6, "eval_every": 3}))
+    arch = arch_for(model)
+    quantized = {f"{arch.blocks}.{i}.{n}.weight" for i, b in enumerate(get_blocks(model, arch)) for n in block_linears(b, arch)}
+    old = dict(before.named_parameters())
+    assert all(torch.equal(p, old[n]) for n, p in model.named_parameters() if n not in quantized)
+
+
 @pytest.mark.parametrize(
     "opts,match",
     [
@@ -133,6 +172,7 @@ def test_nan_loss_restores_best_state_and_warns(make_tiny, calib_ids, monkeypatc
         ({"steps": 0}, "steps must be >= 1"),
         ({"window": 2, "stride": 3}, "stride <= window"),
         ({"rounding": "floor"}, "rounding must be"),
+        ({"lr_float": 0.0}, "lr_float must be > 0"),
     ],
 )
 def test_bad_options_raise(make_tiny, calib_ids, opts, match):

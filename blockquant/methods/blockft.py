@@ -4,9 +4,10 @@ Single block (window 1): the quantized block, fed by the already-quantized block
 step sizes, zero points and weights (STE) or rounding offsets (AdaRound) to reproduce the
 full-precision block's output (BRECQ, Li et al. 2021; EfficientQAT Block-AP, Chen et al. 2024).
 Joint window (K > 1): K consecutive blocks are trained together against the window's
-full-precision output. Downstream objective: the loss is taken at the normalised input of
-block b+k (``next:k``; blocks in between stay full precision and frozen) or at the model's
-output (``logits``): KL to the full-precision logits, or for an encoder the relative MSE of
+full-precision output. Optionally (``train_float``) the window's float tensors, which the
+checkpoint keeps unquantized (norm weights and biases, the linears' biases), train with them.
+Downstream objective: the loss is taken at the normalised input of block b+k (``next:k``;
+blocks in between stay full precision and frozen) or at the model's output (``logits``): KL to the full-precision logits, or for an encoder the relative MSE of
 its mean-pooled sentence embedding (``finetune.output_loss``, the loss QFT uses).
 """
 
@@ -20,11 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from blockquant.arch import block_linears, get_blocks, weight_matrix
 from blockquant.capture import BlockInputs, LayerResult, WindowContext, block_output, collect_hessians, relative_error, run_block
-from blockquant.finetune import FakeQuantLinear, TrainConfig, output_loss, swap_in, swap_out, train
-from blockquant.primitives import compute_qparams
+from blockquant.finetune import FakeQuantLinear, TrainConfig, default_groups, output_loss, swap_in, swap_out, train
+from blockquant.primitives import compute_qparams, storage_ste
 from blockquant.recipe import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class BlockFTOptions:
     patience: int = 4
     grad_clip: float = 1.0
     weight_decay: float = 0.0
+    train_float: bool = False  # also train the float tensors the checkpoint keeps: norm weights/biases, the linears' biases
+    lr_float: float = 1e-3  # their learning rate (absolute)
 
     def __post_init__(self) -> None:
         if self.rounding not in ("ste", "adaround"):
@@ -55,6 +59,8 @@ class BlockFTOptions:
             raise ValueError(f"need window >= 1 and 1 <= stride <= window, got window {self.window}, stride {self.stride}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.lr_float <= 0:
+            raise ValueError(f"lr_float must be > 0, got {self.lr_float}")
         _ = self.downstream  # raises for a malformed objective
         TrainConfig(steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every)  # validates those
 
@@ -105,6 +111,30 @@ def _downstream_path(ctx: WindowContext, k: int | None) -> tuple[Callable[[Tenso
     return path, head, moved
 
 
+class _Stored(nn.Module):
+    """Parametrization of a trained float tensor: the value the checkpoint stores (``storage_ste``)."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, t: Tensor) -> Tensor:
+        return storage_ste(t.float(), self.spec).to(t.dtype)
+
+
+def float_tensors(blocks: list[nn.Module], names: list[list[str]]) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every parameter of ``blocks`` but the quantized linears' weights: the
+    norms' weights and biases and the linears' biases, which the checkpoint keeps in floating point."""
+    found = []
+    for block, block_names in zip(blocks, names):
+        quantized = {f"{n}.weight" for n in block_names}
+        for full, _ in block.named_parameters():
+            if full not in quantized:
+                owner, _, attr = full.rpartition(".")
+                found.append((block.get_submodule(owner), attr))
+    return found
+
+
 def _window_forward(blocks: list[nn.Module], inputs: BlockInputs, batch: int) -> Tensor:
     h = inputs.hidden[batch]
     for block in blocks:
@@ -140,6 +170,14 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
     frozen = [(p, p.requires_grad) for p in ctx.model.parameters()] + [(p, p.requires_grad) for b in ctx.fp_blocks for p in b.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
+    # Float tensors first (their names change once the linears are wrapped); trained through the
+    # rounding to the checkpoint's dtype, so the saved model is the one that trained.
+    floats = float_tensors(ctx.blocks, names) if opts.train_float else []
+    for module, attr in floats:
+        parametrize.register_parametrization(module, attr, _Stored(spec))
+    float_params = [module.parametrizations[attr].original for module, attr in floats]
+    for p in float_params:
+        p.requires_grad_(True)
     wrapped = [swap_in(block, block_names, make(o)) for o, (block, block_names) in enumerate(zip(ctx.blocks, names))]
     modules = [fq for w in wrapped for fq in w.values()]
     # Adam moves every parameter by about lr per step whatever its gradient's size, so an absolute
@@ -169,9 +207,12 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
         patience=opts.patience,
         label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}",
     )
+    groups = default_groups(modules, cfg) + [(float_params, opts.lr_float)]
     try:
-        log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress)
+        log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress, groups=groups)
     finally:
+        for module, attr in floats:  # the (best) trained values, rounded as stored, become plain parameters again
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
         for p, flag in frozen:
             p.requires_grad_(flag)
         for m, home in zip(moved, homes):

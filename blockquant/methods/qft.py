@@ -47,7 +47,7 @@ from blockquant.arch import LinearGroup, block_linears, get_blocks, weight_matri
 from blockquant.capture import LayerResult, ModelContext, block_output
 from blockquant.finetune import FakeQuantLinear, TrainConfig, TrainLog, output_loss, relative_mse, run_layer, swap_in, swap_out, train
 from blockquant.fold import channel_index, feeder_rows
-from blockquant.primitives import compute_qparams, round_scale_ste, round_ste
+from blockquant.primitives import compute_qparams, round_scale_ste, round_ste, storage_ste
 from blockquant.recipe import ActSpec, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -135,13 +135,6 @@ def check(opts: QFTOptions, spec: QuantSpec, act: ActSpec | None) -> None:
 def pow2_ste(s: Tensor) -> Tensor:
     """``2^⌊log₂ s⌉`` forward, gradient 1: the nearest power of two (in log space)."""
     return s + (torch.exp2(torch.round(torch.log2(s))) - s).detach()
-
-
-def storage_ste(t: Tensor, spec: QuantSpec) -> Tensor:
-    """``t`` rounded to the checkpoint's dtype (``spec.scale_dtype``), straight-through; signed values too."""
-    if spec.scale_dtype in (None, "float32"):
-        return t
-    return t + (t.to(getattr(torch, spec.scale_dtype)).float() - t).detach()
 
 
 class Equalizer(nn.Module):
