@@ -88,6 +88,7 @@ def main() -> None:
         "--ft",
         metavar="KEY=VALUE",
         nargs="+",
+        action="extend",
         default=[],
         help="other fine-tuning options for every FT variant, e.g. lr_weight=0.01 (blockft.BlockFTOptions' fields)",
     )
