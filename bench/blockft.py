@@ -93,6 +93,9 @@ def main() -> None:
         help="other fine-tuning options for every FT variant, e.g. lr_weight=0.01 (blockft.BlockFTOptions' fields)",
     )
     p.add_argument("--name", default="blockft", help="result file name under bench/results [blockft]")
+    p.add_argument(
+        "--seed", type=int, default=0, help="which calibration windows are drawn (a study of its spread: use its own --name) [0]"
+    )
     p.add_argument("--resume", action="store_true", help="keep the rows of bench/results/<name>.json and measure only the missing ones")
     p.add_argument(
         "--calib-shape",
@@ -131,6 +134,7 @@ def main() -> None:
             seqlen=seqlen,
             max_windows=args.max_windows,
             ft_options=ft_options,
+            seed=args.seed,
         )
         print(f"== {subject}", flush=True)
 
@@ -138,7 +142,9 @@ def main() -> None:
             all_rows[subject] = rows
             done = [f"## {s}\n\n{table(rs)}\n\n" + "\n".join(verdict(rs)) + "\n\n" + "\n".join(checks(s, rs)) for s, rs in all_rows.items()]
             body = (
-                (f"calibration {args.calib_shape[0]} × {args.calib_shape[1]} tokens (seed 0)" if args.calib_shape else CALIBRATION_TEXT)
+                (
+                    f"calibration {args.calib_shape[0]} × {args.calib_shape[1]} tokens (seed 0)" if args.calib_shape else CALIBRATION_TEXT
+                ).replace("seed 0", f"seed {args.seed}")
                 + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
                 + "; asymmetric; fine-tuning variants start from GPTQ; joint windows do not overlap (stride K); CPU, fp32. "

@@ -52,6 +52,9 @@ ROWS: dict[str, list[tuple[str, dict]]] = {
     "qft no bias correction": [("gptq", {}), ("qft", {"bias": False})],
     "qft no step sizes": [("gptq", {}), ("qft", {"step_sizes": False})],
     "qft no weight nudges": [("gptq", {}), ("qft", {"weights": False})],
+    # from the block-wise start, without the one group that hurt in every ablation (session 9)
+    "blockft+qft no equalization": [("gptq", {}), ("blockft", {}), ("qft", {"equalize": False})],
+    "qft equalization lr ×0.2": [("gptq", {}), ("qft", {"lr_equalize": 1e-3})],
     # every QFT learning rate at a fifth of the default (a whole-model step moves every layer at once)
     "gptq+qft rates ×0.2": [("gptq", {}), ("qft", {"lr_weight": 2e-3, "lr_scale": 1e-3, "lr_equalize": 1e-3, "lr_bias": 2e-4})],
 }
