@@ -205,6 +205,12 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
         help="learning rate of step sizes and zero points, relative to their mean initial value (blockft [0.02], lkd [0.01])",
     )
     g.add_argument("--lr-weight", type=float, help="learning rate of weights (in code units) / AdaRound offsets [2e-2]")
+    g.add_argument(
+        "--train-float",
+        action="store_true",
+        default=None,
+        help="also train the float tensors the checkpoint keeps (norm weights and biases, the linears' biases) [off]",
+    )
     h = p.add_argument_group("QFT: end-to-end fine-tuning of every quantization DoF (recipes ending in qft, e.g. --recipe gptq,qft)")
     h.add_argument(
         "--hw",
@@ -213,7 +219,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-FINETUNE_FLAGS = ("steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight")
+FINETUNE_FLAGS = ("steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight", "train_float")
 
 
 def _apply_finetune_args(recipe, args: argparse.Namespace):

@@ -24,6 +24,7 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # the method's other options, measured on request (not in the default set: the question is about windows and objectives)
     "adaround": [("blockft", {"rounding": "adaround"})],
     "quantized-input": [("blockft", {"target": "quantized-input"})],
+    "train-float": [("blockft", {"train_float": True})],  # norms and biases train too
 }
 DEFAULT_VARIANTS = ("rtn", "gptq", "blockft", "joint K=2", "joint K=3", "next:1", "logits")
 

@@ -127,6 +127,7 @@ def test_finetune_flags_reach_the_method(llama_dir, calib_file, tmp_path):
             "next:1",
             "--steps",
             "3",
+            "--train-float",
             "--calib",
             str(calib_file),
             "--nsamples",
@@ -143,7 +144,7 @@ def test_finetune_flags_reach_the_method(llama_dir, calib_file, tmp_path):
     assert code == 0
     record = json.loads((out / "blockquant.json").read_text())
     ft = record["recipe"]["steps"][-1]
-    assert (ft["method"], ft["window"], ft["objective"], ft["steps"]) == ("blockft", 2, "next:1", 3)
+    assert (ft["method"], ft["window"], ft["objective"], ft["steps"], ft["train_float"]) == ("blockft", 2, "next:1", 3, True)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ Joint window (K > 1): K consecutive blocks are trained together against the wind
 full-precision output. Optionally (``train_float``) the window's float tensors, which the
 checkpoint keeps unquantized (norm weights and biases, the linears' biases), train with them.
 Downstream objective: the loss is taken at the normalised input of block b+k (``next:k``;
-blocks in between stay full precision and frozen) or at the model's output (``logits``): KL to the full-precision logits, or for an encoder the relative MSE of
-its mean-pooled sentence embedding (``finetune.output_loss``, the loss QFT uses).
+blocks in between stay full precision and frozen) or at the model's output (``logits``): KL
+to the full-precision logits, or for an encoder the relative MSE of its mean-pooled sentence
+embedding (``finetune.output_loss``, the loss QFT uses).
 """
 
 from __future__ import annotations
