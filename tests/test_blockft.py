@@ -128,6 +128,12 @@ def test_nan_loss_restores_best_state_and_warns(make_tiny, calib_ids, monkeypatc
     all_on_grid(model, result)
 
 
+def quantized_weights(model) -> set[str]:
+    """Names of the weights the methods quantize (every other block parameter stays float)."""
+    arch = arch_for(model)
+    return {f"{arch.blocks}.{i}.{n}.weight" for i, b in enumerate(get_blocks(model, arch)) for n in block_linears(b, arch)}
+
+
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_float_tensors_train_as_the_checkpoint_stores_them(make_tiny, calib_ids, family):
     """``train_float``: the norms and the linears' biases move, each to a value the checkpoint's
@@ -138,7 +144,7 @@ def test_float_tensors_train_as_the_checkpoint_stores_them(make_tiny, calib_ids,
     result = run(model, calib_ids, ("blockft", {"steps": 12, "eval_every": 4, "train_float": True, "lr_float": 1e-2}), spec=spec)
     all_on_grid(model, result, spec)
     arch = arch_for(model)
-    quantized = {f"{arch.blocks}.{i}.{n}.weight" for i, b in enumerate(get_blocks(model, arch)) for n in block_linears(b, arch)}
+    quantized = quantized_weights(model)
     old = dict(before.named_parameters())
     floats = {n: p for n, p in model.named_parameters() if n.startswith(arch.blocks) and n not in quantized}
     assert any(n.endswith("norm.weight") or n.endswith("LayerNorm.weight") for n in floats)
@@ -154,8 +160,7 @@ def test_float_tensors_train_as_the_checkpoint_stores_them(make_tiny, calib_ids,
 def test_float_tensors_stay_put_by_default(make_tiny, calib_ids):
     before, model = make_tiny("bert"), make_tiny("bert")
     run(model, calib_ids, ("blockft", {"steps": 6, "eval_every": 3}))
-    arch = arch_for(model)
-    quantized = {f"{arch.blocks}.{i}.{n}.weight" for i, b in enumerate(get_blocks(model, arch)) for n in block_linears(b, arch)}
+    quantized = quantized_weights(model)
     old = dict(before.named_parameters())
     assert all(torch.equal(p, old[n]) for n, p in model.named_parameters() if n not in quantized)
 
