@@ -82,7 +82,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", nargs="+", default=["llama-code", "llama-shakespeare", "minilm"])
     p.add_argument("--widths", nargs="+", default=["4:128", "3:128", "2:64"], help="bits:group")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="also: adaround, quantized-input, train-float, \"joint K=2 overlap\"")
+    p.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help='also: adaround, quantized-input, train-float, "joint K=2 overlap"'
+    )
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (default: all)")
     p.add_argument("--steps", type=int, help="fine-tuning steps per window (default: blockft's)")
     p.add_argument(
@@ -148,7 +150,7 @@ def main() -> None:
                 ).replace("seed 0", f"seed {args.seed}")
                 + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
-                + "; asymmetric; fine-tuning variants start from GPTQ; joint windows do not overlap (stride K); CPU, fp32. "
+                + "; asymmetric; fine-tuning variants start from GPTQ; joint windows do not overlap (stride K) except in `joint K=2 overlap` (stride 1); CPU, fp32. "
                 + (f"Fine-tuning options: {' '.join(args.ft)}. " if args.ft else "")
                 + args.note
                 + "\n\n"
