@@ -54,6 +54,8 @@ ROWS: dict[str, list[tuple[str, dict]]] = {
     "qft no weight nudges": [("gptq", {}), ("qft", {"weights": False})],
     # from the block-wise start, without the one group that hurt in every ablation (session 9)
     "blockft+qft no equalization": [("gptq", {}), ("blockft", {}), ("qft", {"equalize": False})],
+    # from the block-wise start, weights frozen: QFT learns only the ~0.3 M scales, biases and factors (fits the text less)
+    "blockft+qft no weight nudges": [("gptq", {}), ("blockft", {}), ("qft", {"weights": False})],
     "qft equalization lr ×0.2": [("gptq", {}), ("qft", {"lr_equalize": 1e-3})],
     # every QFT learning rate at a fifth of the default (a whole-model step moves every layer at once)
     "gptq+qft rates ×0.2": [("gptq", {}), ("qft", {"lr_weight": 2e-3, "lr_scale": 1e-3, "lr_equalize": 1e-3, "lr_bias": 2e-4})],
