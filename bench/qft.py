@@ -56,8 +56,10 @@ ROWS: dict[str, list[tuple[str, dict]]] = {
     "blockft+qft no equalization": [("gptq", {}), ("blockft", {}), ("qft", {"equalize": False})],
     # from the block-wise start, weights frozen: QFT learns only the ~0.3 M scales, biases and factors (fits the text less)
     "blockft+qft no weight nudges": [("gptq", {}), ("blockft", {}), ("qft", {"weights": False})],
-    "qft equalization lr ×0.2": [("gptq", {}), ("qft", {"lr_equalize": 1e-3})],
-    # every QFT learning rate at a fifth of the default (a whole-model step moves every layer at once)
+    # the default equalization rate before session 11 (the ablation rows above were measured with it too)
+    "gptq+qft (lr_equalize 5e-3)": [("gptq", {}), ("qft", {"lr_equalize": 5e-3})],
+    "blockft+qft (lr_equalize 5e-3)": [("gptq", {}), ("blockft", {}), ("qft", {"lr_equalize": 5e-3})],
+    # every QFT learning rate at a fifth of the session-7 defaults (a whole-model step moves every layer at once)
     "gptq+qft rates ×0.2": [("gptq", {}), ("qft", {"lr_weight": 2e-3, "lr_scale": 1e-3, "lr_equalize": 1e-3, "lr_bias": 2e-4})],
 }
 # Issue #7 targets. References (GPTQ alone, the best block-wise variant) are read from rows, see references().
@@ -156,6 +158,7 @@ UNET_ROWS: dict[str, dict | None] = {
     "admm+qft no bias correction": {"bias": False},
     "admm+qft no step sizes": {"step_sizes": False},
     "admm+qft no weight nudges": {"weights": False},
+    "admm+qft (lr_equalize 5e-3)": {"lr_equalize": 5e-3},  # the default before session 11 (the ablations above used it too)
 }
 UNET_ABLATIONS_AT = 2
 
