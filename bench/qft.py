@@ -83,6 +83,13 @@ def references(
     return gptq, best
 
 
+def kept_start(row: dict) -> bool:
+    """Whether QFT's best held-out loss was its first evaluation, so it handed back its starting state
+    (a difference to the start's own row is then rounding, not training)."""
+    evals = (row.get("qft_record") or {}).get("held_out_loss") or []
+    return bool(evals) and min(evals, key=lambda e: e[1])[0] == 0
+
+
 def checks(subject: str, rows: list[dict], blockwise: Path) -> list[str]:
     out = []
     by = {(r["bits"], r["group"], r["row"]): r for r in rows}
@@ -104,10 +111,10 @@ def checks(subject: str, rows: list[dict], blockwise: Path) -> list[str]:
             out.append(f"- {subject} W{bits} g{group}: gptq+qft {q['value']:.3f} vs GPTQ alone: {text}")
         for a, b in ((q, base), (ftq, ft)):
             if a and b:
-                out.append(
-                    f"- {subject} W{bits} g{group}: {a['row']} {a['value']:.4f} vs {b['row']} alone {b['value']:.4f} — "
-                    f"{'better' if better(a, b) else 'NOT better'}"
-                )
+                verdict = "better" if better(a, b) else "NOT better"
+                if kept_start(a):
+                    verdict = "the same state: QFT kept its start (no held-out evaluation beat it)"
+                out.append(f"- {subject} W{bits} g{group}: {a['row']} {a['value']:.4f} vs {b['row']} alone {b['value']:.4f} — {verdict}")
         best = [r for r in (q, ftq) if r]
         if not best:
             continue
