@@ -25,7 +25,7 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "adaround": [("blockft", {"rounding": "adaround"})],
     "quantized-input": [("blockft", {"target": "quantized-input"})],
     "train-float": [("blockft", {"train_float": True})],  # norms and biases train too
-    "joint K=2 overlap": [("blockft", {"window": 2, "stride": 1})],  # every inner block trained in two windows: about 2× joint K=2's time
+    "joint K=2 overlap": [("blockft", {"window": 2, "stride": 1})],  # every inner block trained in two windows: n − 1 windows, not n/2
 }
 DEFAULT_VARIANTS = ("rtn", "gptq", "blockft", "joint K=2", "joint K=3", "next:1", "logits")
 
