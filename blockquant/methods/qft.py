@@ -64,7 +64,7 @@ class QFTOptions:
     steps: int = 150  # optimizer steps, one calibration batch each, through the whole model
     lr_scale: float = 5e-3  # log step sizes and zero points (code units)
     lr_weight: float = 1e-2  # master weights, in code units of the initial grid
-    lr_equalize: float = 1e-3  # log equalization factors (5e-3 until session 11: 1e-3 was better in 3 of 3 measured cases)
+    lr_equalize: float = 1e-3  # log equalization factors (5e-3 until session 11: from GPTQ 1e-3 won 4 of 4 cases in bench/results/qft.md)
     lr_bias: float = 1e-3  # bias corrections (output units)
     lr_act: float = 5e-3  # log static activation scales
     hw: str | None = None  # int-per-channel | int-per-group | pow2; None: int-per-channel with --group-size -1, else int-per-group
