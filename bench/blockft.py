@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CALIBRATION_TEXT, RESULTS, SHARED, calib_shape, calibration_shape, subject_paths, write_result  # noqa: E402
-from blockquant.compare import DEFAULT_VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
+from blockquant.compare import DEFAULT_VARIANTS, VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
 from blockquant.methods.blockft import BlockFTOptions  # noqa: E402
 
 # Issue #3 targets on llama-code (FP 9.63): best blockft variant; single-block FT must beat GPTQ at W3, W2.
@@ -150,7 +150,11 @@ def main() -> None:
                 ).replace("seed 0", f"seed {args.seed}")
                 + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
-                + "; asymmetric; fine-tuning variants start from GPTQ; joint windows do not overlap (stride K) except in `joint K=2 overlap` (stride 1); CPU, fp32. "
+                + "; asymmetric; fine-tuning variants start from GPTQ"
+                + "".join(
+                    f"; {v}: window {o['window']}, stride {o['stride']}" for v in variants for _, o in VARIANTS[v][-1:] if "window" in o
+                )
+                + "; CPU, fp32. "
                 + (f"Fine-tuning options: {' '.join(args.ft)}. " if args.ft else "")
                 + args.note
                 + "\n\n"
