@@ -56,8 +56,11 @@ ROWS: dict[str, list[tuple[str, dict]]] = {
     "blockft+qft no equalization": [("gptq", {}), ("blockft", {}), ("qft", {"equalize": False})],
     # from the block-wise start, weights frozen: QFT learns only the ~0.3 M scales, biases and factors (fits the text less)
     "blockft+qft no weight nudges": [("gptq", {}), ("blockft", {}), ("qft", {"weights": False})],
-    # the default equalization rate before session 11 (the ablation rows above were measured with it too)
+    # the default equalization rate before session 11, and the ablations measured with it
     "gptq+qft (lr_equalize 5e-3)": [("gptq", {}), ("qft", {"lr_equalize": 5e-3})],
+    "qft no bias correction (lr_equalize 5e-3)": [("gptq", {}), ("qft", {"bias": False, "lr_equalize": 5e-3})],
+    "qft no step sizes (lr_equalize 5e-3)": [("gptq", {}), ("qft", {"step_sizes": False, "lr_equalize": 5e-3})],
+    "qft no weight nudges (lr_equalize 5e-3)": [("gptq", {}), ("qft", {"weights": False, "lr_equalize": 5e-3})],
     "blockft+qft (lr_equalize 5e-3)": [("gptq", {}), ("blockft", {}), ("qft", {"lr_equalize": 5e-3})],
     # every QFT learning rate at a fifth of the session-7 defaults (a whole-model step moves every layer at once)
     "gptq+qft rates ×0.2": [("gptq", {}), ("qft", {"lr_weight": 2e-3, "lr_scale": 1e-3, "lr_equalize": 1e-3, "lr_bias": 2e-4})],
@@ -165,7 +168,11 @@ UNET_ROWS: dict[str, dict | None] = {
     "admm+qft no bias correction": {"bias": False},
     "admm+qft no step sizes": {"step_sizes": False},
     "admm+qft no weight nudges": {"weights": False},
-    "admm+qft (lr_equalize 5e-3)": {"lr_equalize": 5e-3},  # the default before session 11 (the ablations above used it too)
+    # the default equalization rate before session 11, and the ablations measured with it
+    "admm+qft (lr_equalize 5e-3)": {"lr_equalize": 5e-3},
+    "admm+qft no bias correction (lr_equalize 5e-3)": {"bias": False, "lr_equalize": 5e-3},
+    "admm+qft no step sizes (lr_equalize 5e-3)": {"step_sizes": False, "lr_equalize": 5e-3},
+    "admm+qft no weight nudges (lr_equalize 5e-3)": {"weights": False, "lr_equalize": 5e-3},
 }
 UNET_ABLATIONS_AT = 2
 
