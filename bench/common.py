@@ -37,7 +37,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def cpu_name() -> str:
-    """The CPU model: results that amplify float rounding (MiniLM GPTQ moved by 0.004 between machines) name it."""
+    """The CPU model: results that amplify float rounding (MiniLM GPTQ moved by 0.004 between environments) name it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
