@@ -43,7 +43,9 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 
-ROWS: dict[str, list[tuple[str, dict]]] = {
+# QFT's default equalization rate before session 11: rows measured with it carry OLD_RATE_LABEL and stay reproducible.
+OLD_RATE, OLD_RATE_LABEL = {"lr_equalize": 5e-3}, " (lr_equalize 5e-3)"
+_CURRENT: dict[str, list[tuple[str, dict]]] = {
     "gptq": [("gptq", {})],
     "blockft": [("gptq", {}), ("blockft", {})],
     "gptq+qft": [("gptq", {}), ("qft", {})],
@@ -56,15 +58,14 @@ ROWS: dict[str, list[tuple[str, dict]]] = {
     "blockft+qft no equalization": [("gptq", {}), ("blockft", {}), ("qft", {"equalize": False})],
     # from the block-wise start, weights frozen: QFT learns only the ~0.3 M scales, biases and factors (fits the text less)
     "blockft+qft no weight nudges": [("gptq", {}), ("blockft", {}), ("qft", {"weights": False})],
-    # the default equalization rate before session 11, and the ablations measured with it
-    "gptq+qft (lr_equalize 5e-3)": [("gptq", {}), ("qft", {"lr_equalize": 5e-3})],
-    "qft no bias correction (lr_equalize 5e-3)": [("gptq", {}), ("qft", {"bias": False, "lr_equalize": 5e-3})],
-    "qft no step sizes (lr_equalize 5e-3)": [("gptq", {}), ("qft", {"step_sizes": False, "lr_equalize": 5e-3})],
-    "qft no weight nudges (lr_equalize 5e-3)": [("gptq", {}), ("qft", {"weights": False, "lr_equalize": 5e-3})],
-    "blockft+qft (lr_equalize 5e-3)": [("gptq", {}), ("blockft", {}), ("qft", {"lr_equalize": 5e-3})],
-    # every QFT learning rate at a fifth of the session-7 defaults (a whole-model step moves every layer at once)
-    "gptq+qft rates ×0.2": [("gptq", {}), ("qft", {"lr_weight": 2e-3, "lr_scale": 1e-3, "lr_equalize": 1e-3, "lr_bias": 2e-4})],
 }
+_OLD_RATE_ROWS = ("gptq+qft", "qft no bias correction", "qft no step sizes", "qft no weight nudges", "blockft+qft")
+ROWS = (
+    _CURRENT
+    | {label + OLD_RATE_LABEL: [*_CURRENT[label][:-1], ("qft", _CURRENT[label][-1][1] | OLD_RATE)] for label in _OLD_RATE_ROWS}
+    # every QFT learning rate at a fifth of the session-7 defaults (a whole-model step moves every layer at once)
+    | {"gptq+qft rates ×0.2": [("gptq", {}), ("qft", {"lr_weight": 2e-3, "lr_scale": 1e-3, "lr_equalize": 1e-3, "lr_bias": 2e-4})]}
+)
 # Issue #7 targets. References (GPTQ alone, the best block-wise variant) are read from rows, see references().
 LLAMA_TARGETS = {(3, 128): 9.72, (2, 64): 9.95}
 MINILM_TARGETS = {4: 0.995, 3: 0.98}
@@ -161,18 +162,17 @@ def checks(subject: str, rows: list[dict], blockwise: Path) -> list[str]:
 
 NOTES = "_notes"  # key of qft.json holding the text under each subject's table
 # label: options of the qft step after ADMM (None: ADMM alone); the ablations run at W2 only
-UNET_ROWS: dict[str, dict | None] = {
+_UNET_CURRENT: dict[str, dict | None] = {
     "admm": None,
     "admm+qft": {},
     "admm+qft no equalization": {"equalize": False},
     "admm+qft no bias correction": {"bias": False},
     "admm+qft no step sizes": {"step_sizes": False},
     "admm+qft no weight nudges": {"weights": False},
-    # the default equalization rate before session 11, and the ablations measured with it
-    "admm+qft (lr_equalize 5e-3)": {"lr_equalize": 5e-3},
-    "admm+qft no bias correction (lr_equalize 5e-3)": {"bias": False, "lr_equalize": 5e-3},
-    "admm+qft no step sizes (lr_equalize 5e-3)": {"step_sizes": False, "lr_equalize": 5e-3},
-    "admm+qft no weight nudges (lr_equalize 5e-3)": {"weights": False, "lr_equalize": 5e-3},
+}
+UNET_ROWS = _UNET_CURRENT | {
+    label + OLD_RATE_LABEL: _UNET_CURRENT[label] | OLD_RATE
+    for label in ("admm+qft", "admm+qft no bias correction", "admm+qft no step sizes", "admm+qft no weight nudges")
 }
 UNET_ABLATIONS_AT = 2
 
