@@ -109,29 +109,6 @@ def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids
     assert len(norms) == (2 if floats else 0) and all(n.startswith("model.layers.0.") for n in norms)
 
 
-def test_input_mix_feeds_training_batches_both_streams_and_holds_out_the_quantized_one(make_tiny, calib_ids, monkeypatch):
-    """QDrop: a training batch's window input is, element by element, the quantized or the FP
-    stream's; the held-out batch (the last) reads the quantized stream alone."""
-    calls = []
-    real = blockft_module._window_forward
-
-    def spy(blocks, inputs, batch, hidden=None):
-        calls.append((inputs, batch, hidden))
-        return real(blocks, inputs, batch, hidden)
-
-    monkeypatch.setattr(blockft_module, "_window_forward", spy)
-    run(make_tiny("llama"), calib_ids, ("gptq", {}), ("blockft", {"steps": 6, "eval_every": 3, "input_mix": 0.5}))
-    streams = list(dict.fromkeys(id(inputs) for inputs, _, _ in calls))  # block 0: one stream; then FP (targets), quantized
-    fp, q = [next(i for i, _, _ in calls if id(i) == s) for s in streams[1:3]]  # block 1, where the streams differ
-    trained = [(b, h) for i, b, h in calls if i is q and h is not None]
-    held_out = [b for i, b, h in calls if i is q and h is None]
-    assert trained and set(held_out) == {7} and all(b < 7 for b, _ in trained)
-    for b, h in trained:
-        from_fp, from_q = h == fp.hidden[b], h == q.hidden[b]
-        assert bool((from_fp | from_q).all())
-        assert 0.4 < float((from_fp & ~from_q).float().mean()) < 0.6
-
-
 def test_nan_loss_restores_best_state_and_warns(make_tiny, calib_ids, monkeypatch, caplog):
     model = make_tiny("llama")
     calls = {"n": 0}
@@ -201,7 +178,6 @@ def test_float_tensors_stay_put_by_default(make_tiny, calib_ids):
         ({"window": 2, "stride": 3}, "stride <= window"),
         ({"rounding": "floor"}, "rounding must be"),
         ({"lr_float": 0.0}, "lr_float must be > 0"),
-        ({"input_mix": 1.5}, "input_mix must be in"),
     ],
 )
 def test_bad_options_raise(make_tiny, calib_ids, opts, match):

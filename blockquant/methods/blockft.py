@@ -50,7 +50,6 @@ class BlockFTOptions:
     weight_decay: float = 0.0
     train_float: bool = False  # also train the float tensors the checkpoint keeps: norm weights/biases, the linears' biases
     lr_float: float = 1e-3  # their learning rate (absolute)
-    input_mix: float = 0.0  # QDrop: share of the window's input elements taken from the FP stream while training
 
     def __post_init__(self) -> None:
         if self.rounding not in ("ste", "adaround"):
@@ -63,8 +62,6 @@ class BlockFTOptions:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.lr_float <= 0:
             raise ValueError(f"lr_float must be > 0, got {self.lr_float}")
-        if not 0 <= self.input_mix <= 1:
-            raise ValueError(f"input_mix must be in [0, 1] (a share of input elements), got {self.input_mix}")
         _ = self.downstream  # raises for a malformed objective
         TrainConfig(steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every)  # validates those
 
@@ -139,8 +136,8 @@ def float_tensors(blocks: list[nn.Module], names: list[list[str]]) -> list[tuple
     return found
 
 
-def _window_forward(blocks: list[nn.Module], inputs: BlockInputs, batch: int, hidden: Tensor | None = None) -> Tensor:
-    h = inputs.hidden[batch] if hidden is None else hidden
+def _window_forward(blocks: list[nn.Module], inputs: BlockInputs, batch: int) -> Tensor:
+    h = inputs.hidden[batch]
     for block in blocks:
         h = block_output(block(h, *inputs.args[batch], **inputs.kwargs[batch]))
     return h
@@ -192,26 +189,14 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
         fq.layer.weight.requires_grad_(False)
         fq.train()
 
-    n = len(ctx.q_inputs.hidden)
-    n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0
-    mixer = torch.Generator(ctx.q_inputs.hidden[0].device).manual_seed(ctx.first)  # per window: reproducible, no global state
-
-    def window_input(i: int) -> Tensor | None:
-        """QDrop (Wei et al. 2022): a training batch's input mixes the quantized stream with the FP
-        one, element by element, so the window learns to map both to the FP target. The held-out
-        batches stay on the quantized stream: they measure what the model will see."""
-        if opts.input_mix == 0 or i >= n - n_eval:
-            return None
-        q, fp = ctx.q_inputs.hidden[i], ctx.fp_inputs.hidden[i]
-        take_fp = torch.rand(q.shape, generator=mixer, device=q.device) < opts.input_mix
-        return torch.where(take_fp, fp, q)
-
     def loss_on(i: int) -> Tensor:
-        pred = path(_window_forward(ctx.blocks, ctx.q_inputs, i, window_input(i)), i)
+        pred = path(_window_forward(ctx.blocks, ctx.q_inputs, i), i)
         if opts.downstream is None:  # the model's output, from the cached FP final hidden state
             return output_loss(head, pred, targets[i])
         return F.mse_loss(pred.float(), targets[i].float())
 
+    n = len(ctx.q_inputs.hidden)
+    n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0
     items = list(range(n))
     cfg = TrainConfig(
         steps=opts.steps,
