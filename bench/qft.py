@@ -371,6 +371,11 @@ def main() -> None:
         type=calib_shape,
         help="language models: calibration samples × tokens, replacing the subject's (a diagnostic: use its own --name)",
     )
+    p.add_argument(
+        "--calib-paragraphs",
+        action="store_true",
+        help="language models: whole paragraphs of the calibration file (at most T tokens each, N × T tokens in all) instead of windows",
+    )
     args = p.parse_args()
     if args.one:
         print(json.dumps(unet_one(args.one[0], int(args.one[1]))))
@@ -405,7 +410,17 @@ def main() -> None:
         for width in args.widths:
             bits, group = (int(x) for x in width.split(":"))
             nsamples, seqlen = args.calib_shape or calibration_shape(subject)
-            job = CompareJob(model, calib, ev, bits, group, nsamples=nsamples, seqlen=seqlen, max_windows=args.max_windows)
+            job = CompareJob(
+                model,
+                calib,
+                ev,
+                bits,
+                group,
+                nsamples=nsamples,
+                seqlen=seqlen,
+                max_windows=args.max_windows,
+                paragraphs=args.calib_paragraphs,
+            )
             if not rows:
                 fp = measure_in_child(job, None)
                 rows.append(

@@ -92,12 +92,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def calibration_batches(calibration: Tensor, batch_size: int, encoder: bool) -> list[dict[str, Tensor]]:
-    """Split (N, T) token ids into model-call batches (encoders also get an all-ones mask)."""
-    if calibration.ndim != 2 or calibration.shape[0] < 1:
-        raise ValueError(f"calibration must be token ids of shape (n_samples, seqlen), got {tuple(calibration.shape)}")
+def calibration_batches(calibration: Tensor | list[Tensor], batch_size: int, encoder: bool) -> list[dict[str, Tensor]]:
+    """Split token ids into model-call batches (encoders also get an all-ones mask).
+
+    ``calibration``: (N, T) ids, or a list of 1-D samples of varying length (whole paragraphs).
+    Samples of one length share a batch, so that no batch needs padding (which every loss and
+    Hessian would have to mask out). The batches keep the order in which their first sample
+    came: the last ones, held out by fine-tuning, are a random draw of lengths, not the longest.
+    """
+    if isinstance(calibration, Tensor):
+        if calibration.ndim != 2 or calibration.shape[0] < 1:
+            raise ValueError(f"calibration must be token ids of shape (n_samples, seqlen), got {tuple(calibration.shape)}")
+        chunks = list(calibration.split(batch_size))
+    else:
+        if not calibration or any(s.ndim != 1 or s.numel() < 1 for s in calibration):
+            raise ValueError("calibration must be a non-empty list of 1-D token id tensors (or one (n_samples, seqlen) tensor)")
+        by_length: dict[int, list[int]] = {}
+        for i, s in enumerate(calibration):
+            by_length.setdefault(s.numel(), []).append(i)
+        groups = [idx[j : j + batch_size] for idx in by_length.values() for j in range(0, len(idx), batch_size)]
+        chunks = [torch.stack([calibration[i] for i in g]) for g in sorted(groups, key=lambda g: g[0])]
     batches = []
-    for chunk in calibration.split(batch_size):
+    for chunk in chunks:
         batch = {"input_ids": chunk}
         if encoder:
             batch["attention_mask"] = torch.ones_like(chunk)
@@ -194,13 +210,14 @@ def with_scale_dtype(recipe: Recipe, dtype: torch.dtype) -> Recipe:
 def quantize(
     model: nn.Module,
     recipe: Recipe,
-    calibration: Tensor,
+    calibration: Tensor | list[Tensor],
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     progress: bool = True,
 ) -> QuantResult:
-    """Quantize ``model`` in place with ``recipe`` on calibration token ids ``(N, T)``.
+    """Quantize ``model`` in place with ``recipe`` on calibration token ids ``(N, T)`` (or a list
+    of 1-D samples of varying length: see ``calibration_batches``).
 
     Blocks are processed in windows of K consecutive blocks (K = 1 unless the recipe ends in a
     windowed fine-tuning step). A block entering a window for the first time gets the

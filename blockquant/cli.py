@@ -84,6 +84,13 @@ reference perplexity and the relative change.
 """
 
 
+PARAGRAPHS_HELP = (
+    "calibrate on whole paragraphs of --calib (blocks separated by a blank line, each cut at --seqlen tokens) drawn at random "
+    "until they hold --nsamples x --seqlen tokens, instead of fixed windows: for sentence encoders, which are called on "
+    "sentences and paragraphs"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockquant", description="Post-training quantization of PyTorch models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", metavar="FILE", help="calibration text file (UTF-8)")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows [128]")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window [512]")
+    q.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
     q.add_argument("--output", metavar="OUT_DIR", help="where to write the quantized model")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     q.add_argument(
@@ -160,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--eval", required=True, metavar="FILE", help="held-out text file")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows [128]")
     c.add_argument("--seqlen", type=int, default=512, help="tokens per window [512]")
+    c.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
     c.add_argument("--max-windows", type=int, help="evaluate only the first N windows / paragraphs")
     c.add_argument(
         "--variants",
@@ -328,14 +337,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
     warn_calibration_length(args.model_dir, args.seqlen)
     encoder = arch_for(model).kind == "encoder"
-    calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, encoder=encoder)
+    calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, encoder, args.calib_paragraphs)
     if args.format and (problem := export_problem(args.format, model, recipe.spec)):
         raise ValueError(f"cannot write --format {args.format}: {problem}")  # before the work, not after
     torch.manual_seed(args.seed)
     result = quantize(model, recipe, calibration, device=device, batch_size=args.batch_size, progress=not args.quiet)
     record = result.record() | {
         "source": str(args.model_dir),
-        "calibration": {"file": str(args.calib), "nsamples": int(calibration.shape[0]), "seqlen": args.seqlen, "seed": args.seed},
+        "calibration": {
+            "file": str(args.calib),
+            "nsamples": len(calibration),
+            "seqlen": args.seqlen,
+            "seed": args.seed,
+            "unit": "paragraph" if args.calib_paragraphs else "window",
+            "tokens": sum(s.numel() for s in calibration),
+        },
     }
     fmt = resolve_format(args.format, model, recipe.spec, result.layers)
     save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, export_dtype)
@@ -373,7 +389,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from blockquant.arch import ARCHITECTURES
     from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches, perplexity
     from blockquant.export import load_model_any
-    from blockquant.files import model_class_name, read_text, tokenize_stream
+    from blockquant.files import model_class_name, read_text, split_paragraphs, tokenize_stream
 
     device = _check_device(args.device)
     from blockquant.unet import cli_eval, is_network_dir
@@ -392,7 +408,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
     out: dict = {"model": str(args.model_dir), "data": str(args.data)}
     if encoder:
-        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()][: args.max_windows]
+        paragraphs = split_paragraphs(text)[: args.max_windows]
         batches = paragraph_batches(tokenizer, paragraphs, max_length=min(args.seqlen, limit or 512, 512))
         reference, _ = load_model_any(args.reference, DTYPES[args.dtype])
         out["cosine"] = embedding_cosine(mean_pooled_embeddings(model, batches, device), mean_pooled_embeddings(reference, batches, device))
@@ -454,6 +470,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.seed,
         args.init,
         ft,
+        args.calib_paragraphs,
     )
     rows = run_compare(job, [(b, args.group_size) for b in args.wbits], variants)
     files = save(rows, Path(args.output), f"blockquant compare: {args.model_dir}")

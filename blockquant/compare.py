@@ -46,6 +46,7 @@ class CompareJob:
     seed: int = 0
     init: str = "gptq"  # what the fine-tuning variants start from: "rtn" or "gptq"
     ft_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"steps": 100}
+    paragraphs: bool = False  # calibrate on whole paragraphs (nsamples × seqlen tokens in all), not windows
 
 
 @dataclass
@@ -83,7 +84,7 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
     from blockquant.api import quantize
     from blockquant.arch import arch_for
     from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches, perplexity
-    from blockquant.files import load_calibration, load_model, read_text, tokenize_stream
+    from blockquant.files import load_calibration, load_model, read_text, split_paragraphs, tokenize_stream
     from blockquant.recipe import QuantSpec, Recipe, make_step
 
     torch.manual_seed(job.seed)
@@ -91,13 +92,13 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
     encoder = arch_for(model).kind == "encoder"
     text = read_text(job.eval, "evaluation")
     if encoder:
-        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()][: job.max_windows or 512]
+        paragraphs = split_paragraphs(text)[: job.max_windows or 512]
         limit = getattr(model.config, "max_position_embeddings", None) or 512  # whole paragraphs, whatever the calibration length
         batches = paragraph_batches(tokenizer, paragraphs, max_length=min(limit, 512))
         reference = mean_pooled_embeddings(model, batches, job.device)
     out: dict[str, Any] = {"seconds": 0.0, "peak_rss_mb": 0.0, "curves": []}
     if steps is not None:
-        calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed, encoder=encoder)
+        calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed, encoder, job.paragraphs)
         recipe = Recipe(QuantSpec(job.bits, job.group_size, job.sym), [make_step(m, o) for m, o in steps])
         result = quantize(model, recipe, calibration, device=job.device, batch_size=job.batch_size, progress=False)
         curves = [(first, log.losses) for first, log in result.train_logs]

@@ -81,14 +81,57 @@ def tokenize_stream(tokenizer: Any, text: str) -> Tensor:
     return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
 
 
-def load_calibration(path: str | Path, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, encoder: bool = False) -> Tensor:
+def load_calibration(
+    path: str | Path, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, encoder: bool = False, paragraphs: bool = False
+) -> Tensor | list[Tensor]:
     """``nsamples`` random non-overlapping ``seqlen``-token samples of a text file: (N, seqlen)
-    (see ``calibration_samples``)."""
+    (see ``calibration_samples``); with ``paragraphs``, whole paragraphs of at most ``seqlen``
+    tokens holding ``nsamples × seqlen`` tokens in all (see ``calibration_paragraphs``)."""
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
-    return calibration_samples(
-        tokenizer, read_text(path, "calibration"), nsamples, seqlen, seed, encoder, source=f"calibration file {path}"
-    )
+    text, source = read_text(path, "calibration"), f"calibration file {path}"
+    if paragraphs:
+        return calibration_paragraphs(tokenizer, text, nsamples * seqlen, seqlen, seed, source)
+    return calibration_samples(tokenizer, text, nsamples, seqlen, seed, encoder, source)
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """The text's paragraphs: blocks separated by a blank line, stripped, empty ones dropped."""
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def calibration_paragraphs(
+    tokenizer: Any, text: str, ntokens: int, max_len: int, seed: int = 0, source: str = "calibration text"
+) -> list[Tensor]:
+    """Whole paragraphs of ``text`` in random order, each tokenized as the model is called on it
+    (the tokenizer's special tokens included: ``[CLS] … [SEP]`` for BERT) and cut at ``max_len``
+    tokens, until they hold ``ntokens`` tokens: a list of 1-D id tensors of varying length.
+
+    A sentence encoder is called on sentences and paragraphs, not on fixed-length cuts of a
+    token stream: in a short input ``[CLS]``/``[SEP]`` weigh more in the mean-pooled embedding
+    and attention spreads over few positions. Calibrating on the same shape of input is what
+    the quantizer should see (measured on all-MiniLM-L6-v2: bench/results/blockft.md).
+    """
+    if ntokens < 1 or max_len < 2:
+        raise ValueError(f"need a token budget >= 1 and a paragraph length >= 2, got {ntokens} and {max_len}")
+    found = split_paragraphs(text)
+    if not found:
+        raise ValueError(f"{source} has no paragraphs (blocks of text separated by blank lines)")
+    order = torch.randperm(len(found), generator=torch.Generator().manual_seed(seed)).tolist()
+    samples, total = [], 0
+    for i in order:
+        ids = torch.tensor(tokenizer(found[i], verbose=False)["input_ids"][:max_len], dtype=torch.long)
+        if ids.numel() < 2:  # a paragraph of a lone special token says nothing
+            continue
+        samples.append(ids)
+        total += ids.numel()
+        if total >= ntokens:
+            break
+    if total < ntokens:
+        log.warning("%s holds only %d tokens in %d paragraphs (%d requested); proceeding with them", source, total, len(samples), ntokens)
+    if not samples:
+        raise ValueError(f"{source} has no paragraph of 2 tokens or more")
+    return samples
 
 
 def calibration_samples(

@@ -174,6 +174,59 @@ def test_encoder_calibration_samples_are_framed(calib_file):
     )
 
 
+def framing_tokenizer():
+    """The test tokenizer with BERT's framing: every call gives ``[CLS] … [SEP]``."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]"})
+    ids = [("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)]
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=ids)
+    return tok
+
+
+def test_paragraph_calibration_takes_whole_framed_paragraphs_up_to_the_budget(tmp_path, caplog):
+    """``--calib-paragraphs``: each sample is one paragraph as the model is called on it, cut at
+    --seqlen; paragraphs are drawn at random until the budget is reached, and no further."""
+    paragraphs = [make_text(n, seed=n).replace("\n", " ").strip() for n in range(3, 33)]  # 3 … 32 words
+    calib = tmp_path / "paragraphs.txt"
+    calib.write_text("\n\n".join(paragraphs) + "\n")
+    tok = framing_tokenizer()
+    samples = load_calibration(calib, tok, 4, 25, seed=0, encoder=True, paragraphs=True)  # 100 tokens, at most 25 each
+    total = sum(s.numel() for s in samples)
+    assert 100 <= total < 100 + samples[-1].numel()
+    words = {tuple(tok(p, add_special_tokens=False)["input_ids"]): p for p in paragraphs}
+    for s in samples:
+        ids = s.tolist()
+        assert ids[0] == tok.cls_token_id and len(ids) <= 25
+        if len(ids) < 25:  # whole: [CLS] paragraph [SEP]
+            assert ids[-1] == tok.sep_token_id and tuple(ids[1:-1]) in words
+        else:  # cut at --seqlen: the paragraph's beginning
+            assert any(w[:24] == tuple(ids[1:]) for w in words)
+    assert len({s.numel() for s in samples}) > 1  # lengths vary, as the paragraphs do
+    again = load_calibration(calib, tok, 4, 25, seed=0, paragraphs=True)
+    other = load_calibration(calib, tok, 4, 25, seed=1, paragraphs=True)
+    assert [s.tolist() for s in again] == [s.tolist() for s in samples] != [s.tolist() for s in other]
+    with caplog.at_level(logging.WARNING):
+        everything = load_calibration(calib, tok, 100, 40, paragraphs=True)  # 4000 tokens asked, the file has 525 + 2 × 30
+    assert len(everything) == len(paragraphs) and any("only 585 tokens in 30 paragraphs" in r.getMessage() for r in caplog.records)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n\n  \n")
+    with pytest.raises(ValueError, match="no paragraphs|empty"):
+        load_calibration(blank, tok, 4, 25, paragraphs=True)
+
+
+def test_quantize_calibrates_on_paragraphs_and_records_it(llama_dir, tmp_path, capsys, spy_quantize):
+    calib = tmp_path / "paragraphs.txt"
+    calib.write_text("\n\n".join(make_text(n, seed=n).replace("\n", " ") for n in (5, 9, 5, 14, 9, 5, 20, 7)))
+    out = tmp_path / "out"
+    rc = main(quantize_args(llama_dir, calib, out, "--calib-paragraphs", "--recipe", "gptq,blockft", "--steps", "4"))
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads((out / "blockquant.json").read_text())["calibration"]
+    assert record["unit"] == "paragraph" and record["tokens"] >= 64 and record["nsamples"] == len(spy_quantize["calibration"])
+    assert {s.numel() for s in spy_quantize["calibration"]} <= {5, 9, 14, 16, 7}  # whole paragraphs, or cut at --seqlen 16
+
+
 def test_calibration_longer_than_a_sentence_model_runs_warns(tmp_path, caplog):
     (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
     with caplog.at_level(logging.WARNING):

@@ -61,12 +61,15 @@ def test_compare_writes_table_plot_and_verdict(llama_dir, calib_file, eval_file,
 
 def test_compare_measures_an_encoders_output_objective(calib_file, eval_file, tmp_path, capsys, monkeypatch):
     """An encoder's ``logits`` variant trains against its pooled embedding, and is scored by cosine like the rest;
-    ``next:1`` is skipped on this post-norm model, where it is single-block FT."""
+    ``next:1`` is skipped on this post-norm model, where it is single-block FT. Calibrated on whole
+    paragraphs, as a sentence encoder is called."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     bert = save_tiny("bert", tmp_path / "bert")
     out = tmp_path / "cmp"
-    argv = ["compare", str(bert), "--wbits", "4", "--group-size", "32", "--calib", str(calib_file), "--eval", str(eval_file)]
-    argv += ["--nsamples", "4", "--seqlen", "32", "--variants", "rtn,next:1,logits", "--output", str(out), "--quiet"]
+    calib = tmp_path / "paragraphs.txt"
+    calib.write_text("\n\n".join(make_text(n, seed=n).replace("\n", " ") for n in range(4, 30)))
+    argv = ["compare", str(bert), "--wbits", "4", "--group-size", "32", "--calib", str(calib), "--eval", str(eval_file)]
+    argv += ["--nsamples", "4", "--seqlen", "32", "--calib-paragraphs", "--variants", "rtn,next:1,logits", "--output", str(out), "--quiet"]
     assert main(argv) == 0
     assert "skipped next:1: on a post-norm model" in capsys.readouterr().out  # it would repeat single-block FT
     rows = json.loads((out / "compare.json").read_text())

@@ -211,3 +211,34 @@ def test_inf_activation_names_the_layer(calib_ids):
 def test_bad_calibration_shape(tiny_llama):
     with pytest.raises(ValueError, match="calibration"):
         blockquant.quantize(tiny_llama, parse_recipe("rtn", QuantSpec(4, 32)), torch.zeros(16, dtype=torch.long), progress=False)
+
+
+def test_samples_of_varying_length_are_batched_by_length_without_padding():
+    """Paragraph calibration: samples of one length share a batch (at most ``batch_size``), every
+    sample is used once, and batches come in the order of their first sample's draw."""
+    lengths = [3, 5, 3, 3, 5, 4, 3, 3, 5]
+    samples = [torch.full((n,), i) for i, n in enumerate(lengths)]
+    batches = blockquant.api.calibration_batches(samples, 2, encoder=True)
+    ids = [b["input_ids"] for b in batches]
+    assert [t[:, 0].tolist() for t in ids] == [[0, 2], [1, 4], [3, 6], [5], [7], [8]]
+    assert all(t.shape[1] == lengths[int(t[0, 0])] for t in ids)  # one length per batch, nothing padded
+    assert all(torch.equal(b["attention_mask"], torch.ones_like(b["input_ids"])) for b in batches)
+    with pytest.raises(ValueError, match="1-D token id tensors"):
+        blockquant.api.calibration_batches([torch.zeros(2, 3, dtype=torch.long)], 2, encoder=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_paragraph_calibration_quantizes_on_the_grid(family):
+    """Batches of different lengths go through capture, GPTQ and block-wise FT."""
+    gen = torch.Generator().manual_seed(0)
+    samples = [torch.randint(0, 256, (int(n),), generator=gen) for n in torch.randint(3, 12, (40,), generator=gen)]
+    model = build_tiny(family)
+    spec = QuantSpec(2, 32)
+    recipe = Recipe(spec, [make_step("gptq", {}), make_step("blockft", {"steps": 6, "eval_every": 3})])
+    result = blockquant.quantize(model, recipe, samples, batch_size=4, progress=False)
+    arch = arch_for(model)
+    for i, block in enumerate(get_blocks(model, arch)):
+        for name, layer in block_linears(block, arch).items():
+            r = result.layers[f"{arch.blocks}.{i}.{name}"]
+            assert_on_grid(weight_matrix(layer), r.scale, r.zero, spec, r.g_idx)
+    assert all(0 < b.output_error < 1 for b in result.blocks)
