@@ -298,13 +298,13 @@ def render_unet(rows: list[dict], note: str) -> str:
     return "\n".join(out)
 
 
-def render(all_rows: dict, notes: dict[str, str], max_windows: int | None, blockwise: Path) -> str:
+def render(all_rows: dict, notes: dict[str, str], max_windows: int | None, blockwise: Path, calibration: str = CALIBRATION_TEXT) -> str:
     parts = []
     llm = {k: v for k, v in all_rows.items() if k not in ("lits-unet", NOTES)}
     if llm:
         parts.append(
             "Language models: "
-            + CALIBRATION_TEXT
+            + calibration
             + "; evaluation: "
             + (f"first {max_windows} windows / paragraphs" if max_windows else "full eval set")
             + "; asymmetric; fp32 compute on CPU; QFT library defaults unless the row says otherwise. "
@@ -393,12 +393,21 @@ def main() -> None:
     if args.unet_note is not None:
         notes["lits-unet"] = args.unet_note
 
+    if args.calib_paragraphs:
+        cut = f"{args.calib_shape[1]} tokens" if args.calib_shape else "the subject's window (MiniLM 128 tokens, the Llamas 512)"
+        total = args.calib_shape[0] * args.calib_shape[1] if args.calib_shape else 65536
+        calibration = f"calibration: whole paragraphs of the calibration file, {total} tokens in all (seed 0), each cut at {cut}"
+    elif args.calib_shape:
+        calibration = f"calibration {args.calib_shape[0]} × {args.calib_shape[1]} tokens (seed 0)"
+    else:
+        calibration = CALIBRATION_TEXT
+
     def save() -> None:
         saved.write_text(json.dumps(all_rows, indent=1))
         write_result(
             args.name,
             "QFT: joint end-to-end fine-tuning of every quantization DoF",
-            render(all_rows, notes, args.max_windows, RESULTS / f"{args.blockwise}.json"),
+            render(all_rows, notes, args.max_windows, RESULTS / f"{args.blockwise}.json", calibration),
         )
 
     for subject in args.subjects:
