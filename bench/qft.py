@@ -72,7 +72,7 @@ MINILM_TARGETS = {4: 0.995, 3: 0.98}
 
 
 def references(
-    subject: str, rows: list[dict], bits: int, group: int, blockwise: Path
+    subject: str, rows: list[dict], bits: int, group: int, blockwise: Path, lower_is_better: bool = True
 ) -> tuple[tuple[str, float] | None, tuple[str, float] | None]:
     """(GPTQ alone, best block-wise variant) at this width, each as (where, value): rows of this study
     first, then the block-wise study's JSON ``blockwise`` (bench/blockft.py rows: same calibration, full eval set)."""
@@ -83,7 +83,7 @@ def references(
     gptq = ("this study", here["gptq"]) if "gptq" in here else (where, there["gptq"]) if "gptq" in there else None
     ft = {f"{v} (this study)": x for v, x in here.items() if v == "blockft"}
     ft |= {f"{v} ({where})": x for v, x in there.items() if v not in ("rtn", "gptq")}
-    best = min(ft.items(), key=lambda kv: kv[1]) if ft else None
+    best = (min if lower_is_better else max)(ft.items(), key=lambda kv: kv[1]) if ft else None
     return gptq, best
 
 
@@ -101,18 +101,18 @@ def checks(subject: str, rows: list[dict], blockwise: Path) -> list[str]:
         q, base = by.get((bits, group, "gptq+qft")), by.get((bits, group, "gptq"))
         ft, ftq = by.get((bits, group, "blockft")), by.get((bits, group, "blockft+qft"))
         ppl = rows[0]["metric"] == "ppl"
-        gptq_ref, best_blockwise = references(subject, rows, bits, group, blockwise) if ppl else (None, None)
+        gptq_ref, best_blockwise = references(subject, rows, bits, group, blockwise, ppl)
 
         def better(a: dict, b: dict, ppl: bool = ppl) -> bool:
             return a["value"] < b["value"] if ppl else a["value"] > b["value"]
 
         if q and not base:
             text = (
-                f"{gptq_ref[1]:.3f} ({gptq_ref[0]}) — {'better' if q['value'] < gptq_ref[1] else 'NOT better'}"
+                f"{gptq_ref[1]:.4f} ({gptq_ref[0]}) — {'better' if better(q, {'value': gptq_ref[1]}) else 'NOT better'}"
                 if gptq_ref
                 else f"no GPTQ row in this study or in bench/results/{blockwise.name} (run --rows gptq)"
             )
-            out.append(f"- {subject} W{bits} g{group}: gptq+qft {q['value']:.3f} vs GPTQ alone: {text}")
+            out.append(f"- {subject} W{bits} g{group}: gptq+qft {q['value']:.4f} vs GPTQ alone: {text}")
         for a, b in ((q, base), (ftq, ft)):
             if a and b:
                 verdict = "better" if better(a, b) else "NOT better"
@@ -128,11 +128,11 @@ def checks(subject: str, rows: list[dict], blockwise: Path) -> list[str]:
             out.append(
                 f"- llama-code W{bits} g{group}: {top['row']} {top['value']:.3f}, target ≤ {t} — {'met' if top['value'] <= t else 'MISSED'}"
             )
-        if ppl and best_blockwise:
+        if best_blockwise:
             name, value = best_blockwise
             out.append(
-                f"- {subject} W{bits} g{group}: {top['row']} {top['value']:.3f} vs best block-wise variant, {name}: "
-                f"{value:.3f} — {'better' if top['value'] < value else 'NOT better'}"
+                f"- {subject} W{bits} g{group}: {top['row']} {top['value']:.4f} vs best block-wise variant, {name}: "
+                f"{value:.4f} — {'better' if better(top, {'value': value}) else 'NOT better'}"
             )
         if subject == "minilm" and bits in MINILM_TARGETS:
             t = MINILM_TARGETS[bits]
