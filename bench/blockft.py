@@ -21,7 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CALIBRATION_TEXT, RESULTS, SHARED, calib_shape, calibration_shape, subject_paths, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    PARAGRAPHS_HELP,
+    RESULTS,
+    SHARED,
+    calib_shape,
+    calibration_shape,
+    calibration_text,
+    subject_paths,
+    write_result,
+)
 from blockquant.compare import DEFAULT_VARIANTS, VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
 from blockquant.methods.blockft import BlockFTOptions  # noqa: E402
 
@@ -106,11 +115,7 @@ def main() -> None:
         type=calib_shape,
         help="calibration samples × tokens, replacing the subject's (default 128x512; MiniLM 512x128)",
     )
-    p.add_argument(
-        "--calib-paragraphs",
-        action="store_true",
-        help="whole paragraphs of the calibration file (at most T tokens each, N × T tokens in all) instead of N windows of T",
-    )
+    p.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
     p.add_argument("--note", default="", help="a sentence added to the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
     ft_options = {**({"steps": args.steps} if args.steps else {}), **dict(ft_option(o) for o in args.ft)}
@@ -147,17 +152,11 @@ def main() -> None:
         )
         print(f"== {subject}", flush=True)
 
-        def save(rows: list[CompareRow], subject: str = subject, job: CompareJob = job) -> None:  # after every variant
+        def save(rows: list[CompareRow], subject: str = subject) -> None:  # after every variant
             all_rows[subject] = rows
             done = [f"## {s}\n\n{table(rs)}\n\n" + "\n".join(verdict(rs)) + "\n\n" + "\n".join(checks(s, rs)) for s, rs in all_rows.items()]
             body = (
-                (
-                    f"calibration: whole paragraphs of at most {job.seqlen} tokens, {job.nsamples * job.seqlen} tokens in all (seed 0)"
-                    if args.calib_paragraphs
-                    else f"calibration {args.calib_shape[0]} × {args.calib_shape[1]} tokens (seed 0)"
-                    if args.calib_shape
-                    else CALIBRATION_TEXT
-                ).replace("seed 0", f"seed {args.seed}")
+                calibration_text(args.calib_shape, args.calib_paragraphs, args.seed)
                 + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
                 + "; asymmetric; fine-tuning variants start from GPTQ"

@@ -77,6 +77,23 @@ def subject_paths(name: str) -> tuple[str, str, str]:
     return str(SHARED / "subjects" / name), str(data / "calib.txt"), str(data / "eval.txt")
 
 
+PARAGRAPHS_HELP = "whole paragraphs of the calibration file (at most T tokens each, N × T tokens in all) instead of N windows of T"
+
+
+def calibration_text(shape: tuple[int, int] | None, paragraphs: bool, seed: int = 0) -> str:
+    """How a study calibrated, for its results file: the default windows, ``--calib-shape`` or paragraphs."""
+    if paragraphs:
+        text = (
+            f"calibration: whole paragraphs of at most {shape[1]} tokens, {shape[0] * shape[1]} tokens in all (seed 0)"
+            if shape
+            else "calibration: whole paragraphs of the calibration file, 65536 tokens in all (seed 0), "
+            "each cut at the subject's window (MiniLM 128 tokens, the Llamas 512)"
+        )
+    else:
+        text = f"calibration {shape[0]} × {shape[1]} tokens (seed 0)" if shape else CALIBRATION_TEXT
+    return text.replace("seed 0", f"seed {seed}")
+
+
 def calib_shape(text: str) -> tuple[int, int]:
     """``NxT`` → (samples, tokens per sample); argparse turns the ValueError into one usage line."""
     m = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())

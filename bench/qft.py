@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
     CALIBRATION_TEXT,
+    PARAGRAPHS_HELP,
     RESULTS,
     SHARED,
     calib_shape,
     calibration_shape,
+    calibration_text,
     markdown_table,
     run_child,
     subject_paths,
@@ -371,11 +373,7 @@ def main() -> None:
         type=calib_shape,
         help="language models: calibration samples × tokens, replacing the subject's (a diagnostic: use its own --name)",
     )
-    p.add_argument(
-        "--calib-paragraphs",
-        action="store_true",
-        help="language models: whole paragraphs of the calibration file (at most T tokens each, N × T tokens in all) instead of windows",
-    )
+    p.add_argument("--calib-paragraphs", action="store_true", help="language models: " + PARAGRAPHS_HELP)
     args = p.parse_args()
     if args.one:
         print(json.dumps(unet_one(args.one[0], int(args.one[1]))))
@@ -393,14 +391,7 @@ def main() -> None:
     if args.unet_note is not None:
         notes["lits-unet"] = args.unet_note
 
-    if args.calib_paragraphs:
-        cut = f"{args.calib_shape[1]} tokens" if args.calib_shape else "the subject's window (MiniLM 128 tokens, the Llamas 512)"
-        total = args.calib_shape[0] * args.calib_shape[1] if args.calib_shape else 65536
-        calibration = f"calibration: whole paragraphs of the calibration file, {total} tokens in all (seed 0), each cut at {cut}"
-    elif args.calib_shape:
-        calibration = f"calibration {args.calib_shape[0]} × {args.calib_shape[1]} tokens (seed 0)"
-    else:
-        calibration = CALIBRATION_TEXT
+    calibration = calibration_text(args.calib_shape, args.calib_paragraphs)
 
     def save() -> None:
         saved.write_text(json.dumps(all_rows, indent=1))
