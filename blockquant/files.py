@@ -104,8 +104,9 @@ def calibration_paragraphs(
     tokenizer: Any, text: str, ntokens: int, max_len: int, seed: int = 0, source: str = "calibration text"
 ) -> list[Tensor]:
     """Whole paragraphs of ``text`` in random order, each tokenized as the model is called on it
-    (the tokenizer's special tokens included: ``[CLS] … [SEP]`` for BERT) and cut at ``max_len``
-    tokens, until they hold ``ntokens`` tokens: a list of 1-D id tensors of varying length.
+    (the tokenizer's special tokens included: ``[CLS] … [SEP]`` for BERT) and truncated by the
+    tokenizer to ``max_len`` tokens (keeping ``[SEP]``), until they hold ``ntokens`` tokens: a list
+    of 1-D id tensors of varying length.
 
     A sentence encoder is called on sentences and paragraphs, not on fixed-length cuts of a
     token stream: in a short input ``[CLS]``/``[SEP]`` weigh more in the mean-pooled embedding
@@ -120,7 +121,8 @@ def calibration_paragraphs(
     order = torch.randperm(len(found), generator=torch.Generator().manual_seed(seed)).tolist()
     samples, total = [], 0
     for i in order:
-        ids = torch.tensor(tokenizer(found[i], verbose=False)["input_ids"][:max_len], dtype=torch.long)
+        # The tokenizer's own truncation keeps the closing special token ([SEP]), as the model is called.
+        ids = torch.tensor(tokenizer(found[i], truncation=True, max_length=max_len, verbose=False)["input_ids"], dtype=torch.long)
         if ids.numel() < 2:  # a paragraph of a lone special token says nothing
             continue
         samples.append(ids)
