@@ -85,7 +85,7 @@ reference perplexity and the relative change.
 
 
 PARAGRAPHS_HELP = (
-    "calibrate on whole paragraphs of --calib (blocks separated by a blank line, each cut at --seqlen tokens) drawn at random "
+    "calibrate on whole paragraphs of --calib (blocks separated by a blank line, each truncated at --seqlen tokens) drawn at random "
     "until they hold --nsamples x --seqlen tokens, instead of fixed windows: for sentence encoders, which are called on "
     "sentences and paragraphs"
 )

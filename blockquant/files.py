@@ -130,7 +130,15 @@ def calibration_paragraphs(
         if total >= ntokens:
             break
     if total < ntokens:
-        log.warning("%s holds only %d tokens in %d paragraphs (%d requested); proceeding with them", source, total, len(samples), ntokens)
+        log.warning(
+            "%s holds only %d tokens in %d paragraphs (%d requested; paragraphs are separated by blank lines and each is "
+            "truncated at %d tokens); proceeding with them",
+            source,
+            total,
+            len(samples),
+            ntokens,
+            max_len,
+        )
     if not samples:
         raise ValueError(f"{source} has no paragraph of 2 tokens or more")
     return samples
