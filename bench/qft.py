@@ -105,19 +105,23 @@ def checks(subject: str, rows: list[dict], blockwise: Path) -> list[str]:
         ppl = rows[0]["metric"] == "ppl"
         gptq_ref, best_blockwise = references(subject, rows, bits, group, blockwise, ppl)
 
-        def better(a: dict, b: dict, ppl: bool = ppl) -> bool:
-            return a["value"] < b["value"] if ppl else a["value"] > b["value"]
+        def compared(a: dict, b: float, ppl: bool = ppl) -> str:
+            """Judged at the printed precision: a QFT that kept its start can differ from it by float rounding."""
+            x, y = round(a["value"], 4), round(b, 4)
+            if x == y:
+                return "equal to 4 decimals"
+            return "better" if (x < y if ppl else x > y) else "NOT better"
 
         if q and not base:
             text = (
-                f"{gptq_ref[1]:.4f} ({gptq_ref[0]}) — {'better' if better(q, {'value': gptq_ref[1]}) else 'NOT better'}"
+                f"{gptq_ref[1]:.4f} ({gptq_ref[0]}) — {compared(q, gptq_ref[1])}"
                 if gptq_ref
                 else f"no GPTQ row in this study or in bench/results/{blockwise.name} (run --rows gptq)"
             )
             out.append(f"- {subject} W{bits} g{group}: gptq+qft {q['value']:.4f} vs GPTQ alone: {text}")
         for a, b in ((q, base), (ftq, ft)):
             if a and b:
-                verdict = "better" if better(a, b) else "NOT better"
+                verdict = compared(a, b["value"])
                 if kept_start(a):
                     verdict = "the same state: QFT kept its start (no held-out evaluation beat it)"
                 out.append(f"- {subject} W{bits} g{group}: {a['row']} {a['value']:.4f} vs {b['row']} alone {b['value']:.4f} — {verdict}")
@@ -134,7 +138,7 @@ def checks(subject: str, rows: list[dict], blockwise: Path) -> list[str]:
             name, value = best_blockwise
             out.append(
                 f"- {subject} W{bits} g{group}: {top['row']} {top['value']:.4f} vs best block-wise variant, {name}: "
-                f"{value:.4f} — {'better' if better(top, {'value': value}) else 'NOT better'}"
+                f"{value:.4f} — {compared(top, value)}{' (QFT kept its start)' if kept_start(top) else ''}"
             )
         if subject == "minilm" and bits in MINILM_TARGETS:
             t = MINILM_TARGETS[bits]
