@@ -61,7 +61,7 @@ def one(subject: str, label: str, max_windows: int | None, lkd_steps: int | None
 
     from blockquant import QuantSpec, Recipe, make_step, quantize
     from blockquant.evaluate import mean_pooled_embeddings, paragraph_batches, perplexity
-    from blockquant.files import load_calibration, load_model, read_text, tokenize_stream
+    from blockquant.files import load_calibration, load_model, read_text, split_paragraphs, tokenize_stream
     from blockquant.recipe import act_spec
 
     torch.manual_seed(0)
@@ -71,7 +71,7 @@ def one(subject: str, label: str, max_windows: int | None, lkd_steps: int | None
     text = read_text(data / "eval.txt", "evaluation")
     encoder = subject == "minilm"
     if encoder:
-        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()][: max_windows or 512]
+        paragraphs = split_paragraphs(text)[: max_windows or 512]
         batches = paragraph_batches(tokenizer, paragraphs, max_length=512)
         reference = mean_pooled_embeddings(model, batches)
     row = {"subject": subject, "label": label, "seconds": 0.0, "peak_rss_mb": None, "alphas": None}
