@@ -190,7 +190,6 @@ class TrainConfig:
     reg_weight: float = 0.01  # AdaRound regulariser λ
     label: str = "train"
     diverge: float | None = None  # stop when a held-out loss exceeds this multiple of the initial one (None: off)
-    ema: float = 0.0  # decay of an exponential moving average of the trained tensors, which is what is evaluated and kept (0: off)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -201,8 +200,6 @@ class TrainConfig:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if not 0 <= self.settle < 1:
             raise ValueError(f"settle must be in [0, 1) (a share of the steps), got {self.settle}")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"ema must be in [0, 1) (a decay per step; 0 switches it off), got {self.ema}")
 
 
 @dataclass
@@ -215,12 +212,6 @@ class TrainLog:
 
 def _snapshot(params: list[Tensor]) -> list[Tensor]:
     return [p.detach().clone() for p in params]
-
-
-def _load(params: list[Tensor], values: list[Tensor]) -> None:
-    with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v)
 
 
 def default_groups(modules: list[FakeQuantLinear], cfg: TrainConfig) -> list[tuple[list[Tensor], float]]:
@@ -253,10 +244,6 @@ def train(
     of the whole run is kept either way.
     ``groups`` — (parameters, learning rate) — replaces ``default_groups`` (QFT and block-wise FT
     with float parameters train more kinds of tensors, some shared by several modules).
-    With ``cfg.ema`` > 0 the held-out loss is measured on, and the kept state is, an exponential
-    moving average of the iterates (Polyak averaging): the STE weights hop between grid points
-    while the rate is high, and the average rounds to where they spent most of their time
-    rather than to where the last step left them.
     """
     if groups is None:
         groups = default_groups(modules, cfg)
@@ -265,21 +252,14 @@ def train(
     opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups], weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     result, best_state, stale, annealing_best = TrainLog(), _snapshot(params), 0, math.inf
-    average = _snapshot(params) if cfg.ema > 0 else None
 
     def held_out() -> float:
-        current = None
-        if average is not None:  # evaluate the average: swap it in, and the iterate back afterwards
-            current = _snapshot(params)
-            _load(params, average)
         for m in modules:
             m.eval()
         with torch.no_grad():
             value = sum(float(loss_on(i)) for i in eval_items) / len(eval_items)
         for m in modules:
             m.train()
-        if current is not None:
-            _load(params, current)
         return value
 
     for m in modules:
@@ -302,10 +282,6 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        if average is not None:
-            with torch.no_grad():
-                for a, p in zip(average, params):
-                    a.lerp_(p.detach(), 1 - cfg.ema)
         result.losses.append(float(loss.detach()))
         if eval_items and (step % cfg.eval_every == 0 or step == cfg.steps):
             value = held_out()
@@ -321,7 +297,7 @@ def train(
                 )
                 break
             if value < result.best:
-                result.best, best_state = value, _snapshot(average if average is not None else params)
+                result.best, best_state = value, _snapshot(params)
             if step > cfg.settle * cfg.steps:  # the annealing part: is the held-out loss still falling?
                 stale = 0 if value < annealing_best else stale + 1
                 annealing_best = min(annealing_best, value)
@@ -330,7 +306,7 @@ def train(
                     break
             bar.set_postfix(loss=f"{float(loss.detach()):.3e}", held_out=f"{value:.3e}")
     if eval_items or result.stopped in ("nan", "diverged"):
-        _load(params, best_state)
-    elif average is not None:
-        _load(params, average)
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
     return result

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 import blockquant.methods.blockft as blockft_module
 from blockquant import QuantSpec, quantize
 from blockquant.arch import arch_for, block_linears, get_blocks, weight_matrix
-from blockquant.finetune import FakeQuantLinear, TrainConfig, output_loss, train
+from blockquant.finetune import FakeQuantLinear, output_loss, train
 from blockquant.primitives import compute_qparams, expand, fake_quantize
 from blockquant.recipe import Recipe, make_step
 
@@ -43,46 +43,6 @@ def test_trained_model_is_on_the_integer_grid(make_tiny, calib_ids, rounding):
     model = make_tiny("llama")
     result = run(model, calib_ids, ("blockft", {"steps": 12, "rounding": rounding, "eval_every": 4}))
     all_on_grid(model, result)
-
-
-def test_ema_keeps_the_average_of_the_iterates_and_leaves_their_path_alone():
-    """``ema``: training follows the same iterates; what is kept is their moving average."""
-    spec = QuantSpec(bits=2, group_size=8)
-    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
-    target = x @ torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).T
-
-    def fit(ema):
-        layer = torch.nn.Linear(16, 8, bias=False)
-        torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(2))
-        fq = FakeQuantLinear(layer, spec, *compute_qparams(layer.weight.detach(), spec))
-        seen = []
-
-        def loss_on(i):
-            seen.append([fq.scale.detach().clone(), fq.weight.detach().clone()])
-            return torch.nn.functional.mse_loss(fq(x), target)
-
-        cfg = TrainConfig(steps=10, lr_scale=1e-2, ema=ema)
-        train([fq], loss_on, [0], [], cfg, progress=False)
-        return seen, [fq.scale.detach(), fq.weight.detach()]
-
-    path, last = fit(0.0)
-    path_ema, kept = fit(0.7)
-    assert all(torch.equal(a, b) for s, t in zip(path, path_ema) for a, b in zip(s, t))
-    average = [t.clone() for t in path[0]]
-    for state in [*path[1:], last]:
-        average = [a * 0.7 + s * 0.3 for a, s in zip(average, state)]
-    assert not torch.allclose(kept[1], last[1])
-    for a, k in zip(average, kept):
-        torch.testing.assert_close(k, a)
-
-
-def test_blockft_with_ema_stays_on_grid_and_beats_rtn(make_tiny, calib_ids):
-    rtn = run(make_tiny("llama"), calib_ids, ("rtn", {}))
-    model = make_tiny("llama")
-    ft = run(model, calib_ids, ("blockft", {"steps": 40, "eval_every": 10, "ema": 0.9}))
-    all_on_grid(model, ft)
-    for a, b in zip(ft.blocks, rtn.blocks):
-        assert a.output_error < b.output_error
 
 
 def test_blockft_beats_rtn_on_block_error(make_tiny, calib_ids):
@@ -218,7 +178,6 @@ def test_float_tensors_stay_put_by_default(make_tiny, calib_ids):
         ({"window": 2, "stride": 3}, "stride <= window"),
         ({"rounding": "floor"}, "rounding must be"),
         ({"lr_float": 0.0}, "lr_float must be > 0"),
-        ({"ema": 1.0}, "ema must be in"),
     ],
 )
 def test_bad_options_raise(make_tiny, calib_ids, opts, match):

@@ -50,7 +50,6 @@ class BlockFTOptions:
     weight_decay: float = 0.0
     train_float: bool = False  # also train the float tensors the checkpoint keeps: norm weights/biases, the linears' biases
     lr_float: float = 1e-3  # their learning rate (absolute)
-    ema: float = 0.0  # > 0: evaluate and keep a moving average of the iterates with this decay per step (finetune.train)
 
     def __post_init__(self) -> None:
         if self.rounding not in ("ste", "adaround"):
@@ -64,9 +63,7 @@ class BlockFTOptions:
         if self.lr_float <= 0:
             raise ValueError(f"lr_float must be > 0, got {self.lr_float}")
         _ = self.downstream  # raises for a malformed objective
-        TrainConfig(
-            steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every, ema=self.ema
-        )  # validates those
+        TrainConfig(steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every)  # validates those
 
     @property
     def downstream(self) -> int | None:
@@ -209,7 +206,6 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
         grad_clip=opts.grad_clip,
         eval_every=opts.eval_every,
         patience=opts.patience,
-        ema=opts.ema,
         label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}",
     )
     groups = default_groups(modules, cfg) + [(float_params, opts.lr_float)]
