@@ -23,12 +23,12 @@ from bench.common import SHARED, calibration_shape, cpu_name, markdown_table, su
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--bits", type=int, default=3, help="weight bits [3]")
+    p.add_argument("--group-size", type=int, default=128, help="weights per quantization group [128]")
     p.add_argument("--recipe", default="gptq,blockft", help="comma chain of methods, library defaults [gptq,blockft]")
     p.add_argument("--windows", action="store_true", help="calibrate on 512 windows of 128 tokens instead of whole paragraphs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="minilm-overlap")
+    p.add_argument("--seed", type=int, default=0, help="calibration draw [0]")
+    p.add_argument("--name", default="minilm-overlap", help="results file bench/results/NAME.md [minilm-overlap]")
     args = p.parse_args()
     if not (SHARED / "data" / "shakespeare").is_dir():
         print(f"skipped: {SHARED} has no data/shakespeare")
