@@ -30,6 +30,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration draw [0]")
     p.add_argument("--name", default="minilm-overlap", help="results file bench/results/NAME.md [minilm-overlap]")
     args = p.parse_args()
+    from blockquant.recipe import QuantSpec, parse_recipe
+
+    try:  # a bad --recipe / --bits / --group-size is one line, before the model loads
+        recipe = parse_recipe(args.recipe, QuantSpec(args.bits, args.group_size))
+    except ValueError as e:
+        raise SystemExit(f"overlap.py: {e}") from None
     if not (SHARED / "data" / "shakespeare").is_dir():
         print(f"skipped: {SHARED} has no data/shakespeare")
         return
@@ -40,7 +46,6 @@ def main() -> None:
     from blockquant.api import quantize
     from blockquant.evaluate import mean_pooled_embeddings, paragraph_batches
     from blockquant.files import load_calibration, load_model, read_text, split_paragraphs
-    from blockquant.recipe import QuantSpec, parse_recipe
 
     model_dir, calib_path, eval_path = subject_paths("minilm")
     torch.manual_seed(args.seed)
@@ -52,7 +57,6 @@ def main() -> None:
     reference = mean_pooled_embeddings(model, batches)
     nsamples, seqlen = calibration_shape("minilm")
     calibration = load_calibration(calib_path, tokenizer, nsamples, seqlen, args.seed, True, not args.windows)
-    recipe = parse_recipe(args.recipe, QuantSpec(args.bits, args.group_size))
     quantize(model, recipe, calibration, batch_size=8, progress=False)
     cosine = F.cosine_similarity(mean_pooled_embeddings(model, batches), reference, dim=-1)
 
