@@ -2,7 +2,7 @@
 
     python bench/blockft.py [--subjects llama-code ...] [--widths 2:64 3:128 4:128]
                             [--variants rtn,gptq,blockft,...] [--max-windows N] [--steps N]
-                            [--ft KEY=VALUE ...] [--seed N] [--name NAME] [--resume]
+                            [--ft KEY=VALUE ...] [--batch-size N] [--seed N] [--name NAME] [--resume]
 
 RTN, GPTQ, single-block FT, joint K=2 / K=3 and downstream next:1 / logits, on the same
 calibration (65 536 tokens, seed 0 unless --seed: 128 × 512 for the Llamas, 512 framed samples × 128 for MiniLM,
@@ -116,8 +116,16 @@ def main() -> None:
         help="calibration samples × tokens, replacing the subject's (default 128x512; MiniLM 512x128)",
     )
     p.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="calibration sequences per batch: one fine-tuning step takes one batch; also the GPTQ and evaluation batch [8]",
+    )
     p.add_argument("--note", default="", help="a sentence added to the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     ft_options = {**({"steps": args.steps} if args.steps else {}), **dict(ft_option(o) for o in args.ft)}
     try:  # a bad value fails here, not in a child after the full-precision evaluation
         BlockFTOptions(**ft_options)
@@ -149,6 +157,7 @@ def main() -> None:
             ft_options=ft_options,
             seed=args.seed,
             paragraphs=args.calib_paragraphs,
+            batch_size=args.batch_size,
         )
         print(f"== {subject}", flush=True)
 
@@ -163,6 +172,7 @@ def main() -> None:
                 + "".join(
                     f"; {v}: window {o['window']}, stride {o['stride']}" for v in variants for _, o in VARIANTS[v][-1:] if "window" in o
                 )
+                + (f"; batch {args.batch_size} sequences" if args.batch_size != 8 else "")
                 + "; CPU, fp32. "
                 + (f"Fine-tuning options: {' '.join(args.ft)}. " if args.ft else "")
                 + args.note
