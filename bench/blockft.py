@@ -174,7 +174,7 @@ def main() -> None:
                 )
                 + (f"; batch {args.batch_size} sequences" if args.batch_size != 8 else "")
                 + "; CPU, fp32. "
-                + (f"Fine-tuning options: {' '.join(args.ft)}. " if args.ft else "")
+                + (f"Fine-tuning options: {' '.join(f'{k}={v}' for k, v in ft_options.items())}. " if ft_options else "")
                 + args.note
                 + "\n\n"
                 + "\n\n".join(done)
