@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
     p.add_argument(
         "--batch-size",
+        metavar="N",
         type=int,
         default=8,
         help="calibration sequences per batch: one fine-tuning step takes one batch; also the GPTQ and evaluation batch [8]",
