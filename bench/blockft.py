@@ -120,8 +120,9 @@ def main() -> None:
         "--batch-size",
         metavar="N",
         type=int,
-        default=8,
-        help="calibration sequences per batch: one fine-tuning step takes one batch; also the GPTQ and evaluation batch [8]",
+        default=CompareJob.batch_size,
+        help="calibration sequences per batch: one fine-tuning step takes one batch; also the GPTQ and evaluation batch "
+        f"[{CompareJob.batch_size}]",
     )
     p.add_argument("--note", default="", help="a sentence added to the results file (e.g. what else ran on the machine)")
     args = p.parse_args()
@@ -173,7 +174,7 @@ def main() -> None:
                 + "".join(
                     f"; {v}: window {o['window']}, stride {o['stride']}" for v in variants for _, o in VARIANTS[v][-1:] if "window" in o
                 )
-                + (f"; batch {args.batch_size} sequences" if args.batch_size != 8 else "")
+                + (f"; batch {args.batch_size} sequences" if args.batch_size != CompareJob.batch_size else "")
                 + "; CPU, fp32. "
                 + (f"Fine-tuning options: {' '.join(f'{k}={v}' for k, v in ft_options.items())}. " if ft_options else "")
                 + args.note
