@@ -44,6 +44,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from blockquant.api import quantize
+    from blockquant.compare import CompareJob
     from blockquant.evaluate import mean_pooled_embeddings, paragraph_batches
     from blockquant.files import load_calibration, load_model, read_text, split_paragraphs
 
@@ -57,7 +58,7 @@ def main() -> None:
     reference = mean_pooled_embeddings(model, batches)
     nsamples, seqlen = calibration_shape("minilm")
     calibration = load_calibration(calib_path, tokenizer, nsamples, seqlen, args.seed, True, not args.windows)
-    quantize(model, recipe, calibration, batch_size=8, progress=False)
+    quantize(model, recipe, calibration, batch_size=CompareJob.batch_size, progress=False)  # as bench/blockft.py
     cosine = F.cosine_similarity(mean_pooled_embeddings(model, batches), reference, dim=-1)
 
     rows = [
