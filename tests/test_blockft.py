@@ -268,6 +268,30 @@ def _scripted_train(held_out: list[float], steps: int, settle: float):
     return train([fq], loss_on, [0], [1], cfg, progress=False)
 
 
+def test_a_step_does_not_depend_on_the_scale_of_the_loss():
+    """Adam's ε sits far below any calibration gradient: a loss 10⁹ times smaller (a model with small
+    activations, or a 4-bit model's small errors) moves the weights just as far."""
+    from blockquant.finetune import TrainConfig
+
+    moves = []
+    for factor in (1.0, 1e-9):
+        layer = torch.nn.Linear(8, 4)
+        torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(0))
+        spec = QuantSpec(2, 8)
+        fq = FakeQuantLinear(layer, spec, *compute_qparams(layer.weight.detach(), spec))
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+        target = 10 * torch.randn(16, 4, generator=torch.Generator().manual_seed(1))  # far: the gradient keeps its sign
+        start = fq.weight.detach().clone()
+
+        def loss_on(i: int, fq=fq, x=x, target=target, factor=factor) -> torch.Tensor:
+            return factor * (fq(x) - target).pow(2).mean()
+
+        train([fq], loss_on, [0], [], TrainConfig(steps=10, grad_clip=1e9), progress=False)  # no clipping: it rescales steps unevenly
+        moves.append(fq.weight.detach() - start)
+    assert moves[0].abs().mean() > 0.05  # ten steps of lr 0.02 on the cosine schedule
+    assert float(moves[1].abs().mean()) == pytest.approx(float(moves[0].abs().mean()), rel=0.02)  # with torch's ε 1e-8: a tenth
+
+
 def test_early_stopping_waits_for_the_annealing_half_of_the_schedule():
     """A held-out loss that plateaus while the rate is high and falls as it anneals is not cut short;
     one that stops improving in the second half is (the best state being kept either way)."""
