@@ -235,6 +235,7 @@ def train(
     cfg: TrainConfig,
     progress: bool = True,
     groups: list[tuple[list[Tensor], float]] | None = None,
+    penalty: Callable[[], Tensor] | None = None,
 ) -> TrainLog:
     """Minimise ``loss_on(item)`` over ``train_items``; keep the state best on ``eval_items``.
 
@@ -249,6 +250,7 @@ def train(
     of the whole run is kept either way.
     ``groups`` — (parameters, learning rate) — replaces ``default_groups`` (QFT and block-wise FT
     with float parameters train more kinds of tensors, some shared by several modules).
+    ``penalty()`` is added to the training loss only: early stopping judges the data loss.
     """
     if groups is None:
         groups = default_groups(modules, cfg)
@@ -278,6 +280,8 @@ def train(
         with torch.enable_grad():
             loss = loss_on(train_items[(step - 1) % len(train_items)])
             reg = sum(m.regularizer(beta) for m in modules) * cfg.reg_weight if modules[0].rounding == "adaround" else 0.0
+            if penalty is not None:
+                reg = reg + penalty()
             opt.zero_grad(set_to_none=True)
             (loss + reg).backward()
         if not torch.isfinite(loss):

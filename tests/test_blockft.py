@@ -87,7 +87,7 @@ def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids
     model = make_tiny(family)
     seen = []
 
-    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True, groups=None):
+    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True, groups=None, penalty=None):
         trainable = {id(p) for ps, _ in groups for p in ps}
         with torch.enable_grad():
             loss = loss_on(train_items[0])
@@ -99,7 +99,7 @@ def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids
         for ps, _ in groups:
             for p in ps:
                 p.grad = None
-        return train(modules, loss_on, train_items, eval_items, cfg, progress, groups)
+        return train(modules, loss_on, train_items, eval_items, cfg, progress, groups, penalty)
 
     monkeypatch.setattr(blockft_module, "train", checking_train)
     run(model, calib_ids, ("blockft", {"steps": 2, "objective": objective, "train_float": floats}))
@@ -157,6 +157,51 @@ def test_float_tensors_train_as_the_checkpoint_stores_them(make_tiny, calib_ids,
     assert all(p.requires_grad == old[n].requires_grad for n, p in model.named_parameters())
 
 
+def test_proximal_term_holds_the_codes_near_their_start(make_tiny, calib_ids, monkeypatch):
+    """``prox`` pulls the master weights back towards the codes each block started from (GPTQ's): a
+    strong pull changes far fewer of them than none, and the result is still on the grid."""
+    changed = []
+
+    def counting_train(modules, *args, **kwargs):
+        start = [fq.weight.detach().round() for fq in modules]
+        log = train(modules, *args, **kwargs)
+        moved = sum(int((fq.weight.detach().round() != s).sum()) for fq, s in zip(modules, start))
+        changed[-1] += moved / sum(s.numel() for s in start)
+        return log
+
+    monkeypatch.setattr(blockft_module, "train", counting_train)
+    for prox in (0.0, 1e4):
+        changed.append(0.0)
+        model = make_tiny("llama")
+        opts = {"steps": 30, "lr_weight": 0.1, "holdout": 0.0, "prox": prox}  # no early stop: the last state is kept
+        all_on_grid(model, run(model, calib_ids, ("gptq", {}), ("blockft", opts)))
+    assert changed[0] > 0.05
+    assert changed[1] < changed[0] / 4
+
+
+def test_a_penalty_drives_training_but_not_the_held_out_loss():
+    """``train``'s penalty joins the training objective only: early stopping judges the data loss."""
+    from blockquant.finetune import TrainConfig
+
+    def setup():
+        layer = torch.nn.Linear(8, 4)
+        torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(0))
+        spec = QuantSpec(2, 8)
+        fq = FakeQuantLinear(layer, spec, *compute_qparams(layer.weight.detach(), spec))
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+        start = fq.weight.detach().clone()
+        return fq, (lambda i: fq(x).pow(2).mean()), (lambda: 1e3 * torch.sum((fq.weight - (start + 3)) ** 2)), start
+
+    cfg = TrainConfig(steps=20, eval_every=1, settle=0.9, patience=100)
+    fq, loss_on, penalty, start = setup()
+    data_loss = float(loss_on(0).detach())
+    log = train([fq], loss_on, [0], [0], cfg, progress=False, penalty=penalty)
+    assert log.evals[0][1] == pytest.approx(data_loss)  # the penalty (1e3 · 9 · 32 at the start) is not in it
+    fq, loss_on, penalty, start = setup()
+    train([fq], loss_on, [0], [], cfg, progress=False, penalty=penalty)  # no held-out items: the last state is kept
+    assert float((fq.weight - start).mean()) > 0.15  # Adam at lr 0.02 on the cosine: at most 0.21 in 20 steps, up towards +3
+
+
 def test_float_tensors_stay_put_by_default(make_tiny, calib_ids):
     before, model = make_tiny("bert"), make_tiny("bert")
     run(model, calib_ids, ("blockft", {"steps": 6, "eval_every": 3}))
@@ -178,6 +223,8 @@ def test_float_tensors_stay_put_by_default(make_tiny, calib_ids):
         ({"window": 2, "stride": 3}, "stride <= window"),
         ({"rounding": "floor"}, "rounding must be"),
         ({"lr_float": 0.0}, "lr_float must be > 0"),
+        ({"prox": -1.0}, "prox must be >= 0"),
+        ({"prox": 1.0, "rounding": "adaround"}, "does not apply to rounding 'adaround'"),
     ],
 )
 def test_bad_options_raise(make_tiny, calib_ids, opts, match):

@@ -50,6 +50,7 @@ class BlockFTOptions:
     weight_decay: float = 0.0
     train_float: bool = False  # also train the float tensors the checkpoint keeps: norm weights/biases, the linears' biases
     lr_float: float = 1e-3  # their learning rate (absolute)
+    prox: float = 0.0  # pull of the master weights (STE) towards their start: prox · initial loss · mean squared move in code units
 
     def __post_init__(self) -> None:
         if self.rounding not in ("ste", "adaround"):
@@ -62,6 +63,10 @@ class BlockFTOptions:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.lr_float <= 0:
             raise ValueError(f"lr_float must be > 0, got {self.lr_float}")
+        if self.prox < 0:
+            raise ValueError(f"prox must be >= 0, got {self.prox}")
+        if self.prox > 0 and self.rounding != "ste":
+            raise ValueError("prox pulls the STE master weights towards their start; it does not apply to rounding 'adaround'")
         _ = self.downstream  # raises for a malformed objective
         TrainConfig(steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every)  # validates those
 
@@ -143,6 +148,25 @@ def _window_forward(blocks: list[nn.Module], inputs: BlockInputs, batch: int) ->
     return h
 
 
+def _proximal(modules: list[FakeQuantLinear], loss_on: Callable[[int], Tensor], item: int, strength: float) -> Callable[[], Tensor]:
+    """A penalty on how far the master weights move from their start (GPTQ's codes, say).
+
+    ``strength · L₀ · mean((v − v₀)²)``, v in code units of the initial grid and L₀ the window's
+    loss at the start on calibration batch ``item``: scaled by L₀, one strength means the same in
+    every block and model. It damps code flips that only a few calibration batches ask for, a
+    restoring force where a lower weight learning rate would only slow every move.
+    """
+    starts = [fq.weight.detach().clone() for fq in modules]
+    count = sum(s.numel() for s in starts)
+    with torch.no_grad():
+        scale = strength * float(loss_on(item))
+
+    def penalty() -> Tensor:
+        return scale * sum(torch.sum((fq.weight - s) ** 2) for fq, s in zip(modules, starts)) / count
+
+    return penalty
+
+
 def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str, LayerResult]:
     """Fine-tune the window's quantization parameters and weights; leave them on the grid."""
     names = [list(block_linears(b, ctx.arch)) for b in ctx.blocks]
@@ -209,8 +233,9 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
         label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}",
     )
     groups = default_groups(modules, cfg) + [(float_params, opts.lr_float)]
+    penalty = _proximal(modules, loss_on, items[0], opts.prox) if opts.prox > 0 else None
     try:
-        log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress, groups=groups)
+        log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress, groups=groups, penalty=penalty)
     finally:
         for module, attr in floats:  # the (best) trained values, rounded as stored, become plain parameters again
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
