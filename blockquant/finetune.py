@@ -192,8 +192,8 @@ class TrainConfig:
     diverge: float | None = None  # stop when a held-out loss exceeds this multiple of the initial one (None: off)
     # Adam's ε, far below any gradient a calibration loss gives: a step then moves a parameter by about its
     # learning rate whatever the scale of the model's activations. torch's 1e-8 is not: llama-code W4 g128
-    # weight gradients have a median √v of 3.5e-8–2e-7 per block, so it cut their steps by 10–25 % (and by
-    # 3× for the smallest tenth); a wider model's smaller gradients would be damped more.
+    # weight gradients have a median √v of 3.5e-8–2e-7 per block, so it cut their steps by 5–22 % at the median
+    # and by up to 3× for the smallest tenth; a wider model's smaller gradients would be damped more.
     adam_eps: float = 1e-15
 
     def __post_init__(self) -> None:
