@@ -203,6 +203,8 @@ class TrainConfig:
             raise ValueError(f"learning rates must be > 0, got lr_scale={self.lr_scale}, lr_weight={self.lr_weight}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
         if not 0 <= self.settle < 1:
             raise ValueError(f"settle must be in [0, 1) (a share of the steps), got {self.settle}")
 

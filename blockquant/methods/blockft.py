@@ -152,8 +152,8 @@ def _proximal(modules: list[FakeQuantLinear], loss_on: Callable[[int], Tensor], 
     """A penalty on how far the master weights move from their start (GPTQ's codes, say).
 
     ``strength · L₀ · mean((v − v₀)²)``, v in code units of the initial grid and L₀ the window's
-    loss at the start on calibration batch ``item``: scaled by L₀, one strength means the same in
-    every block and model. It damps code flips that only a few calibration batches ask for, a
+    loss at the start on calibration batch ``item``: scaled by L₀, one strength is comparable across
+    blocks and models. It damps code flips that only a few calibration batches ask for, a
     restoring force where a lower weight learning rate would only slow every move.
     """
     starts = [fq.weight.detach().clone() for fq in modules]
@@ -233,8 +233,8 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
         label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}",
     )
     groups = default_groups(modules, cfg) + [(float_params, opts.lr_float)]
-    penalty = _proximal(modules, loss_on, items[0], opts.prox) if opts.prox > 0 else None
     try:
+        penalty = _proximal(modules, loss_on, items[0], opts.prox) if opts.prox > 0 else None
         log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress, groups=groups, penalty=penalty)
     finally:
         for module, attr in floats:  # the (best) trained values, rounded as stored, become plain parameters again
