@@ -157,6 +157,14 @@ def test_float_tensors_train_as_the_checkpoint_stores_them(make_tiny, calib_ids,
     assert all(p.requires_grad == old[n].requires_grad for n, p in model.named_parameters())
 
 
+def _one_layer() -> FakeQuantLinear:
+    """A 2-bit fake-quant 8 → 4 linear with fixed N(0, 1) weights, for tests of ``train`` alone."""
+    layer = torch.nn.Linear(8, 4)
+    torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(2, 8)
+    return FakeQuantLinear(layer, spec, *compute_qparams(layer.weight.detach(), spec))
+
+
 def test_proximal_term_holds_the_codes_near_their_start(make_tiny, calib_ids, monkeypatch):
     """``prox`` pulls the master weights back towards the codes each block started from (GPTQ's): a
     strong pull changes far fewer of them than none, and the result is still on the grid."""
@@ -184,10 +192,7 @@ def test_a_penalty_drives_training_but_not_the_held_out_loss():
     from blockquant.finetune import TrainConfig
 
     def setup():
-        layer = torch.nn.Linear(8, 4)
-        torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(0))
-        spec = QuantSpec(2, 8)
-        fq = FakeQuantLinear(layer, spec, *compute_qparams(layer.weight.detach(), spec))
+        fq = _one_layer()
         x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
         start = fq.weight.detach().clone()
         return fq, (lambda i: fq(x).pow(2).mean()), (lambda: 1e3 * torch.sum((fq.weight - (start + 3)) ** 2)), start
@@ -322,10 +327,7 @@ def test_a_step_does_not_depend_on_the_scale_of_the_loss():
 
     moves = []
     for factor in (1.0, 1e-9):
-        layer = torch.nn.Linear(8, 4)
-        torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(0))
-        spec = QuantSpec(2, 8)
-        fq = FakeQuantLinear(layer, spec, *compute_qparams(layer.weight.detach(), spec))
+        fq = _one_layer()
         x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
         target = 10 * torch.randn(16, 4, generator=torch.Generator().manual_seed(1))  # far: the gradient keeps its sign
         start = fq.weight.detach().clone()
