@@ -303,11 +303,8 @@ def test_trained_zero_points_stay_in_the_code_range():
 def _scripted_train(held_out: list[float], steps: int, settle: float):
     """``train`` on one layer whose held-out losses are the script (one value per evaluation)."""
     from blockquant.finetune import TrainConfig
-    from blockquant.primitives import compute_qparams
 
-    layer = torch.nn.Linear(8, 4)
-    spec = QuantSpec(2, 8)
-    fq = FakeQuantLinear(layer, spec, *compute_qparams(layer.weight.detach(), spec))
+    fq = _one_layer()
     script = iter(held_out)
     x = torch.randn(16, 8)
 
