@@ -1,0 +1,114 @@
+"""Does rotating a Llama's residual stream first help GPTQ and block-wise FT? (session 19 study)
+
+    python bench/rotation.py --rotation {none,hadamard,orthogonal} [--bits 2] [--group-size 64]
+                             [--variant fp|gptq|blockft|"joint K=2"] [--seed N] [--max-windows N]
+
+QuaRot / SpinQuant's R1: fold every RMSNorm weight into the linears it feeds, then rotate the
+residual stream by an orthogonal Q (embeddings E·Q, readers W·Q, writers Qᵀ·W, an untied head).
+The full-precision function is unchanged (the script checks the logits); the weights each
+group-wise grid sees are mixed across input channels, which should spread outliers out.
+The rotation is applied right after loading, so calibration, quantization and the evaluation
+all see the rotated model. Prints one line; the results are collected by hand in
+bench/results/blockft.md ("Session 19"), since the library has no rotation step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import blockquant.files as files  # noqa: E402
+from bench.common import SHARED, subject_paths  # noqa: E402
+from blockquant.compare import CompareJob, measure, variant_steps  # noqa: E402
+
+
+def sylvester_hadamard(n: int) -> Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def rotation_matrix(d: int, kind: str, gen: torch.Generator) -> Tensor:
+    """A (d, d) float64 orthogonal matrix: Haar-random (QR of a Gaussian), or random signs times
+    (random m×m orthogonal ⊗ Hadamard of the largest power of two dividing d)."""
+    if kind == "orthogonal":
+        q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))
+    p = 1 << (d.bit_length() - 1)
+    while d % p:
+        p //= 2
+    small, _ = torch.linalg.qr(torch.randn(d // p, d // p, generator=gen, dtype=torch.float64))
+    signs = torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0).double()
+    return signs[:, None] * torch.kron(small.contiguous(), sylvester_hadamard(p))
+
+
+@torch.no_grad()
+def rotate_llama(model: torch.nn.Module, q: Tensor) -> None:
+    """Fold the RMSNorm weights and rotate the residual stream of a LlamaForCausalLM by ``q``, in place."""
+    inner = model.model
+    head = inner.embed_tokens.weight if model.config.tie_word_embeddings else model.lm_head.weight
+    model.lm_head.weight = torch.nn.Parameter(((head.double() * inner.norm.weight.double()) @ q).float())
+    model.config.tie_word_embeddings = False
+    inner.norm.weight.fill_(1.0)
+    inner.embed_tokens.weight.copy_(inner.embed_tokens.weight.double() @ q)
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for norm, readers in (
+            (layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+            (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
+        ):
+            for lin in readers:
+                lin.weight.copy_((lin.weight.double() * norm.weight.double()) @ q)
+            norm.weight.fill_(1.0)
+        for lin in (attn.o_proj, mlp.down_proj):
+            if lin.bias is not None:
+                raise ValueError("a residual writer with a bias: rotate it too")
+            lin.weight.copy_(q.T @ lin.weight.double())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rotation", choices=["none", "hadamard", "orthogonal"], required=True)
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--variant", default="gptq", choices=["fp", "gptq", "blockft", "joint K=2"], help="fp: no quantization [gptq]")
+    p.add_argument("--seed", type=int, default=0, help="calibration draw (the rotation's own seed is fixed: 1234)")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    args = p.parse_args()
+    if not (SHARED / "subjects").is_dir():
+        print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
+        return
+    load = files.load_model
+
+    def load_rotated(path: str, *a, **k):  # measure() loads the model itself: rotate it right after
+        model, tokenizer = load(path, *a, **k)
+        if args.rotation != "none":
+            probe = torch.arange(64)[None]
+            before = model(probe).logits
+            rotate_llama(model, rotation_matrix(model.config.hidden_size, args.rotation, torch.Generator().manual_seed(1234)))
+            err = (model(probe).logits - before).abs().max().item()
+            if err > 1e-3:
+                raise RuntimeError(f"the rotation changed the full-precision logits by {err:.2e}")
+        return model, tokenizer
+
+    files.load_model = load_rotated
+    model_dir, calib, evaluation = subject_paths("llama-code")
+    job = CompareJob(model_dir, calib, evaluation, args.bits, args.group_size, max_windows=args.max_windows, seed=args.seed)
+    out = measure(job, None if args.variant == "fp" else variant_steps(args.variant, job))
+    print(
+        f"llama-code W{args.bits} g{args.group_size} seed {args.seed} rotation {args.rotation} {args.variant}: "
+        f"{out['metric']} {out['value']:.4f}, {out['seconds']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
