@@ -70,7 +70,7 @@ def rotate_llama(model: torch.nn.Module, q: Tensor) -> None:
             norm.weight.fill_(1.0)
         for lin in (attn.o_proj, mlp.down_proj):
             if lin.bias is not None:
-                raise ValueError("a residual writer with a bias: rotate it too")
+                raise ValueError("o_proj / down_proj with a bias: this script does not rotate the writers' biases")
             lin.weight.copy_(q.T @ lin.weight.double())
 
 
@@ -92,9 +92,10 @@ def main() -> None:
         model, tokenizer = load(path, *a, **k)
         if args.rotation != "none":
             probe = torch.arange(64)[None]
-            before = model(probe).logits
-            rotate_llama(model, rotation_matrix(model.config.hidden_size, args.rotation, torch.Generator().manual_seed(1234)))
-            err = (model(probe).logits - before).abs().max().item()
+            with torch.no_grad():
+                before = model(probe).logits
+                rotate_llama(model, rotation_matrix(model.config.hidden_size, args.rotation, torch.Generator().manual_seed(1234)))
+                err = (model(probe).logits - before).abs().max().item()
             if err > 1e-3:
                 raise RuntimeError(f"the rotation changed the full-precision logits by {err:.2e}")
         return model, tokenizer
