@@ -77,12 +77,14 @@ def rotate_llama(model: torch.nn.Module, q: Tensor) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rotation", choices=["none", "hadamard", "orthogonal"], required=True)
-    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--variant", default="gptq", choices=["fp", "gptq", "blockft", "joint K=2"], help="fp: no quantization [gptq]")
     p.add_argument("--seed", type=int, default=0, help="calibration draw (the rotation's own seed is fixed: 1234)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     args = p.parse_args()
+    if (args.group_size < 1 and args.group_size != -1) or (args.max_windows is not None and args.max_windows < 1):
+        p.error("--group-size must be >= 1 or -1, and --max-windows >= 1")
     if not (SHARED / "subjects").is_dir():
         print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
         return
