@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    GENERATE_HELP,
     PARAGRAPHS_HELP,
     RESULTS,
     SHARED,
@@ -116,6 +117,7 @@ def main() -> None:
         help="calibration samples × tokens, replacing the subject's (default 128x512; MiniLM 512x128)",
     )
     p.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
+    p.add_argument("--calib-generate", type=int, metavar="N", help="the Llamas only: " + GENERATE_HELP)
     p.add_argument(
         "--batch-size",
         metavar="N",
@@ -133,6 +135,8 @@ def main() -> None:
         BlockFTOptions(**ft_options)
     except ValueError as e:
         raise SystemExit(f"--ft: {e}") from None
+    if args.calib_generate is not None and ("minilm" in args.subjects or args.calib_paragraphs or args.calib_generate < 1):
+        raise SystemExit("--calib-generate N needs N >= 1, the Llama subjects only, and windows (not --calib-paragraphs)")
     if not (SHARED / "subjects").is_dir():
         print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
         return
@@ -159,6 +163,7 @@ def main() -> None:
             ft_options=ft_options,
             seed=args.seed,
             paragraphs=args.calib_paragraphs,
+            generate=args.calib_generate,
             batch_size=args.batch_size,
         )
         print(f"== {subject}", flush=True)
@@ -168,6 +173,11 @@ def main() -> None:
             done = [f"## {s}\n\n{table(rs)}\n\n" + "\n".join(verdict(rs)) + "\n\n" + "\n".join(checks(s, rs)) for s, rs in all_rows.items()]
             body = (
                 calibration_text(args.calib_shape, args.calib_paragraphs, args.seed)
+                + (
+                    f", each window's first {args.calib_generate} tokens kept and the rest sampled from the full-precision model"
+                    if args.calib_generate
+                    else ""
+                )
                 + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
                 + "; asymmetric; fine-tuning variants start from GPTQ"

@@ -77,6 +77,10 @@ def subject_paths(name: str) -> tuple[str, str, str]:
     return str(SHARED / "subjects" / name), str(data / "calib.txt"), str(data / "eval.txt")
 
 
+GENERATE_HELP = (
+    "keep each calibration window's first N tokens and sample the rest from the full-precision model (temperature 1), "
+    "as `blockquant quantize --calib-generate N`"
+)
 PARAGRAPHS_HELP = "whole paragraphs of the calibration file (at most T tokens each, N × T tokens in all) instead of N windows of T"
 
 

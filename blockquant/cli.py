@@ -84,6 +84,13 @@ reference perplexity and the relative change.
 """
 
 
+GENERATE_HELP = (
+    "causal LMs: keep the first N tokens of each calibration window and sample the rest from the full-precision model "
+    "(temperature 1), so the model is calibrated on its own text rather than on text it may have memorised (LLM-QAT's "
+    "data-free idea); same windows, same token budget. 16 is a good value: on a small code Llama it lowered W2 "
+    "block-wise FT perplexity by about 1 %% [off]"
+)
+
 PARAGRAPHS_HELP = (
     "calibrate on whole paragraphs of --calib (blocks separated by a blank line, each truncated at --seqlen tokens) drawn at random "
     "until they hold --nsamples x --seqlen tokens, instead of fixed windows: for sentence encoders, which are called on "
@@ -128,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows [128]")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window [512]")
     q.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
+    q.add_argument("--calib-generate", type=int, metavar="N", help=GENERATE_HELP)
     q.add_argument("--output", metavar="OUT_DIR", help="where to write the quantized model")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     q.add_argument(
@@ -169,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows [128]")
     c.add_argument("--seqlen", type=int, default=512, help="tokens per window [512]")
     c.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
+    c.add_argument("--calib-generate", type=int, metavar="N", help=GENERATE_HELP)
     c.add_argument("--max-windows", type=int, help="evaluate only the first N windows / paragraphs")
     c.add_argument(
         "--variants",
@@ -284,6 +293,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _check_generate(args: argparse.Namespace, class_name: str) -> None:
+    """--calib-generate: causal LMs, fixed windows, 1 <= N < --seqlen; checked before any long work."""
+    from blockquant.arch import ARCHITECTURES
+
+    n = args.calib_generate
+    if n is None:
+        return
+    if ARCHITECTURES[class_name].kind != "causal-lm":
+        raise ValueError(f"--calib-generate needs a causal language model; {class_name} cannot generate text")
+    if args.calib_paragraphs:
+        raise ValueError("--calib-generate continues fixed windows; it cannot be combined with --calib-paragraphs")
+    if not 1 <= n < args.seqlen:
+        raise ValueError(
+            f"--calib-generate N keeps N real tokens per --seqlen {args.seqlen} window: N must be in [1, {args.seqlen - 1}], got {n}"
+        )
+
+
 def _check_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -300,7 +326,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from blockquant.api import quantize, with_scale_dtype
     from blockquant.arch import arch_for
     from blockquant.export import export_problem, resolve_format, save_checkpoint, stored_dtype
-    from blockquant.files import check_output_dir, load_calibration, load_model, read_text, warn_calibration_length
+    from blockquant.files import (
+        check_output_dir,
+        generate_calibration,
+        load_calibration,
+        load_model,
+        model_class_name,
+        read_text,
+        warn_calibration_length,
+    )
 
     device = _check_device(args.device)
     if args.model_dir is None:
@@ -329,6 +363,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_output_dir(args.output, args.overwrite)
     read_text(args.calib, "calibration")  # fail before a long model load
+    _check_generate(args, model_class_name(args.model_dir))
     model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
     export_dtype = stored_dtype(args.model_dir)  # the checkpoint's dtype: scales are rounded to it before any code is computed
     recipe = with_scale_dtype(recipe, export_dtype or DTYPES[args.dtype])
@@ -338,6 +373,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     warn_calibration_length(args.model_dir, args.seqlen)
     encoder = arch_for(model).kind == "encoder"
     calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, encoder, args.calib_paragraphs)
+    if args.calib_generate is not None:
+        calibration = generate_calibration(model, calibration, args.calib_generate, args.seed, device, progress=not args.quiet)
     if args.format and (problem := export_problem(args.format, model, recipe.spec)):
         raise ValueError(f"cannot write --format {args.format}: {problem}")  # before the work, not after
     torch.manual_seed(args.seed)
@@ -351,6 +388,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "unit": "paragraph" if args.calib_paragraphs else "window",
             "tokens": sum(s.numel() for s in calibration),
+            "generated": None if args.calib_generate is None else {"prompt_tokens": args.calib_generate, "temperature": 1.0},
         },
     }
     fmt = resolve_format(args.format, model, recipe.spec, result.layers)
@@ -449,7 +487,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         QuantSpec(bits=bits, group_size=args.group_size, sym=args.sym)  # validates each width
     ft = {"steps": args.steps} if args.steps is not None else {}
     make_step("blockft", ft)  # validates --steps
-    model_class_name(args.model_dir)
+    _check_generate(args, model_class_name(args.model_dir))
     warn_calibration_length(args.model_dir, args.seqlen)
     read_text(args.calib, "calibration")
     read_text(args.eval, "evaluation")
@@ -471,6 +509,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.init,
         ft,
         args.calib_paragraphs,
+        args.calib_generate,
     )
     rows = run_compare(job, [(b, args.group_size) for b in args.wbits], variants)
     files = save(rows, Path(args.output), f"blockquant compare: {args.model_dir}")

@@ -47,6 +47,7 @@ class CompareJob:
     init: str = "gptq"  # what the fine-tuning variants start from: "rtn" or "gptq"
     ft_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"steps": 100}
     paragraphs: bool = False  # calibrate on whole paragraphs (nsamples × seqlen tokens in all), not windows
+    generate: int | None = None  # keep this many real tokens per window and sample the rest from the FP model
 
 
 @dataclass
@@ -84,7 +85,7 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
     from blockquant.api import quantize
     from blockquant.arch import arch_for
     from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches, perplexity
-    from blockquant.files import load_calibration, load_model, read_text, split_paragraphs, tokenize_stream
+    from blockquant.files import generate_calibration, load_calibration, load_model, read_text, split_paragraphs, tokenize_stream
     from blockquant.recipe import QuantSpec, Recipe, make_step
 
     torch.manual_seed(job.seed)
@@ -99,6 +100,8 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
     out: dict[str, Any] = {"seconds": 0.0, "peak_rss_mb": 0.0, "curves": []}
     if steps is not None:
         calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed, encoder, job.paragraphs)
+        if job.generate is not None:
+            calibration = generate_calibration(model, calibration, job.generate, job.seed, job.device)
         recipe = Recipe(QuantSpec(job.bits, job.group_size, job.sym), [make_step(m, o) for m, o in steps])
         result = quantize(model, recipe, calibration, device=job.device, batch_size=job.batch_size, progress=False)
         curves = [(first, log.losses) for first, log in result.train_logs]

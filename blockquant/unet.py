@@ -295,7 +295,20 @@ def cli_quantize(args: Any) -> int:
     return 0
 
 
-LLM_ONLY = ("format", "alpha", "hw", "steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight")
+LLM_ONLY = (
+    "format",
+    "alpha",
+    "hw",
+    "steps",
+    "window",
+    "stride",
+    "objective",
+    "target",
+    "rounding",
+    "lr_scale",
+    "lr_weight",
+    "calib_generate",
+)
 QFT_FLAGS = ("hw", "steps", "lr_scale", "lr_weight")  # honoured when the recipe ends in qft
 
 

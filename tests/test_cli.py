@@ -17,7 +17,7 @@ import blockquant.api
 from blockquant import QuantSpec, parse_recipe
 from blockquant.arch import weight_matrix
 from blockquant.cli import main
-from blockquant.files import atomic_dir, load_calibration, warn_calibration_length
+from blockquant.files import atomic_dir, generate_calibration, load_calibration, warn_calibration_length
 from blockquant.methods import METHODS
 
 QUANT_ARGS = ["--wbits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "16", "--quiet"]
@@ -228,6 +228,38 @@ def test_quantize_calibrates_on_paragraphs_and_records_it(llama_dir, tmp_path, c
     assert {s.numel() for s in spy_quantize["calibration"]} <= {5, 9, 14, 16, 7}  # whole paragraphs, or cut at --seqlen 16
 
 
+def test_generated_calibration_continues_each_window_by_sampling_the_model(make_tiny):
+    """Each window keeps its first N tokens; every later token is a draw from the model's own next-token
+    distribution given what precedes it (replayed here without a KV cache, from the same seeded generator)."""
+    model = make_tiny("llama")
+    samples = torch.randint(0, model.config.vocab_size, (5, 20), generator=torch.Generator().manual_seed(0))
+    out = generate_calibration(model, samples, 6, seed=3, batch_size=2)
+    assert out.shape == samples.shape and out.dtype == torch.long
+    assert torch.equal(out[:, :6], samples[:, :6]) and not torch.equal(out, samples)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for rows in out.split(2):
+            for t in range(6, 20):
+                probs = torch.softmax(model(rows[:, :t]).logits[:, -1].float(), dim=-1)
+                assert torch.equal(torch.multinomial(probs, 1, generator=gen)[:, 0], rows[:, t])
+    assert torch.equal(generate_calibration(model, samples, 6, seed=3, batch_size=2), out)  # deterministic
+    assert not torch.equal(generate_calibration(model, samples, 6, seed=4), out)
+    with pytest.raises(ValueError, match=r"\[1, 19\]"):
+        generate_calibration(model, samples, 20)
+
+
+def test_quantize_calibrates_on_generated_windows_and_records_it(llama_dir, calib_file, tmp_path, capsys, spy_quantize):
+    out = tmp_path / "out"
+    assert main(quantize_args(llama_dir, calib_file, out, "--calib-generate", "4", "--recipe", "rtn")) == 0, capsys.readouterr().err
+    record = json.loads((out / "blockquant.json").read_text())["calibration"]
+    assert record["generated"] == {"prompt_tokens": 4, "temperature": 1.0} and record["tokens"] == 4 * 16
+    from transformers import AutoTokenizer
+
+    real = load_calibration(calib_file, AutoTokenizer.from_pretrained(llama_dir), 4, 16)
+    used = spy_quantize["calibration"]
+    assert used.shape == real.shape and torch.equal(used[:, :4], real[:, :4]) and not torch.equal(used, real)
+
+
 def test_calibration_longer_than_a_sentence_model_runs_warns(tmp_path, caplog):
     (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
     with caplog.at_level(logging.WARNING):
@@ -294,6 +326,13 @@ ERROR_CASES = {
     "batch-size-0": (lambda tp: dict(extra=["--batch-size", "0"]), ["--batch-size"]),
     "no-cuda": (lambda tp: dict(extra=["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"]), ["--device"]),
     "output-parent-missing": (lambda tp: dict(out=tp / "a" / "b" / "out"), ["parent directory"]),
+    "calib-generate-0": (lambda tp: dict(extra=["--calib-generate", "0"]), ["--calib-generate", "[1, 15]", "got 0"]),
+    "calib-generate-whole-window": (lambda tp: dict(extra=["--calib-generate", "16"]), ["[1, 15]", "got 16"]),
+    "calib-generate-paragraphs": (lambda tp: dict(extra=["--calib-generate", "4", "--calib-paragraphs"]), ["--calib-paragraphs"]),
+    "calib-generate-encoder": (
+        lambda tp: dict(model=save_tiny("bert", tp / "bert"), extra=["--calib-generate", "4"]),
+        ["--calib-generate needs a causal language model", "BertModel"],
+    ),
 }
 
 
@@ -318,6 +357,7 @@ def test_usage_errors_exit_2_and_write_nothing(case, llama_dir, calib_file, tmp_
     work = tmp_path / "work"
     work.mkdir()
     setup = make(work)
+    capsys.readouterr()  # what building the case printed (a tiny model's save bar) is not the command's output
     out = setup.get("out", work / "out")
     args = quantize_args(setup.get("model", llama_dir), setup.get("calib", calib_file), out, *setup.get("extra", []))
     before = sorted(p.name for p in work.iterdir())

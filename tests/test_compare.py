@@ -82,6 +82,7 @@ def test_compare_measures_an_encoders_output_objective(calib_file, eval_file, tm
         (["--variants", "rtn,bogus"], "unknown variant(s) bogus"),
         (["--wbits", "5"], "bits must be one of"),
         (["--steps", "0"], "steps must be >= 1"),
+        (["--calib-generate", "512"], "--calib-generate N keeps N real tokens per --seqlen 512 window"),
     ],
 )
 def test_compare_bad_input(llama_dir, calib_file, eval_file, tmp_path, capsys, argv, message):
@@ -89,6 +90,24 @@ def test_compare_bad_input(llama_dir, calib_file, eval_file, tmp_path, capsys, a
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_measure_calibrates_on_generated_windows_when_asked(llama_dir, calib_file, eval_file, monkeypatch):
+    """``compare --calib-generate N``: every variant's calibration is the file's windows continued by the FP model."""
+    import blockquant.files
+    from blockquant.compare import CompareJob, measure
+
+    seen = []
+    real = blockquant.files.generate_calibration
+
+    def spy(model, samples, prompt_tokens, seed, device):
+        seen.append((samples.clone(), prompt_tokens, seed))
+        return real(model, samples, prompt_tokens, seed, device)
+
+    monkeypatch.setattr(blockquant.files, "generate_calibration", spy)
+    job = CompareJob(str(llama_dir), str(calib_file), str(eval_file), 4, 32, nsamples=4, seqlen=16, max_windows=2, seed=5, generate=3)
+    assert measure(job, [("rtn", {})])["value"] > 1
+    assert len(seen) == 1 and seen[0][0].shape == (4, 16) and seen[0][1:] == (3, 5)
 
 
 def test_finetune_flags_need_blockft(llama_dir, calib_file, tmp_path, capsys):

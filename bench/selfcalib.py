@@ -1,0 +1,73 @@
+"""Does calibrating on the full-precision model's own samples help block-wise FT at W2? (session 20 study)
+
+    python bench/selfcalib.py --calib-source {real,generated,mixed} [--bits 2] [--group-size 64]
+                              [--variant gptq|blockft|"joint K=2"|gptq+qft] [--prefix 16] [--seed N] [--max-windows N]
+
+The calibration windows are drawn from the training split (calib.txt); the evaluation is held-out
+code. LLM-QAT (Liu et al., 2023) found that text sampled from the full-precision model itself
+calibrates better than real text: it is what the model predicts, not what it memorised.
+Here each generated window keeps the first ``--prefix`` tokens of the real window the seed draws
+and samples the rest from the full-precision model (temperature 1, no top-k), so the token budget
+(128 × 512) and the draw stay the protocol's. ``mixed``: every second window generated. Prints one line; the rows are gathered by hand in bench/results/blockft.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import blockquant.files as files  # noqa: E402
+from bench.common import SHARED, subject_paths  # noqa: E402
+from blockquant.compare import CompareJob, measure, variant_steps  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calib-source", choices=["real", "generated", "mixed"], required=True)
+    p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--variant", default="blockft", choices=["gptq", "blockft", "joint K=2", "gptq+qft"])
+    p.add_argument("--prefix", type=int, default=16, help="real tokens kept at the start of each generated window [16]")
+    p.add_argument("--seed", type=int, default=0, help="calibration draw, and the sampling seed [0]")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    args = p.parse_args()
+    if (args.group_size < 1 and args.group_size != -1) or (args.max_windows is not None and args.max_windows < 1):
+        p.error("--group-size must be >= 1 or -1, and --max-windows >= 1")
+    if not 1 <= args.prefix < 512:
+        p.error("--prefix must be in [1, 511]")
+    if not (SHARED / "subjects").is_dir():
+        print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
+        return
+    model_dir, calib, evaluation = subject_paths("llama-code")
+    if args.calib_source == "mixed":  # every second window generated, so the held-out batches at the end hold both kinds
+        load_calibration = files.load_calibration
+
+        def mixed(path, tokenizer, nsamples, seqlen, seed, *a, **k):  # measure() loads the calibration itself
+            real = load_calibration(path, tokenizer, nsamples, seqlen, seed, *a, **k)
+            rows = torch.arange(1, real.shape[0], 2)
+            fp, _ = files.load_model(model_dir)
+            out = real.clone()
+            out[rows] = files.generate_calibration(fp, real[rows], args.prefix, seed)
+            return out
+
+        files.load_calibration = mixed
+    generate = args.prefix if args.calib_source == "generated" else None
+    job = CompareJob(
+        model_dir, calib, evaluation, args.bits, args.group_size, max_windows=args.max_windows, seed=args.seed, generate=generate
+    )
+    steps = [("gptq", {}), ("qft", {})] if args.variant == "gptq+qft" else variant_steps(args.variant, job)
+    out = measure(job, steps)
+    print(
+        f"llama-code W{args.bits} g{args.group_size} seed {args.seed} calibration {args.calib_source} (prefix {args.prefix}) "
+        f"{args.variant}: {out['metric']} {out['value']:.4f}, {out['seconds']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
