@@ -112,8 +112,8 @@ def generate_calibration(
 
     Why: a calibration file is often training text, and fitting the quantized model to the
     full-precision one there fits what the model memorised; its own samples are what it actually
-    predicts. On llama-code W2 g64, block-wise FT on them scored 10.05 / 10.02 against 10.15 / 10.14
-    on the file's windows (two draws; bench/results/blockft.md, session 20).
+    predicts. On llama-code W2 g64, block-wise FT on them scored 10.05 / 10.02 / 10.03 against
+    10.15 / 10.14 / 10.11 on the file's windows (three draws; bench/results/blockft.md, session 20).
     Tokens are drawn on the CPU from one generator seeded with ``seed``, batch after batch, so the
     result depends on ``seed`` and ``batch_size`` but not on ``device``.
     """
