@@ -126,24 +126,21 @@ def generate_calibration(
     gen = torch.Generator().manual_seed(seed)
     home = next(model.parameters()).device
     model.eval().to(device)
-    out = []
+    out = samples.clone()  # the prompts stay; every later column is overwritten by a draw
     bar = tqdm(total=samples.shape[0] * (length - prompt_tokens), desc="generating calibration", unit="tok", disable=not progress)
     try:
-        for rows in samples[:, :prompt_tokens].split(batch_size):
-            ids = rows.clone()
-            step = model(ids.to(device), use_cache=True)
-            while ids.shape[1] < length:
+        for ids in out.split(batch_size):  # views: writing a column fills ``out``
+            step = model(ids[:, :prompt_tokens].to(device), use_cache=True)
+            for t in range(prompt_tokens, length):
                 probs = torch.softmax(step.logits[:, -1].float(), dim=-1).cpu()
-                nxt = torch.multinomial(probs, 1, generator=gen)
-                ids = torch.cat([ids, nxt], dim=1)
-                bar.update(rows.shape[0])
-                if ids.shape[1] < length:
-                    step = model(nxt.to(device), past_key_values=step.past_key_values, use_cache=True)
-            out.append(ids)
+                ids[:, t] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                bar.update(ids.shape[0])
+                if t + 1 < length:
+                    step = model(ids[:, t : t + 1].to(device), past_key_values=step.past_key_values, use_cache=True)
     finally:
         bar.close()
         model.to(home)
-    return torch.cat(out)
+    return out
 
 
 def split_paragraphs(text: str) -> list[str]:
