@@ -1,7 +1,7 @@
 """Does calibrating on the full-precision model's own samples help block-wise FT at W2? (session 20 study)
 
     python bench/selfcalib.py --calib-source {real,generated,mixed} [--bits 2] [--group-size 64]
-                              [--variant gptq|blockft|"joint K=2"|gptq+qft] [--prefix 16] [--seed N] [--max-windows N]
+                              [--variant gptq|blockft|"joint K=2"|gptq+qft|blockft+qft] [--prefix 16] [--seed N] [--max-windows N]
 
 The calibration windows are drawn from the training split (calib.txt); the evaluation is held-out
 code. LLM-QAT (Liu et al., 2023) found that text sampled from the full-precision model itself
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--calib-source", choices=["real", "generated", "mixed"], required=True)
     p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--variant", default="blockft", choices=["gptq", "blockft", "joint K=2", "gptq+qft"])
+    p.add_argument("--variant", default="blockft", choices=["gptq", "blockft", "joint K=2", "gptq+qft", "blockft+qft"])
     p.add_argument("--prefix", type=int, default=16, help="real tokens kept at the start of each generated window [16]")
     p.add_argument("--seed", type=int, default=0, help="calibration draw, and the sampling seed [0]")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
@@ -60,7 +60,10 @@ def main() -> None:
     job = CompareJob(
         model_dir, calib, evaluation, args.bits, args.group_size, max_windows=args.max_windows, seed=args.seed, generate=generate
     )
-    steps = [("gptq", {}), ("qft", {})] if args.variant == "gptq+qft" else variant_steps(args.variant, job)
+    if args.variant.endswith("+qft"):  # QFT from the named start: GPTQ alone, or GPTQ then block-wise FT
+        steps = variant_steps(args.variant.removesuffix("+qft"), job) + [("qft", {})]
+    else:
+        steps = variant_steps(args.variant, job)
     out = measure(job, steps)
     print(
         f"llama-code W{args.bits} g{args.group_size} seed {args.seed} calibration {args.calib_source} (prefix {args.prefix}) "

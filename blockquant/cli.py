@@ -475,7 +475,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from blockquant.compare import CompareJob, run_compare, save, verdict
+    from blockquant.compare import CompareJob, describe, run_compare, save, verdict
     from blockquant.files import model_class_name, read_text, warn_calibration_length
 
     device = _check_device(args.device)
@@ -512,7 +512,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.calib_generate,
     )
     rows = run_compare(job, [(b, args.group_size) for b in args.wbits], variants)
-    files = save(rows, Path(args.output), f"blockquant compare: {args.model_dir}")
+    files = save(rows, Path(args.output), f"blockquant compare: {args.model_dir}", describe(job))
     print("\n".join(verdict(rows)))
     print(f"written: {', '.join(str(f) for f in files)}")
     return 0

@@ -250,11 +250,30 @@ def plot(rows: list[CompareRow], path: Path) -> None:
     plt.close(fig)
 
 
-def save(rows: list[CompareRow], out_dir: Path, title: str) -> list[Path]:
-    """compare.md (table + verdict), compare.png and compare.json in ``out_dir``."""
+def describe(job: CompareJob) -> str:
+    """The data and settings every row shares, so that a saved table says what it was measured on."""
+    if job.paragraphs:
+        calib = f"up to {job.nsamples} whole paragraphs of at most {job.seqlen} tokens"
+    else:
+        calib = f"{job.nsamples} windows of {job.seqlen} tokens"
+    calib += f" from {job.calib}, drawn with seed {job.seed}"
+    if job.generate is not None:
+        calib += f"; each keeps its first {job.generate} tokens and the rest are sampled from the FP model (temperature 1)"
+    evaluation = "all windows" if job.max_windows is None else f"the first {job.max_windows} windows (or paragraphs)"
+    ft = ", ".join(f"{k}={v}" for k, v in sorted(job.ft_options.items())) or "defaults"
+    scheme = "symmetric" if job.sym else "asymmetric"
+    return (
+        f"Calibration: {calib}. Evaluation: {evaluation} of {job.eval}. Weights {scheme}; fine-tuning starts from "
+        f"{job.init.upper()} with {ft}; device {job.device}, batch size {job.batch_size}."
+    )
+
+
+def save(rows: list[CompareRow], out_dir: Path, title: str, setup: str = "") -> list[Path]:
+    """compare.md (setup, table, verdict), compare.png and compare.json in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "compare.md"
-    md.write_text(f"# {title}\n\n{table(rows)}\n\n" + "\n".join(verdict(rows)) + "\n")
+    head = f"# {title}\n\n" + (f"{setup}\n\n" if setup else "")
+    md.write_text(f"{head}{table(rows)}\n\n" + "\n".join(verdict(rows)) + "\n")
     (out_dir / "compare.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     plot(rows, out_dir / "compare.png")
     return [md, out_dir / "compare.png", out_dir / "compare.json"]

@@ -56,7 +56,10 @@ def test_compare_writes_table_plot_and_verdict(llama_dir, calib_file, eval_file,
     assert all(r["metric"] == "ppl" and r["value"] > 1 for r in rows)
     assert rows[1]["curves"] and len(rows[1]["curves"][0][1]) >= 1  # one loss curve per window
     assert (out / "compare.png").stat().st_size > 1000
-    assert "| blockft | 2 | 32 | ppl |" in (out / "compare.md").read_text()
+    report = (out / "compare.md").read_text()
+    assert "| blockft | 2 | 32 | ppl |" in report
+    assert f"Calibration: 8 windows of 32 tokens from {calib_file}, drawn with seed 0." in report  # the data every row shares
+    assert "fine-tuning starts from GPTQ with steps=4" in report
 
 
 def test_compare_measures_an_encoders_output_objective(calib_file, eval_file, tmp_path, capsys, monkeypatch):
@@ -108,6 +111,16 @@ def test_measure_calibrates_on_generated_windows_when_asked(llama_dir, calib_fil
     job = CompareJob(str(llama_dir), str(calib_file), str(eval_file), 4, 32, nsamples=4, seqlen=16, max_windows=2, seed=5, generate=3)
     assert measure(job, [("rtn", {})])["value"] > 1
     assert len(seen) == 1 and seen[0][0].shape == (4, 16) and seen[0][1:] == (3, 5)
+
+
+def test_describe_names_generated_calibration_and_a_partial_evaluation():
+    from blockquant.compare import CompareJob, describe
+
+    job = CompareJob("m", "c.txt", "e.txt", 2, 64, max_windows=10, seed=3, generate=16, init="rtn")
+    text = describe(job)
+    assert "128 windows of 512 tokens from c.txt, drawn with seed 3; each keeps its first 16 tokens" in text
+    assert "Evaluation: the first 10 windows (or paragraphs) of e.txt." in text
+    assert "starts from RTN with defaults" in text
 
 
 def test_finetune_flags_need_blockft(llama_dir, calib_file, tmp_path, capsys):
