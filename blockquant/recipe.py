@@ -18,6 +18,11 @@ ACT_BITS = (4, 8)  # 16 on the command line means "activations stay in full prec
 SCALE_DTYPES = ("float32", "bfloat16", "float16")  # floating dtypes a checkpoint may store scales in
 
 
+def int_range(bits: int, sym: bool) -> tuple[int, int]:
+    """The integer codes a ``bits``-wide grid holds: signed around zero, or unsigned from 0 with a zero point."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """A uniform affine weight quantizer (DESIGN.md §2).
@@ -51,11 +56,11 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.sym else 0
+        return int_range(self.bits, self.sym)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.sym else 2**self.bits - 1
+        return int_range(self.bits, self.sym)[1]
 
     def describe(self) -> str:
         gran = "tensor" if self.per_tensor else ("channel" if self.group_size == -1 else f"g{self.group_size}")
@@ -89,11 +94,11 @@ class ActSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.sym else 0
+        return int_range(self.bits, self.sym)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.sym else 2**self.bits - 1
+        return int_range(self.bits, self.sym)[1]
 
     def describe(self) -> str:
         kind = "token" if self.granularity == "token" else f"tensor {self.range}"
