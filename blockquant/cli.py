@@ -327,6 +327,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from blockquant.arch import arch_for
     from blockquant.export import export_problem, resolve_format, save_checkpoint, stored_dtype
     from blockquant.files import (
+        GENERATION_TEMPERATURE,
         check_output_dir,
         generate_calibration,
         load_calibration,
@@ -388,7 +389,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "unit": "paragraph" if args.calib_paragraphs else "window",
             "tokens": sum(s.numel() for s in calibration),
-            "generated": None if args.calib_generate is None else {"prompt_tokens": args.calib_generate, "temperature": 1.0},
+            "generated": None
+            if args.calib_generate is None
+            else {"prompt_tokens": args.calib_generate, "temperature": GENERATION_TEMPERATURE},
         },
     }
     fmt = resolve_format(args.format, model, recipe.spec, result.layers)

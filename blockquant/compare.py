@@ -252,13 +252,15 @@ def plot(rows: list[CompareRow], path: Path) -> None:
 
 def describe(job: CompareJob) -> str:
     """The data and settings every row shares, so that a saved table says what it was measured on."""
+    from blockquant.files import GENERATION_TEMPERATURE
+
     if job.paragraphs:
         calib = f"up to {job.nsamples} whole paragraphs of at most {job.seqlen} tokens"
     else:
         calib = f"{job.nsamples} windows of {job.seqlen} tokens"
     calib += f" from {job.calib}, drawn with seed {job.seed}"
     if job.generate is not None:
-        calib += f"; each keeps its first {job.generate} tokens and the rest are sampled from the FP model (temperature 1)"
+        calib += f"; each keeps its first {job.generate} tokens and the rest are sampled from the FP model (temperature {GENERATION_TEMPERATURE:g})"
     evaluation = "all windows" if job.max_windows is None else f"the first {job.max_windows} windows (or paragraphs)"
     ft = ", ".join(f"{k}={v}" for k, v in sorted(job.ft_options.items())) or "defaults"
     scheme = "symmetric" if job.sym else "asymmetric"

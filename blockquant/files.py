@@ -96,6 +96,9 @@ def load_calibration(
     return calibration_samples(tokenizer, text, nsamples, seqlen, seed, encoder, source)
 
 
+GENERATION_TEMPERATURE = 1.0  # self-generated calibration samples the model's own distribution, unsharpened
+
+
 @torch.no_grad()
 def generate_calibration(
     model: nn.Module,
@@ -132,7 +135,7 @@ def generate_calibration(
         for ids in out.split(batch_size):  # views: writing a column fills ``out``
             step = model(ids[:, :prompt_tokens].to(device), use_cache=True)
             for t in range(prompt_tokens, length):
-                probs = torch.softmax(step.logits[:, -1].float(), dim=-1).cpu()
+                probs = torch.softmax(step.logits[:, -1].float() / GENERATION_TEMPERATURE, dim=-1).cpu()
                 ids[:, t] = torch.multinomial(probs, 1, generator=gen)[:, 0]
                 bar.update(ids.shape[0])
                 if t + 1 < length:
