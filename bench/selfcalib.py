@@ -2,6 +2,7 @@
 
     python bench/selfcalib.py --calib-source {real,generated,mixed} [--bits 2] [--group-size 64]
                               [--variant gptq|blockft|"joint K=2"|gptq+qft|blockft+qft] [--prefix 16] [--seed N] [--max-windows N]
+                              [--continuations R] [--cache FILE] [--qft-steps N]
 
 The calibration windows are drawn from the training split (calib.txt); the evaluation is held-out
 code. LLM-QAT (Liu et al., 2023) found that text sampled from the full-precision model itself
@@ -9,6 +10,12 @@ calibrates better than real text: it is what the model predicts, not what it mem
 Here each generated window keeps the first ``--prefix`` tokens of the real window the seed draws
 and samples the rest from the full-precision model (temperature 1, no top-k), so the token budget
 (128 × 512) and the draw stay the protocol's. ``mixed``: every second window generated. Prints one line; the rows are gathered by hand in bench/results/blockft.md.
+
+``--continuations R`` (generated only) leaves the protocol on purpose: each of the 128 prompts is
+continued R times (R × 128 windows, rows of one prompt adjacent, so the held-out batches at the end
+hold prompts no training window has). It asks whether an end-to-end step (QFT), which sees each of
+the 128 windows about ten times in its 150 steps, is held back by re-reading the same windows.
+``--cache FILE`` keeps the generated windows, so that parallel runs on one draw sample it once.
 """
 
 from __future__ import annotations
@@ -35,11 +42,18 @@ def main() -> None:
     p.add_argument("--prefix", type=int, default=16, help="real tokens kept at the start of each generated window [16]")
     p.add_argument("--seed", type=int, default=0, help="calibration draw, and the sampling seed [0]")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--continuations", type=int, default=1, help="generated windows per prompt (R × 128 windows) [1]")
+    p.add_argument("--qft-steps", type=int, help="QFT's optimizer steps (+qft variants) [the library's 150]")
+    p.add_argument("--cache", type=Path, help="load the generated windows from FILE, or save them there if it is missing")
     args = p.parse_args()
     if (args.group_size < 1 and args.group_size != -1) or (args.max_windows is not None and args.max_windows < 1):
         p.error("--group-size must be >= 1 or -1, and --max-windows >= 1")
     if not 1 <= args.prefix < 512:
         p.error("--prefix must be in [1, 511]")
+    if args.continuations < 1 or ((args.continuations > 1 or args.cache) and args.calib_source != "generated"):
+        p.error("--continuations must be >= 1, and it and --cache need --calib-source generated")
+    if args.qft_steps is not None and (args.qft_steps < 1 or not args.variant.endswith("+qft")):
+        p.error("--qft-steps must be >= 1 and needs a +qft variant")
     if not (SHARED / "subjects").is_dir():
         print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
         return
@@ -56,20 +70,50 @@ def main() -> None:
             return out
 
         files.load_calibration = mixed
+    if args.cache:  # measure() generates through files.generate_calibration: serve it from the file when it is there
+        generate_real = files.generate_calibration
+
+        def cached(model, samples, *a, continuations=1, **k):
+            if args.cache.is_file():
+                out = torch.load(args.cache)
+                if not torch.equal(out[:, : args.prefix], samples[:, : args.prefix].repeat_interleave(continuations, dim=0)):
+                    sys.exit(f"{args.cache} holds other windows than this draw's; remove it or name another file")
+                return out
+            out = generate_real(model, samples, *a, continuations=continuations, **k)
+            tmp = args.cache.with_suffix(".partial")
+            torch.save(out, tmp)
+            tmp.replace(args.cache)
+            return out
+
+        files.generate_calibration = cached
     generate = args.prefix if args.calib_source == "generated" else None
     job = CompareJob(
-        model_dir, calib, evaluation, args.bits, args.group_size, max_windows=args.max_windows, seed=args.seed, generate=generate
+        model_dir,
+        calib,
+        evaluation,
+        args.bits,
+        args.group_size,
+        max_windows=args.max_windows,
+        seed=args.seed,
+        generate=generate,
+        continuations=args.continuations,
     )
     if args.variant.endswith("+qft"):  # QFT from the named start: GPTQ alone, or GPTQ then block-wise FT
-        steps = variant_steps(args.variant.removesuffix("+qft"), job) + [("qft", {})]
+        qft = {} if args.qft_steps is None else {"steps": args.qft_steps}
+        steps = variant_steps(args.variant.removesuffix("+qft"), job) + [("qft", qft)]
     else:
         steps = variant_steps(args.variant, job)
     out = measure(job, steps)
     print(
-        f"llama-code W{args.bits} g{args.group_size} seed {args.seed} calibration {args.calib_source} (prefix {args.prefix}) "
+        f"llama-code W{args.bits} g{args.group_size} seed {args.seed} calibration {args.calib_source} (prefix {args.prefix}, "
+        f"{args.continuations} per prompt) "
         f"{args.variant}: {out['metric']} {out['value']:.4f}, {out['seconds']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",
         flush=True,
     )
+    qft = out.get("model_steps", {}).get("qft")
+    if qft:  # the held-out curve tells a fit that did not carry over from one that did not happen
+        print(f"  qft {qft['steps_run']} steps, stopped: {qft['stopped']}, held-out loss (step, value): {qft['held_out_loss']}")
+    print(f"  seconds per recipe step: {out.get('step_seconds')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,13 @@ GENERATE_HELP = (
     "about 1 %% on a small code Llama and did nothing on a small Shakespeare Llama: compare with and without [off]"
 )
 
+CONTINUATIONS_HELP = (
+    "with --calib-generate: continue each of the --nsamples prompts R times, so that the model is calibrated on "
+    "R x --nsamples generated windows (R x the tokens; generation and the calibration passes take R x as long), and "
+    "fine-tuning reads each window once or twice instead of over ten times. On a small code Llama at W2 g64, R = 8 lowered "
+    "perplexity by 0.6 %% (gptq,blockft) and 0.7 %% (gptq,blockft,qft) against R = 1, on one draw [1]"
+)
+
 PARAGRAPHS_HELP = (
     "calibrate on whole paragraphs of --calib (blocks separated by a blank line, each truncated at --seqlen tokens) drawn at random "
     "until they hold --nsamples x --seqlen tokens, instead of fixed windows: for sentence encoders, which are called on "
@@ -136,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window [512]")
     q.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
     q.add_argument("--calib-generate", type=int, metavar="N", help=GENERATE_HELP)
+    q.add_argument("--calib-continuations", type=int, default=1, metavar="R", help=CONTINUATIONS_HELP)
     q.add_argument("--output", metavar="OUT_DIR", help="where to write the quantized model")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     q.add_argument(
@@ -178,6 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, default=512, help="tokens per window [512]")
     c.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
     c.add_argument("--calib-generate", type=int, metavar="N", help=GENERATE_HELP)
+    c.add_argument("--calib-continuations", type=int, default=1, metavar="R", help=CONTINUATIONS_HELP)
     c.add_argument("--max-windows", type=int, help="evaluate only the first N windows / paragraphs")
     c.add_argument(
         "--variants",
@@ -294,11 +303,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _check_generate(args: argparse.Namespace, class_name: str) -> None:
-    """--calib-generate: causal LMs, fixed windows, 1 <= N < --seqlen; checked before any long work."""
+    """--calib-generate: causal LMs, fixed windows, 1 <= N < --seqlen, R >= 1 continuations per prompt;
+    checked before any long work."""
     from blockquant.arch import ARCHITECTURES
 
     n = args.calib_generate
+    if args.calib_continuations < 1:
+        raise ValueError(f"--calib-continuations must be >= 1 (generated windows per prompt), got {args.calib_continuations}")
     if n is None:
+        if args.calib_continuations != 1:
+            raise ValueError("--calib-continuations R continues generated windows: it needs --calib-generate N")
         return
     if ARCHITECTURES[class_name].kind != "causal-lm":
         raise ValueError(f"--calib-generate needs a causal language model; {class_name} cannot generate text")
@@ -375,7 +389,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     encoder = arch_for(model).kind == "encoder"
     calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, encoder, args.calib_paragraphs)
     if args.calib_generate is not None:
-        calibration = generate_calibration(model, calibration, args.calib_generate, args.seed, device, progress=not args.quiet)
+        calibration = generate_calibration(
+            model, calibration, args.calib_generate, args.seed, device, progress=not args.quiet, continuations=args.calib_continuations
+        )
     if args.format and (problem := export_problem(args.format, model, recipe.spec)):
         raise ValueError(f"cannot write --format {args.format}: {problem}")  # before the work, not after
     torch.manual_seed(args.seed)
@@ -391,7 +407,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "tokens": sum(s.numel() for s in calibration),
             "generated": None
             if args.calib_generate is None
-            else {"prompt_tokens": args.calib_generate, "temperature": GENERATION_TEMPERATURE},
+            else {"prompt_tokens": args.calib_generate, "temperature": GENERATION_TEMPERATURE, "continuations": args.calib_continuations},
         },
     }
     fmt = resolve_format(args.format, model, recipe.spec, result.layers)
@@ -513,6 +529,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         ft,
         args.calib_paragraphs,
         args.calib_generate,
+        args.calib_continuations,
     )
     rows = run_compare(job, [(b, args.group_size) for b in args.wbits], variants)
     files = save(rows, Path(args.output), f"blockquant compare: {args.model_dir}", describe(job))

@@ -48,6 +48,7 @@ class CompareJob:
     ft_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"steps": 100}
     paragraphs: bool = False  # calibrate on whole paragraphs (nsamples × seqlen tokens in all), not windows
     generate: int | None = None  # keep this many real tokens per window and sample the rest from the FP model
+    continuations: int = 1  # with generate: windows sampled per prompt (continuations × nsamples in all)
 
 
 @dataclass
@@ -101,7 +102,7 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
     if steps is not None:
         calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed, encoder, job.paragraphs)
         if job.generate is not None:
-            calibration = generate_calibration(model, calibration, job.generate, job.seed, job.device)
+            calibration = generate_calibration(model, calibration, job.generate, job.seed, job.device, continuations=job.continuations)
         recipe = Recipe(QuantSpec(job.bits, job.group_size, job.sym), [make_step(m, o) for m, o in steps])
         result = quantize(model, recipe, calibration, device=job.device, batch_size=job.batch_size, progress=False)
         curves = [(first, log.losses) for first, log in result.train_logs]
@@ -261,6 +262,8 @@ def describe(job: CompareJob) -> str:
     calib += f" from {job.calib}, drawn with seed {job.seed}"
     if job.generate is not None:
         calib += f"; each keeps its first {job.generate} tokens and the rest are sampled from the FP model (temperature {GENERATION_TEMPERATURE:g})"
+        if job.continuations > 1:
+            calib += f", {job.continuations} times per window ({job.continuations * job.nsamples} windows in all)"
     evaluation = "all windows" if job.max_windows is None else f"the first {job.max_windows} windows (or paragraphs)"
     ft = ", ".join(f"{k}={v}" for k, v in sorted(job.ft_options.items())) or "defaults"
     scheme = "symmetric" if job.sym else "asymmetric"

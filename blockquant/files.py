@@ -108,15 +108,21 @@ def generate_calibration(
     device: str | torch.device = "cpu",
     batch_size: int = 32,
     progress: bool = False,
+    continuations: int = 1,
 ) -> Tensor:
     """Self-generated calibration (LLM-QAT's data-free idea): keep the first ``prompt_tokens`` of
     each row of ``samples`` (N, seqlen) and sample the rest from the full-precision ``model`` at
-    temperature 1, with a KV cache. Same shape, same token budget.
+    temperature 1, with a KV cache. Same shape, same token budget; with ``continuations`` R > 1,
+    each prompt is continued R times: (R·N, seqlen), the rows of one prompt adjacent, so that the
+    held-out batches at the end hold prompts that no training window starts with.
 
     Why: a calibration file is often training text, where the full-precision model's outputs carry
     what it memorised (llama-code's FP perplexity: 10.6 on calib.txt, 12.1 on eval.txt, first 100
     windows each); its own samples are what it actually predicts. On llama-code W2 g64, block-wise FT on them scored 10.05 / 10.02 / 10.03 against
     10.15 / 10.14 / 10.11 on the file's windows (three draws; bench/results/blockft.md, session 20).
+    More windows than the file holds: with R = 8 (1024 windows; the file yields 335) block-wise FT
+    scored 9.9878 and ``gptq,blockft,qft`` 9.9510, against 10.0466 and 10.0210 with R = 1 (one draw;
+    bench/results/qft.md, session 22). Fine-tuning then reads each window once or twice, not over ten times.
     Tokens are drawn on the CPU from one generator seeded with ``seed``, batch after batch, so the
     result depends on ``seed`` and ``batch_size`` but not on ``device``. The whole model sits on
     ``device`` while it generates (it goes back where it was afterwards).
@@ -126,11 +132,13 @@ def generate_calibration(
     length = samples.shape[1]
     if not 1 <= prompt_tokens < length:
         raise ValueError(f"--calib-generate must be in [1, {length - 1}] (real tokens kept per {length}-token window), got {prompt_tokens}")
+    if continuations < 1:
+        raise ValueError(f"--calib-continuations must be >= 1 (generated windows per prompt), got {continuations}")
     gen = torch.Generator().manual_seed(seed)
     home = next(model.parameters()).device
     model.eval().to(device)
-    out = samples.clone()  # the prompts stay; every later column is overwritten by a draw
-    bar = tqdm(total=samples.shape[0] * (length - prompt_tokens), desc="generating calibration", unit="tok", disable=not progress)
+    out = samples.repeat_interleave(continuations, dim=0)  # a copy; the prompts stay, every later column is overwritten by a draw
+    bar = tqdm(total=out.shape[0] * (length - prompt_tokens), desc="generating calibration", unit="tok", disable=not progress)
     try:
         for ids in out.split(batch_size):  # views: writing a column fills ``out``
             step = model(ids[:, :prompt_tokens].to(device), use_cache=True)

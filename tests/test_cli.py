@@ -248,16 +248,40 @@ def test_generated_calibration_continues_each_window_by_sampling_the_model(make_
         generate_calibration(model, samples, 20)
 
 
+def test_generated_calibration_continues_each_prompt_r_times_adjacently(make_tiny):
+    """``continuations`` R: the R windows of a prompt are adjacent, each continued by its own draws,
+    exactly as if the caller had repeated each window R times (so R = 1 keeps the earlier draws)."""
+    model = make_tiny("llama")
+    samples = torch.randint(0, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    out = generate_calibration(model, samples, 6, seed=3, batch_size=4, continuations=2)
+    assert out.shape == (6, 20)
+    assert torch.equal(out[:, :6], samples[:, :6].repeat_interleave(2, dim=0))
+    assert all(not torch.equal(out[2 * i, 6:], out[2 * i + 1, 6:]) for i in range(3))  # two continuations, not one copied
+    assert torch.equal(out, generate_calibration(model, samples.repeat_interleave(2, dim=0), 6, seed=3, batch_size=4))
+    with pytest.raises(ValueError, match="--calib-continuations must be >= 1"):
+        generate_calibration(model, samples, 6, continuations=0)
+
+
 def test_quantize_calibrates_on_generated_windows_and_records_it(llama_dir, calib_file, tmp_path, capsys, spy_quantize):
     out = tmp_path / "out"
     assert main(quantize_args(llama_dir, calib_file, out, "--calib-generate", "4", "--recipe", "rtn")) == 0, capsys.readouterr().err
     record = json.loads((out / "blockquant.json").read_text())["calibration"]
-    assert record["generated"] == {"prompt_tokens": 4, "temperature": 1.0} and record["tokens"] == 4 * 16
+    assert record["generated"] == {"prompt_tokens": 4, "temperature": 1.0, "continuations": 1} and record["tokens"] == 4 * 16
     from transformers import AutoTokenizer
 
     real = load_calibration(calib_file, AutoTokenizer.from_pretrained(llama_dir), 4, 16)
     used = spy_quantize["calibration"]
     assert used.shape == real.shape and torch.equal(used[:, :4], real[:, :4]) and not torch.equal(used, real)
+
+
+def test_quantize_continues_each_prompt_r_times_and_records_it(llama_dir, calib_file, tmp_path, capsys, spy_quantize):
+    out = tmp_path / "out"
+    args = quantize_args(llama_dir, calib_file, out, "--calib-generate", "4", "--calib-continuations", "3", "--recipe", "rtn")
+    assert main(args) == 0, capsys.readouterr().err
+    record = json.loads((out / "blockquant.json").read_text())["calibration"]
+    assert record["generated"] == {"prompt_tokens": 4, "temperature": 1.0, "continuations": 3}
+    assert record["nsamples"] == 12 and record["tokens"] == 12 * 16
+    assert spy_quantize["calibration"].shape == (12, 16)
 
 
 def test_calibration_longer_than_a_sentence_model_runs_warns(tmp_path, caplog):
@@ -329,6 +353,11 @@ ERROR_CASES = {
     "calib-generate-0": (lambda tp: dict(extra=["--calib-generate", "0"]), ["--calib-generate", "[1, 15]", "got 0"]),
     "calib-generate-whole-window": (lambda tp: dict(extra=["--calib-generate", "16"]), ["[1, 15]", "got 16"]),
     "calib-generate-paragraphs": (lambda tp: dict(extra=["--calib-generate", "4", "--calib-paragraphs"]), ["--calib-paragraphs"]),
+    "calib-continuations-alone": (lambda tp: dict(extra=["--calib-continuations", "2"]), ["--calib-continuations", "--calib-generate"]),
+    "calib-continuations-0": (
+        lambda tp: dict(extra=["--calib-generate", "4", "--calib-continuations", "0"]),
+        ["--calib-continuations must be >= 1", "got 0"],
+    ),
     "calib-generate-encoder": (
         lambda tp: dict(model=save_tiny("bert", tp / "bert"), extra=["--calib-generate", "4"]),
         ["--calib-generate needs a causal language model", "BertModel"],

@@ -86,6 +86,7 @@ def test_compare_measures_an_encoders_output_objective(calib_file, eval_file, tm
         (["--wbits", "5"], "bits must be one of"),
         (["--steps", "0"], "steps must be >= 1"),
         (["--calib-generate", "512"], "--calib-generate N keeps N real tokens per --seqlen 512 window"),
+        (["--calib-continuations", "4"], "it needs --calib-generate N"),
     ],
 )
 def test_compare_bad_input(llama_dir, calib_file, eval_file, tmp_path, capsys, argv, message):
@@ -103,14 +104,16 @@ def test_measure_calibrates_on_generated_windows_when_asked(llama_dir, calib_fil
     seen = []
     real = blockquant.files.generate_calibration
 
-    def spy(model, samples, prompt_tokens, seed, device):
-        seen.append((samples.clone(), prompt_tokens, seed))
-        return real(model, samples, prompt_tokens, seed, device)
+    def spy(model, samples, prompt_tokens, seed, device, continuations):
+        seen.append((samples.clone(), prompt_tokens, seed, continuations))
+        return real(model, samples, prompt_tokens, seed, device, continuations=continuations)
 
     monkeypatch.setattr(blockquant.files, "generate_calibration", spy)
-    job = CompareJob(str(llama_dir), str(calib_file), str(eval_file), 4, 32, nsamples=4, seqlen=16, max_windows=2, seed=5, generate=3)
+    job = CompareJob(
+        str(llama_dir), str(calib_file), str(eval_file), 4, 32, nsamples=4, seqlen=16, max_windows=2, seed=5, generate=3, continuations=2
+    )
     assert measure(job, [("rtn", {})])["value"] > 1
-    assert len(seen) == 1 and seen[0][0].shape == (4, 16) and seen[0][1:] == (3, 5)
+    assert len(seen) == 1 and seen[0][0].shape == (4, 16) and seen[0][1:] == (3, 5, 2)
 
 
 def test_describe_names_generated_calibration_and_a_partial_evaluation():
@@ -121,6 +124,8 @@ def test_describe_names_generated_calibration_and_a_partial_evaluation():
     assert "128 windows of 512 tokens from c.txt, drawn with seed 3; each keeps its first 16 tokens" in text
     assert "Evaluation: the first 10 windows (or paragraphs) of e.txt." in text
     assert "starts from RTN with defaults" in text
+    many = describe(CompareJob("m", "c.txt", "e.txt", 2, 64, generate=16, continuations=8))
+    assert "(temperature 1), 8 times per window (1024 windows in all)." in many
 
 
 def test_finetune_flags_need_blockft(llama_dir, calib_file, tmp_path, capsys):
