@@ -16,11 +16,14 @@ continued R times (R × 128 windows, rows of one prompt adjacent, so the held-ou
 hold prompts no training window has). It asks whether an end-to-end step (QFT), which sees each of
 the 128 windows about ten times in its 150 steps, is held back by re-reading the same windows.
 ``--cache FILE`` keeps the generated windows, so that parallel runs on one draw sample it once.
+A ``+qft`` variant also prints the perplexity of its start (the model just before QFT), measured
+in the same process on the same windows: one chain run gives both rows of the comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import blockquant.files as files  # noqa: E402
 from bench.common import SHARED, subject_paths  # noqa: E402
 from blockquant.compare import CompareJob, measure, variant_steps  # noqa: E402
+from blockquant.evaluate import perplexity  # noqa: E402
+from blockquant.methods import METHODS  # noqa: E402
 
 
 def main() -> None:
@@ -76,7 +81,8 @@ def main() -> None:
         def cached(model, samples, *a, continuations=1, **k):
             if args.cache.is_file():
                 out = torch.load(args.cache)
-                if not torch.equal(out[:, : args.prefix], samples[:, : args.prefix].repeat_interleave(continuations, dim=0)):
+                want = samples[:, : args.prefix].repeat_interleave(continuations, dim=0)
+                if out.shape != (want.shape[0], samples.shape[1]) or not torch.equal(out[:, : args.prefix], want):
                     sys.exit(f"{args.cache} holds other windows than this draw's; remove it or name another file")
                 return out
             out = generate_real(model, samples, *a, continuations=continuations, **k)
@@ -99,14 +105,23 @@ def main() -> None:
         continuations=args.continuations,
     )
     if args.variant.endswith("+qft"):  # QFT from the named start: GPTQ alone, or GPTQ then block-wise FT
+        ids = files.tokenize_stream(files.load_model(model_dir)[1], files.read_text(evaluation, "evaluation"))
+        apply_qft = METHODS["qft"].apply
+
+        def qft_after_measuring_start(ctx, *a, **k):  # the start's score, same windows and process
+            start = perplexity(ctx.model, ids, job.seqlen, job.max_windows, job.device, job.batch_size, progress=False)
+            print(f"  start before QFT ({args.variant.removesuffix('+qft')}): ppl {start:.4f}", flush=True)
+            return apply_qft(ctx, *a, **k)
+
+        METHODS["qft"] = dataclasses.replace(METHODS["qft"], apply=qft_after_measuring_start)
         qft = {} if args.qft_steps is None else {"steps": args.qft_steps}
         steps = variant_steps(args.variant.removesuffix("+qft"), job) + [("qft", qft)]
     else:
         steps = variant_steps(args.variant, job)
     out = measure(job, steps)
+    source = "" if args.calib_source == "real" else f" (prefix {args.prefix}, {args.continuations} per prompt)"
     print(
-        f"llama-code W{args.bits} g{args.group_size} seed {args.seed} calibration {args.calib_source} (prefix {args.prefix}, "
-        f"{args.continuations} per prompt) "
+        f"llama-code W{args.bits} g{args.group_size} seed {args.seed} calibration {args.calib_source}{source} "
         f"{args.variant}: {out['metric']} {out['value']:.4f}, {out['seconds']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",
         flush=True,
     )
