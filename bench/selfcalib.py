@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -105,7 +106,8 @@ def main() -> None:
         continuations=args.continuations,
     )
     if args.variant.endswith("+qft"):  # QFT from the named start: GPTQ alone, or GPTQ then block-wise FT
-        ids = files.tokenize_stream(files.load_model(model_dir)[1], files.read_text(evaluation, "evaluation"))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # only the tokenizer: measure() loads the model itself
+        ids = files.tokenize_stream(tokenizer, files.read_text(evaluation, "evaluation"))
         apply_qft = METHODS["qft"].apply
 
         def qft_after_measuring_start(ctx, *a, **k):  # the start's score, same windows and process
