@@ -195,6 +195,10 @@ class TrainConfig:
     # weight gradients have a median √v of 3.5e-8–2e-7 per block, so it cut their steps by 5–22 % at the median
     # and by up to 3× for the smallest tenth; a wider model's smaller gradients would be damped more.
     adam_eps: float = 1e-15
+    # Calibration batches per optimizer step (their gradients summed, one backward each, so memory stays one
+    # batch's). A sentence encoder's paragraph batches hold ~200 tokens and one pooled embedding per paragraph:
+    # an end-to-end pooled loss on ~6 embeddings is a noisy gradient, which more batches per step average.
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -203,6 +207,8 @@ class TrainConfig:
             raise ValueError(f"learning rates must be > 0, got lr_scale={self.lr_scale}, lr_weight={self.lr_weight}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate (calibration batches per step) must be >= 1, got {self.accumulate}")
         if self.adam_eps <= 0:
             raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
         if not 0 <= self.settle < 1:
@@ -280,12 +286,18 @@ def train(
     for step in bar:
         beta = 20 - 18 * step / cfg.steps  # AdaRound's annealing 20 → 2
         with torch.enable_grad():
-            loss = loss_on(train_items[(step - 1) % len(train_items)])
+            opt.zero_grad(set_to_none=True)
+            parts = []
+            for k in range(cfg.accumulate):  # one backward per batch: the graph of only one batch is alive at a time
+                part = loss_on(train_items[((step - 1) * cfg.accumulate + k) % len(train_items)]) / cfg.accumulate
+                part.backward()
+                parts.append(part.detach())
+            loss = sum(parts[1:], parts[0])
             reg = sum(m.regularizer(beta) for m in modules) * cfg.reg_weight if modules[0].rounding == "adaround" else 0.0
             if penalty is not None:
                 reg = reg + penalty()
-            opt.zero_grad(set_to_none=True)
-            (loss + reg).backward()
+            if torch.is_tensor(reg) and reg.requires_grad:
+                reg.backward()
         if not torch.isfinite(loss):
             result.stopped = "nan"
             log.warning("%s: the loss became NaN/Inf at step %d; restored the best state", cfg.label, step)

@@ -230,6 +230,7 @@ def test_float_tensors_stay_put_by_default(make_tiny, calib_ids):
         ({"lr_float": 0.0}, "lr_float must be > 0"),
         ({"prox": -1.0}, "prox must be >= 0"),
         ({"prox": 1.0, "rounding": "adaround"}, "does not apply to rounding 'adaround'"),
+        ({"accumulate": 0}, "accumulate .* must be >= 1"),
     ],
 )
 def test_bad_options_raise(make_tiny, calib_ids, opts, match):
@@ -351,3 +352,59 @@ def test_early_stopping_waits_for_the_annealing_half_of_the_schedule():
     early_luck = [1.0, 0.5, 0.9, 0.9, 0.9, 0.9, 0.8, 0.7, 0.6]  # a lucky early evaluation does not cut the annealing short
     log = _scripted_train(early_luck, steps=8, settle=0.5)
     assert log.stopped == "steps" and log.best == 0.5
+
+
+def test_accumulated_batches_make_one_step_on_their_mean_loss():
+    """``accumulate`` k: one optimizer step on the mean of k batches' losses, one backward per batch."""
+    from blockquant.finetune import TrainConfig
+
+    xs = [torch.randn(16, 8, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    target = 3 * torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+
+    def batch_loss(fq: FakeQuantLinear, i: int) -> torch.Tensor:
+        return (fq(xs[i]) - target).pow(2).mean()
+
+    calls, grads = [], []
+    for accumulate in (2, 1):
+        torch.manual_seed(0)  # _one_layer's bias is drawn from the global generator
+        fq = _one_layer()
+
+        def loss_on(i: int, fq=fq, accumulate=accumulate) -> torch.Tensor:
+            calls.append(i)  # the reference (accumulate 1) is one batch holding both, its loss the mean of the two
+            return batch_loss(fq, i) if accumulate == 2 else (batch_loss(fq, 0) + batch_loss(fq, 1)) / 2
+
+        cfg = TrainConfig(steps=1, accumulate=accumulate, grad_clip=1e9)  # no clipping: it would rescale the gradients
+        train([fq], loss_on, [0, 1], [], cfg, progress=False)
+        grads.append([p.grad.clone() for p in (fq.weight, fq.scale, fq.zero)])  # the last step's gradients stay on them
+    assert calls == [0, 1, 0]  # one step read both batches
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    fq = _one_layer()
+    train([fq], lambda i: batch_loss(fq, i), [0, 1, 0], [], TrainConfig(steps=3, accumulate=2), progress=False)  # wraps round
+    with pytest.raises(ValueError, match="accumulate"):
+        TrainConfig(accumulate=0)
+
+
+@pytest.mark.parametrize("method", ["blockft", "qft"])
+def test_accumulate_reaches_the_training_loop(make_tiny, calib_ids, monkeypatch, method):
+    """The recipe option ``accumulate`` of block-wise FT and QFT is the loop's batches per step."""
+    import blockquant.methods.qft as qft_module
+
+    module = blockft_module if method == "blockft" else qft_module
+    seen = []
+
+    def counting_train(modules, loss_on, train_items, eval_items, cfg, *args, **kwargs):
+        calls = []
+
+        def counted(i: int) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                calls.append(i)
+            return loss_on(i)
+
+        log = train(modules, counted, train_items, eval_items, cfg, *args, **kwargs)
+        seen.append((cfg.accumulate, len(calls), len(log.losses)))
+        return log
+
+    monkeypatch.setattr(module, "train", counting_train)
+    run(make_tiny("llama"), calib_ids, ("gptq", {}), (method, {"steps": 3, "accumulate": 2}))
+    assert seen and all(acc == 2 and calls == 2 * steps for acc, calls, steps in seen)

@@ -182,6 +182,8 @@ def test_hw_preset_the_grid_cannot_satisfy_is_refused_before_work():
         make_step("qft", {"hw": "fp8"})
     with pytest.raises(ValueError, match="must come last"):
         quantize(build_tiny("llama"), parse_recipe("qft,gptq", QuantSpec()), torch.zeros(2, 8, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="accumulate .* must be >= 1"):
+        make_step("qft", {"accumulate": 0})
     with pytest.raises(ValueError, match="nothing to train"):
         make_step("qft", {"step_sizes": False, "equalize": False, "bias": False, "weights": False})
 

@@ -45,6 +45,7 @@ class BlockFTOptions:
     objective: str = "block"  # "block", "next:k" or "logits"
     holdout: float = 0.1  # share of calibration batches held out for early stopping
     eval_every: int = 25
+    accumulate: int = 1  # calibration batches per optimizer step (gradients summed; memory stays one batch's)
     patience: int = 4
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -68,7 +69,9 @@ class BlockFTOptions:
         if self.prox > 0 and self.rounding != "ste":
             raise ValueError("prox pulls the STE master weights towards their start; it does not apply to rounding 'adaround'")
         _ = self.downstream  # raises for a malformed objective
-        TrainConfig(steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every)  # validates those
+        TrainConfig(
+            steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every, accumulate=self.accumulate
+        )  # validates those
 
     @property
     def downstream(self) -> int | None:
@@ -229,6 +232,7 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
         weight_decay=opts.weight_decay,
         grad_clip=opts.grad_clip,
         eval_every=opts.eval_every,
+        accumulate=opts.accumulate,
         patience=opts.patience,
         label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}",
     )

@@ -77,6 +77,7 @@ class QFTOptions:
     checkpointing: bool = True  # recompute each block in the backward pass: memory ≈ inference + one block's activations
     holdout: float = 0.1  # share of calibration batches held out for early stopping
     eval_every: int = 25
+    accumulate: int = 1  # calibration batches per optimizer step (gradients summed; memory stays one batch's)
     patience: int = 3
     grad_clip: float = 1.0
     diverge: float = 4.0  # stop (restoring the best state) when the held-out loss exceeds this multiple of the initial one
@@ -104,6 +105,7 @@ class QFTOptions:
             lr_weight=self.lr_weight,
             grad_clip=self.grad_clip,
             eval_every=self.eval_every,
+            accumulate=self.accumulate,
             patience=self.patience,
             diverge=self.diverge,
             label="qft",
