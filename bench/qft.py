@@ -60,6 +60,10 @@ _CURRENT: dict[str, list[tuple[str, dict]]] = {
     "blockft+qft no equalization": [("gptq", {}), ("blockft", {}), ("qft", {"equalize": False})],
     # from the block-wise start, weights frozen: QFT learns only the ~0.3 M scales, biases and factors (fits the text less)
     "blockft+qft no weight nudges": [("gptq", {}), ("blockft", {}), ("qft", {"weights": False})],
+    # from the block-wise start, each step on 4 calibration batches: a sentence encoder's paragraph batch holds one pooled
+    # embedding per paragraph (~6), too few for an end-to-end step alone (session 26)
+    "blockft+qft accumulate 4": [("gptq", {}), ("blockft", {}), ("qft", {"accumulate": 4})],
+    "gptq+qft accumulate 4": [("gptq", {}), ("qft", {"accumulate": 4})],
 }
 _OLD_RATE_ROWS = ("gptq+qft", "qft no bias correction", "qft no step sizes", "qft no weight nudges", "blockft+qft")
 ROWS = (
