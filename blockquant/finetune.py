@@ -292,7 +292,7 @@ def train(
                 part = loss_on(train_items[((step - 1) * cfg.accumulate + k) % len(train_items)]) / cfg.accumulate
                 part.backward()
                 parts.append(part.detach())
-            loss = sum(parts[1:], parts[0])
+            loss = torch.stack(parts).sum()
             reg = sum(m.regularizer(beta) for m in modules) * cfg.reg_weight if modules[0].rounding == "adaround" else 0.0
             if penalty is not None:
                 reg = reg + penalty()
