@@ -1,7 +1,7 @@
 """Does calibrating on the full-precision model's own samples help block-wise FT at W2? (session 20 study)
 
     python bench/selfcalib.py --calib-source {real,generated,mixed} [--bits 2] [--group-size 64]
-                              [--variant gptq|blockft|"joint K=2"|gptq+qft|blockft+qft] [--prefix 16] [--seed N] [--max-windows N]
+                              [--variant gptq|blockft|train-float|"joint K=2"|gptq+qft|blockft+qft] [--prefix 16] [--seed N] [--max-windows N]
                               [--continuations R] [--cache FILE] [--qft-steps N]
 
 The calibration windows are drawn from the training split (calib.txt); the evaluation is held-out
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--calib-source", choices=["real", "generated", "mixed"], required=True)
     p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--variant", default="blockft", choices=["gptq", "blockft", "joint K=2", "gptq+qft", "blockft+qft"])
+    p.add_argument("--variant", default="blockft", choices=["gptq", "blockft", "train-float", "joint K=2", "gptq+qft", "blockft+qft"])
     p.add_argument("--prefix", type=int, default=16, help="real tokens kept at the start of each generated window [16]")
     p.add_argument("--seed", type=int, default=0, help="calibration draw, and the sampling seed [0]")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
