@@ -64,6 +64,8 @@ _CURRENT: dict[str, list[tuple[str, dict]]] = {
     # embedding per paragraph (~6), too few for an end-to-end step alone (session 26)
     "blockft+qft accumulate 4": [("gptq", {}), ("blockft", {}), ("qft", {"accumulate": 4})],
     "gptq+qft accumulate 4": [("gptq", {}), ("qft", {"accumulate": 4})],
+    # and the token-level feature term on the last hidden states: ~200 token vectors per paragraph batch (session 27)
+    "blockft+qft accumulate 4 features": [("gptq", {}), ("blockft", {}), ("qft", {"accumulate": 4, "feature_weight": 1.0})],
 }
 _OLD_RATE_ROWS = ("gptq+qft", "qft no bias correction", "qft no step sizes", "qft no weight nudges", "blockft+qft")
 ROWS = (
