@@ -66,6 +66,13 @@ _CURRENT: dict[str, list[tuple[str, dict]]] = {
     "gptq+qft accumulate 4": [("gptq", {}), ("qft", {"accumulate": 4})],
     # and the token-level feature term on the last hidden states: ~200 token vectors per paragraph batch (session 27)
     "blockft+qft accumulate 4 features": [("gptq", {}), ("blockft", {}), ("qft", {"accumulate": 4, "feature_weight": 1.0})],
+    # block-wise FT on 4 batches per step as well (4x its steps' data), alone and as QFT's start (session 27)
+    "blockft accumulate 4": [("gptq", {}), ("blockft", {"accumulate": 4})],
+    "blockft accumulate 4+qft accumulate 4 features": [
+        ("gptq", {}),
+        ("blockft", {"accumulate": 4}),
+        ("qft", {"accumulate": 4, "feature_weight": 1.0}),
+    ],
 }
 _OLD_RATE_ROWS = ("gptq+qft", "qft no bias correction", "qft no step sizes", "qft no weight nudges", "blockft+qft")
 ROWS = (
