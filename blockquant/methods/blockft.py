@@ -69,9 +69,21 @@ class BlockFTOptions:
         if self.prox > 0 and self.rounding != "ste":
             raise ValueError("prox pulls the STE master weights towards their start; it does not apply to rounding 'adaround'")
         _ = self.downstream  # raises for a malformed objective
-        TrainConfig(
-            steps=self.steps, lr_scale=self.lr_scale, lr_weight=self.lr_weight, eval_every=self.eval_every, accumulate=self.accumulate
-        )  # validates those
+        self.train_config()  # validates steps, learning rates, eval_every, accumulate
+
+    def train_config(self, scale_unit: float = 1.0, label: str = "blockft") -> TrainConfig:
+        """The training loop's settings; ``lr_scale`` is relative, so it is multiplied by the window's mean step size."""
+        return TrainConfig(
+            steps=self.steps,
+            lr_scale=self.lr_scale * scale_unit,
+            lr_weight=self.lr_weight,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            eval_every=self.eval_every,
+            accumulate=self.accumulate,
+            patience=self.patience,
+            label=label,
+        )
 
     @property
     def downstream(self) -> int | None:
@@ -225,17 +237,7 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
     n = len(ctx.q_inputs.hidden)
     n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0
     items = list(range(n))
-    cfg = TrainConfig(
-        steps=opts.steps,
-        lr_scale=opts.lr_scale * mean_scale,
-        lr_weight=opts.lr_weight,
-        weight_decay=opts.weight_decay,
-        grad_clip=opts.grad_clip,
-        eval_every=opts.eval_every,
-        accumulate=opts.accumulate,
-        patience=opts.patience,
-        label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}",
-    )
+    cfg = opts.train_config(mean_scale, label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}")
     groups = default_groups(modules, cfg) + [(float_params, opts.lr_float)]
     try:
         penalty = _proximal(modules, loss_on, items[0], opts.prox) if opts.prox > 0 else None
