@@ -2,7 +2,7 @@
 
     python bench/selfcalib.py --calib-source {real,generated,mixed} [--bits 2] [--group-size 64]
                               [--variant gptq|blockft|train-float|"joint K=2"|gptq+qft|blockft+qft] [--prefix 16] [--seed N] [--max-windows N]
-                              [--continuations R] [--cache FILE] [--qft-steps N]
+                              [--continuations R] [--cache FILE] [--qft-steps N] [--accumulate K]
 
 The calibration windows are drawn from the training split (calib.txt); the evaluation is held-out
 code. LLM-QAT (Liu et al., 2023) found that text sampled from the full-precision model itself
@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--continuations", type=int, default=1, help="generated windows per prompt (R × 128 windows) [1]")
     p.add_argument("--qft-steps", type=int, help="QFT's optimizer steps (+qft variants) [the library's 150]")
     p.add_argument("--cache", type=Path, help="load the generated windows from FILE, or save them there if it is missing")
+    p.add_argument("--accumulate", type=int, default=1, help="calibration batches per block-wise FT step (blockft option) [1]")
     args = p.parse_args()
     if (args.group_size < 1 and args.group_size != -1) or (args.max_windows is not None and args.max_windows < 1):
         p.error("--group-size must be >= 1 or -1, and --max-windows >= 1")
@@ -60,6 +61,8 @@ def main() -> None:
         p.error("--continuations must be >= 1, and it and --cache need --calib-source generated")
     if args.qft_steps is not None and (args.qft_steps < 1 or not args.variant.endswith("+qft")):
         p.error("--qft-steps must be >= 1 and needs a +qft variant")
+    if args.accumulate < 1:
+        p.error("--accumulate must be >= 1")
     if not (SHARED / "subjects").is_dir():
         print(f"skipped: {SHARED} is missing (benchmarks need the shared subjects)")
         return
@@ -104,6 +107,7 @@ def main() -> None:
         seed=args.seed,
         generate=generate,
         continuations=args.continuations,
+        ft_options={"accumulate": args.accumulate} if args.accumulate > 1 else {},
     )
     if args.variant.endswith("+qft"):  # QFT from the named start: GPTQ alone, or GPTQ then block-wise FT
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # only the tokenizer: measure() loads the model itself
@@ -122,6 +126,7 @@ def main() -> None:
         steps = variant_steps(args.variant, job)
     out = measure(job, steps)
     source = "" if args.calib_source == "real" else f" (prefix {args.prefix}, {args.continuations} per prompt)"
+    source += f", accumulate {args.accumulate}" if args.accumulate > 1 else ""
     print(
         f"llama-code W{args.bits} g{args.group_size} seed {args.seed} calibration {args.calib_source}{source} "
         f"{args.variant}: {out['metric']} {out['value']:.4f}, {out['seconds']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",
