@@ -36,7 +36,7 @@ examples:
   blockquant quantize ./llama --recipe rtn --wbits 3 --sym --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe my_recipe.yaml --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe awq,gptq --wbits 4 --calib calib.txt --output ./out
-  blockquant quantize ./bert --recipe smoothquant --alpha auto --wbits 8 --group-size -1 \
+  blockquant quantize ./bert --recipe smoothquant --alpha auto --wbits 8 --group-size -1 \\
       --abits 8 --act-granularity tensor --calib calib.txt --output ./out
   blockquant quantize ./lits-unet --recipe admm --wbits 2 --calib lits117.npz --crop 24:88 --output ./unet-w2
   blockquant quantize ./llama --recipe zeroquant,lkd --wbits 4 --abits 8 --calib calib.txt --output ./out
@@ -105,8 +105,18 @@ PARAGRAPHS_HELP = (
 )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blockquant")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockquant", description="Post-training quantization of PyTorch models.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser(
@@ -260,7 +270,10 @@ def _apply_finetune_args(recipe, args: argparse.Namespace):
         recipe.steps[-1] = make_step(last.method, {**dataclasses.asdict(last.options), **given})
         return recipe
     if last.method != "blockft":
-        raise ValueError(f"{flags} apply to block-wise fine-tuning; end the recipe with blockft (e.g. --recipe gptq,blockft)")
+        raise ValueError(
+            f"{flags} {'applies' if len(given) == 1 else 'apply'} to block-wise fine-tuning, which must end the recipe to take "
+            f"{'it' if len(given) == 1 else 'them'} (e.g. --recipe gptq,blockft); this recipe ends with {last.method}"
+        )
     recipe.steps[-1] = make_step("blockft", {**dataclasses.asdict(last.options), **given})
     return recipe
 
@@ -298,7 +311,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype [float32]")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass [8]")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows [0]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of fine-tuning (quantize, compare) [0]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -354,6 +367,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     if args.model_dir is None:
         return _demo(args, device)
+    if args.act_granularity and args.abits == 16:
+        raise ValueError("--act-granularity says how activations are quantized: give --abits 8 (or 4) too")
     from blockquant.unet import cli_quantize, is_network_dir
 
     if is_network_dir(args.model_dir):
@@ -374,9 +389,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError("--calib FILE is required: a text file to calibrate on")
     if not args.output:
         raise ValueError("--output OUT_DIR is required: where to write the quantized model")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_output_dir(args.output, args.overwrite)
+    _check_sizes(args.seqlen, args.batch_size, args.nsamples)
+    check_output_dir(args.output, args.overwrite, inputs=(args.model_dir, args.calib))
     read_text(args.calib, "calibration")  # fail before a long model load
     _check_generate(args, model_class_name(args.model_dir))
     model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
@@ -431,6 +445,12 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
 
     if args.output or args.calib:
         raise ValueError("--calib/--output need a MODEL_DIR; without one, 'quantize' runs the built-in demo")
+    defaults = _parser().parse_args(["quantize"])
+    demo_takes = {"command", "model_dir", "device", "seed", "quiet"}  # what run_demo uses
+    ignored = [k for k, v in vars(args).items() if k not in demo_takes and v != getattr(defaults, k)]
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise ValueError(f"{flags}: the built-in demo (no MODEL_DIR) runs its fixed W4/W3 RTN-vs-GPTQ study; name a MODEL_DIR to use them")
     start = time.perf_counter()
     print("blockquant demo: all-MiniLM-L6-v2 (real, pretrained), calibration = pydoc topics", file=sys.stderr)
     rows = run_demo(device=str(device), seed=args.seed, progress=not args.quiet)
@@ -455,11 +475,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cli_eval(args)
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
-    encoder = ARCHITECTURES[model_class_name(args.model_dir)].kind == "encoder"
+    _check_sizes(args.seqlen, args.batch_size)
+    kind = ARCHITECTURES[model_class_name(args.model_dir)].kind
+    encoder = kind == "encoder"
     if encoder and not args.reference:
         raise ValueError("an encoder has no perplexity: give --reference FP_DIR to measure embedding cosine")
+    if args.reference and (ref_kind := ARCHITECTURES[model_class_name(args.reference)].kind) != kind:
+        raise ValueError(f"--reference {args.reference} is {_a(ref_kind)} and {args.model_dir} {_a(kind)}: they do not compare")
     text = read_text(args.data, "evaluation")
     model, tokenizer = load_model_any(args.model_dir, DTYPES[args.dtype])
+    if args.reference:
+        _check_same_tokenizer(tokenizer, args.reference, args.model_dir)
     limit = getattr(model.config, "max_position_embeddings", None)
     if not encoder and limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
@@ -491,10 +517,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _a(kind: str) -> str:
+    """'an encoder', 'a causal-lm'."""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _check_sizes(seqlen: int, batch_size: int, nsamples: int = 1) -> None:
+    """Window length, batch size and sample count a run can use (a causal LM needs two tokens to predict one)."""
+    if seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2 (tokens per window), got {seqlen}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if nsamples < 1:
+        raise ValueError(f"--nsamples must be >= 1, got {nsamples}")
+
+
+def _check_same_tokenizer(tokenizer, reference: str, model_dir: str) -> None:
+    """A reference scored on other token ids gives a number that means nothing: refuse it."""
+    from transformers import AutoTokenizer
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(reference).get_vocab()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the tokenizer of --reference {reference}: {e}") from None
+    if theirs != tokenizer.get_vocab():
+        raise ValueError(f"--reference {reference} has another tokenizer than {model_dir}; the two models must share one to compare")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from blockquant.compare import CompareJob, describe, run_compare, save, verdict
+    from transformers import AutoConfig
+
+    from blockquant.compare import CompareJob, check_output, describe, run_compare, save, verdict
     from blockquant.files import model_class_name, read_text, warn_calibration_length
 
     device = _check_device(args.device)
@@ -512,6 +567,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     read_text(args.eval, "evaluation")
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
+    _check_sizes(args.seqlen, args.batch_size, args.nsamples)
+    limit = getattr(AutoConfig.from_pretrained(args.model_dir), "max_position_embeddings", None)
+    if limit is not None and args.seqlen > limit:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
+    check_output(Path(args.output))
     job = CompareJob(
         str(args.model_dir),
         args.calib,
@@ -531,7 +591,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.calib_generate,
         args.calib_continuations,
     )
-    rows = run_compare(job, [(b, args.group_size) for b in args.wbits], variants)
+    say = None if args.quiet else (lambda text: print(f"blockquant: {text} ...", file=sys.stderr, flush=True))
+    rows = run_compare(job, [(b, args.group_size) for b in args.wbits], variants, on_start=say)
     files = save(rows, Path(args.output), f"blockquant compare: {args.model_dir}", describe(job))
     print("\n".join(verdict(rows)))
     print(f"written: {', '.join(str(f) for f in files)}")

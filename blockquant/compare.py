@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import queue as queues
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,16 +130,36 @@ def _child(job: CompareJob, steps: Any, queue: Any) -> None:
     hf_logging.disable_progress_bar()  # the parent prints one line per variant
     try:
         queue.put(("ok", measure(job, steps)))
-    except Exception as e:  # reported by the parent, with the variant's name
-        queue.put(("error", f"{type(e).__name__}: {e}"))
+    except Exception as e:  # reported by the parent, with the variant's name; a ValueError is a user mistake, said plainly
+        queue.put(("error", str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
 
 
 def measure_in_child(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> dict[str, Any]:
+    """``measure`` in a fresh process (each variant starts from the same state and its peak memory is its own).
+
+    A child that dies without a word (killed for memory, a crash in native code) is reported, not waited for.
+    """
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(job, steps, queue))
     proc.start()
-    status, payload = queue.get()
+    return child_result(proc, queue, "full precision" if steps is None else ",".join(m for m, _ in steps))
+
+
+def child_result(proc: Any, queue: Any, what: str) -> Any:
+    """What ``proc`` puts on ``queue`` as ``(status, payload)``; a ValueError if it fails or exits without a word."""
+    while True:
+        try:
+            status, payload = queue.get(timeout=1.0)
+            break
+        except queues.Empty:
+            if proc.is_alive():
+                continue
+            try:  # it may have put its result just before exiting
+                status, payload = queue.get(timeout=1.0)
+                break
+            except queues.Empty:
+                raise ValueError(f"the worker measuring {what} died with exit code {proc.exitcode} (out of memory?)") from None
     proc.join()
     if status != "ok":
         raise ValueError(payload)
@@ -145,12 +167,19 @@ def measure_in_child(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | 
 
 
 def run_compare(
-    job: CompareJob, widths: list[tuple[int, int]], variants: list[str], log=print, on_row=None, done: list[CompareRow] = ()
+    job: CompareJob,
+    widths: list[tuple[int, int]],
+    variants: list[str],
+    log=print,
+    on_row=None,
+    done: list[CompareRow] = (),
+    on_start=None,
 ) -> list[CompareRow]:
     """FP once, then every variant at every (bits, group) width (windows wider than the model skipped).
 
     ``on_row(rows)`` is called after each variant, so long studies can save as they go; rows in
     ``done`` (an earlier, interrupted run on the same job) are kept and not measured again.
+    ``on_start(text)`` is called before each measurement (which can take minutes), saying what runs.
     """
     from transformers import AutoConfig
 
@@ -167,14 +196,20 @@ def run_compare(
         log("skipped next:1: on a post-norm model block b+1's input is block b's output, so next:1 is single-block FT")
         variants = [v for v in variants if v != "next:1"]
     rows = list(done)
+    start = on_start or (lambda text: None)
+    total, count = len(widths) * len(variants), 0
+    if not rows:
+        start("measuring the full-precision model")
     fp = {"value": rows[0].fp_value, "metric": rows[0].metric} if rows else measure_in_child(job, None)
     log(f"full precision: {fp['metric']} {fp['value']:.4f}")
     for bits, group in widths:
         wjob = CompareJob(**{**asdict(job), "bits": bits, "group_size": group})
         for variant in variants:
+            count += 1
             if any((r.variant, r.bits, r.group_size) == (variant, bits, group) for r in rows):
                 log(f"W{bits} g{group} {variant:10s} kept from the earlier run")
                 continue
+            start(f"measuring W{bits} g{group} {variant} ({count} of {total})")
             r = measure_in_child(wjob, variant_steps(variant, wjob))
             rows.append(CompareRow(variant, bits, group, r["metric"], r["value"], fp["value"], r["seconds"], r["peak_rss_mb"], r["curves"]))
             log(f"W{bits} g{group} {variant:10s} {r['metric']} {r['value']:.4f} ({rows[-1].delta_percent:+.2f} %) {r['seconds']:.0f}s")
@@ -273,12 +308,38 @@ def describe(job: CompareJob) -> str:
     )
 
 
+OUTPUT_FILES = ("compare.md", "compare.png", "compare.json")
+
+
+def check_output(out_dir: Path) -> None:
+    """Refuse, before any measuring, a ``--output`` that ``save`` could not fill."""
+    from blockquant.files import check_output_dir
+
+    if out_dir.is_dir():  # compare writes its three files into an existing folder, replacing earlier ones
+        busy = [f for f in OUTPUT_FILES if (out_dir / f).exists() and not (out_dir / f).is_file()]
+        if busy:
+            raise ValueError(f"--output {out_dir} holds {', '.join(busy)}, which is not a file; remove it or choose another --output")
+        if not os.access(out_dir, os.W_OK):
+            raise ValueError(f"cannot write in --output {out_dir}")
+        return
+    check_output_dir(out_dir, overwrite=False)
+
+
 def save(rows: list[CompareRow], out_dir: Path, title: str, setup: str = "") -> list[Path]:
-    """compare.md (setup, table, verdict), compare.png and compare.json in ``out_dir``."""
+    """compare.md (setup, table, verdict), compare.png and compare.json in ``out_dir``.
+
+    Each is written to a temporary name first and all three are renamed at the end, so a failure leaves the folder as it was.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / "compare.md"
-    head = f"# {title}\n\n" + (f"{setup}\n\n" if setup else "")
-    md.write_text(f"{head}{table(rows)}\n\n" + "\n".join(verdict(rows)) + "\n")
-    (out_dir / "compare.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    plot(rows, out_dir / "compare.png")
-    return [md, out_dir / "compare.png", out_dir / "compare.json"]
+    tmp = {f: out_dir / f".{f}.tmp-{os.getpid()}{Path(f).suffix}" for f in OUTPUT_FILES}
+    try:
+        head = f"# {title}\n\n" + (f"{setup}\n\n" if setup else "")
+        tmp["compare.md"].write_text(f"{head}{table(rows)}\n\n" + "\n".join(verdict(rows)) + "\n")
+        tmp["compare.json"].write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        plot(rows, tmp["compare.png"])
+        for name, path in tmp.items():
+            os.replace(path, out_dir / name)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    return [out_dir / f for f in OUTPUT_FILES]

@@ -10,8 +10,9 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def model_class_name(model_dir: str | Path) -> str:
     """The architecture named in ``config.json``, checked against the supported tables."""
     path = Path(model_dir)
     if not path.is_dir():
-        raise ValueError(f"model directory {path} does not exist")
+        raise ValueError(f"model directory {path} {'is a file, not a directory' if path.exists() else 'does not exist'}")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory: it has no config.json")
@@ -67,7 +68,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tup
 def read_text(path: str | Path, what: str) -> str:
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{what} file {p} does not exist")
+        raise ValueError(f"{what} file {p} {'is a directory, not a file' if p.is_dir() else 'does not exist'}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -265,15 +266,26 @@ def warn_calibration_length(model_dir: str | Path, seqlen: int) -> None:
         )
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
-    """Refuse an existing output before any work is done."""
+def check_output_dir(out_dir: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse, before any work is done, an output that exists (without ``overwrite``), that would
+    replace one of the run's ``inputs`` or the working directory, or whose parent cannot be written."""
     out = Path(out_dir)
+    target, cwd = out.resolve(), Path.cwd().resolve()
+    for path in inputs:
+        if target == Path(path).resolve() or target in Path(path).resolve().parents:
+            raise ValueError(f"--output {out} would replace {path}, an input of this run; choose another --output")
+    if target == cwd or target in cwd.parents:
+        raise ValueError(f"--output {out} is the working directory or holds it; name a new directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} exists and is a file, not a directory")
     if out.exists() and not overwrite:
         raise ValueError(f"output directory {out} exists; choose another --output or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {out} exists and is not a directory")
-    if not out.resolve().parent.is_dir():
+    if not target.parent.is_dir():
         raise ValueError(f"the parent directory of --output {out} does not exist")
+    try:  # the output is written as a sibling temporary directory, then renamed: that must be possible
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=target.parent))
+    except OSError as e:
+        raise ValueError(f"cannot write --output {out}: {target.parent} does not accept a new directory ({e.strerror})") from None
 
 
 @contextmanager

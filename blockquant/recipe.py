@@ -7,6 +7,9 @@ so the CLI, YAML files and the Python API all give the same message.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +175,56 @@ def make_step(method: str, options: dict[str, Any] | None = None) -> Step:
         raise ValueError(
             f"unknown option(s) {', '.join(sorted(unknown))} for method {method!r}; it takes: {', '.join(sorted(known)) or 'no options'}"
         )
+    hints = typing.get_type_hints(options_cls)
+    for name, value in (options or {}).items():
+        if not _fits(value, hints[name]):
+            raise ValueError(f"option {name!r} of method {method!r} must be {_kind(hints[name])}, got {value!r}")
     return Step(method, options_cls(**(options or {})))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (from YAML or a flag) has the option's type: a string 'false' is not False, 1.5 not an int."""
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint in (str, type(None)):
+        return isinstance(value, hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    return True  # a type this check does not know: the options' own __post_init__ validates it
+
+
+def _kind(hint: Any) -> str:
+    """``_fits``'s type in words, for the error message."""
+    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "null"}
+    if hint in words:
+        return words[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_kind(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_kind(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return str(hint)
+
+
+# A recipe file's top-level keys and their types (``steps`` is checked item by item).
+RECIPE_KEYS: dict[str, Any] = {
+    "wbits": int,
+    "group_size": int,
+    "sym": bool,
+    "abits": int,
+    "act_granularity": str,
+    "act_sym": bool,
+    "act_range": str,
+    "act_percentile": float,
+    "steps": list,
+}
 
 
 def parse_recipe(text: str, spec: QuantSpec, act: ActSpec | None = None) -> Recipe:
@@ -199,11 +251,17 @@ def parse_recipe(text: str, spec: QuantSpec, act: ActSpec | None = None) -> Reci
             raise ValueError(f"recipe file {text} is not valid YAML: {e}") from None
         if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
             raise ValueError(f"recipe file {text} needs a 'steps:' list of {{method: NAME, ...}}")
+        unknown = sorted(set(data) - set(RECIPE_KEYS))
+        if unknown:
+            raise ValueError(f"recipe file {text}: unknown key(s) {', '.join(map(str, unknown))}; it takes {', '.join(RECIPE_KEYS)}")
+        for key, hint in RECIPE_KEYS.items():
+            if key in data and not _fits(data[key], hint):
+                raise ValueError(f"recipe file {text}: {key} must be {_kind(hint)}, got {data[key]!r}")
         spec = dataclasses.replace(  # keeps the caller's scale_dtype
             spec,
-            bits=int(data.get("wbits", spec.bits)),
-            group_size=int(data.get("group_size", spec.group_size)),
-            sym=bool(data.get("sym", spec.sym)),
+            bits=data.get("wbits", spec.bits),
+            group_size=data.get("group_size", spec.group_size),
+            sym=data.get("sym", spec.sym),
         )
         act = _yaml_act(data, act)
         steps = []
@@ -225,7 +283,7 @@ def _yaml_act(data: dict[str, Any], act: ActSpec | None) -> ActSpec | None:
     if "abits" not in data and not any(k in data for k in keys):
         return act
     base = dataclasses.asdict(act) if act is not None else {"bits": 16}
-    base["bits"] = int(data.get("abits", base["bits"]))
+    base["bits"] = data.get("abits", base["bits"])
     base.update({field_: data[k] for k, field_ in keys.items() if k in data})
     bits = base.pop("bits")
     if bits == 16 and any(k in data for k in keys):

@@ -266,7 +266,7 @@ def cli_quantize(args: Any) -> int:
         raise ValueError("--calib FILE is required: a volume (.npz, .npy, .nii, .nii.gz) to calibrate on")
     if not args.output:
         raise ValueError("--output OUT_DIR is required: where to write the quantized network")
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, inputs=(args.model_dir, args.calib))
     model, config = load_network(args.model_dir)
     expr = args.intensity or config.get("intensity", "none")
     dims = int(config[next(k for k in NETWORKS if k in config)]["spatial_dims"])

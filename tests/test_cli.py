@@ -350,6 +350,11 @@ ERROR_CASES = {
     "batch-size-0": (lambda tp: dict(extra=["--batch-size", "0"]), ["--batch-size"]),
     "no-cuda": (lambda tp: dict(extra=["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"]), ["--device"]),
     "output-parent-missing": (lambda tp: dict(out=tp / "a" / "b" / "out"), ["parent directory"]),
+    "output-is-a-file": (lambda tp: dict(out=_write(tp / "afile", "x")), ["is a file, not a directory"]),
+    "nan-learning-rate": (
+        lambda tp: dict(extra=["--recipe", "gptq,blockft", "--lr-weight", "nan"]),
+        ["option 'lr_weight' of method 'blockft' must be a finite number, got nan"],
+    ),
     "calib-generate-0": (lambda tp: dict(extra=["--calib-generate", "0"]), ["--calib-generate", "[1, 15]", "got 0"]),
     "calib-generate-whole-window": (lambda tp: dict(extra=["--calib-generate", "16"]), ["[1, 15]", "got 16"]),
     "calib-generate-paragraphs": (lambda tp: dict(extra=["--calib-generate", "4", "--calib-paragraphs"]), ["--calib-paragraphs"]),
@@ -392,9 +397,36 @@ def test_usage_errors_exit_2_and_write_nothing(case, llama_dir, calib_file, tmp_
     before = sorted(p.name for p in work.iterdir())
     rc = main(args)
     assert_usage_error(capsys, rc, *fragments)
-    assert not out.exists()
+    assert not out.exists() or case == "output-is-a-file"
     assert sorted(p.name for p in work.iterdir()) == before, "something was written"
     assert leftovers(work) == []
+
+
+@pytest.mark.parametrize("where", ["model", "parent", "calib"])
+def test_overwrite_never_replaces_an_input(where, calib_file, tmp_path, capsys):
+    """--overwrite replaces an earlier output, never the model, the folder holding it, or the calibration file's folder."""
+    model = save_tiny("llama", tmp_path / "parent" / "model")
+    calib = tmp_path / "data" / "calib.txt"
+    calib.parent.mkdir()
+    calib.write_text(calib_file.read_text())
+    capsys.readouterr()
+    out = {"model": model, "parent": tmp_path / "parent", "calib": calib.parent}[where]
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert_usage_error(capsys, main(quantize_args(model, calib, out, "--recipe", "rtn", "--overwrite")), "an input of this run")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_unwritable_output_is_refused_before_the_work(llama_dir, calib_file, tmp_path, capsys, monkeypatch, spy_quantize):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkdtemp", refuse)  # as a read-only folder does (tests may run as root, who can write anywhere)
+    rc = main(quantize_args(llama_dir, calib_file, locked / "out"))
+    assert_usage_error(capsys, rc, "cannot write --output", "Permission denied")
+    assert spy_quantize == {}, "the work ran before the output was checked"
 
 
 def test_nan_weight_is_a_usage_error(tmp_path, calib_file, capsys):
@@ -407,6 +439,20 @@ def test_nan_weight_is_a_usage_error(tmp_path, calib_file, capsys):
     rc = main(quantize_args(model_dir, calib_file, out))
     assert_usage_error(capsys, rc, "model.layers.1.self_attn.v_proj.weight", "NaN")
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_options_that_would_be_ignored_are_refused(llama_dir, calib_file, tmp_path, capsys):
+    # the demo runs a fixed study: an option it does not take is an error, not silently dropped
+    assert_usage_error(capsys, main(["quantize", "--wbits", "2", "--recipe", "awq"]), "--recipe, --wbits", "name a MODEL_DIR")
+    rc = main(quantize_args(llama_dir, calib_file, tmp_path / "o", "--act-granularity", "tensor"))
+    assert_usage_error(capsys, rc, "--act-granularity", "--abits 8")
+    assert not (tmp_path / "o").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("blockquant ")
 
 
 def test_missing_required_options(llama_dir, calib_file, tmp_path, capsys):
@@ -555,6 +601,17 @@ def test_eval_errors(llama_dir, eval_file, tmp_path, capsys):
     bert = save_tiny("bert", tmp_path / "bert")
     capsys.readouterr()
     assert_usage_error(capsys, main(["eval", str(bert), "--data", str(eval_file), "--quiet"]), "--reference")
+    for bad, fragment in ((["--seqlen", "1"], "--seqlen must be >= 2"), (["--batch-size", "0"], "--batch-size must be >= 1")):
+        assert_usage_error(capsys, main(["eval", str(llama_dir), "--data", str(eval_file), *bad, "--quiet"]), fragment)
+    # a reference of another kind, or with another tokenizer, gives no meaningful comparison
+    ref = ["eval", str(llama_dir), "--data", str(eval_file), "--seqlen", "16", "--quiet", "--reference"]
+    assert_usage_error(capsys, main([*ref, str(bert)]), "is an encoder", "a causal-lm", "do not compare")
+    other = save_tiny("llama", tmp_path / "other-tokenizer")
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["an-extra-token"])
+    tokenizer.save_pretrained(other)
+    capsys.readouterr()
+    assert_usage_error(capsys, main([*ref, str(other)]), "has another tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,6 +674,16 @@ def test_parse_recipe_errors(text, fragments, tmp_path, monkeypatch):
         ("wbits: 5\nsteps: [rtn]\n", "bits must be one of"),
         ("group_size: 0\nsteps: [rtn]\n", "group size must be >= 1"),
         ("steps:\n  - method: gptq\n    damp: 0\n", "damp must be in (0, 1)"),
+        # a value of the wrong type is named, never coerced ("false" is not False, 1.5 not 1) nor a traceback
+        ("steps:\n  - method: gptq\n    damp: abc\n", "option 'damp' of method 'gptq' must be a finite number, got 'abc'"),
+        ("steps:\n  - method: gptq\n    act_order: 'false'\n", "option 'act_order' of method 'gptq' must be true or false"),
+        ("steps:\n  - method: blockft\n    steps: ten\n", "option 'steps' of method 'blockft' must be an integer"),
+        ("steps:\n  - method: blockft\n    lr_weight: .nan\n", "must be a finite number, got nan"),
+        ("sym: 'false'\nsteps: [rtn]\n", "sym must be true or false"),
+        ("group_size: 1.5\nsteps: [rtn]\n", "group_size must be an integer, got 1.5"),
+        ("wbits:\nsteps: [rtn]\n", "wbits must be an integer, got None"),
+        ("abits: 8\nact_granularity: tensor\nact_percentile: high\nsteps: [rtn]\n", "act_percentile must be a finite number"),
+        ("group-size: 32\nsteps: [rtn]\n", "unknown key(s) group-size"),
     ],
 )
 def test_parse_recipe_yaml_errors(content, fragment, tmp_path):

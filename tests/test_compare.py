@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 
 import pytest
 from conftest import make_text, save_tiny
 
 from blockquant.cli import main
+from blockquant.compare import child_result
 
 
 @pytest.fixture
@@ -87,13 +90,41 @@ def test_compare_measures_an_encoders_output_objective(calib_file, eval_file, tm
         (["--steps", "0"], "steps must be >= 1"),
         (["--calib-generate", "512"], "--calib-generate N keeps N real tokens per --seqlen 512 window"),
         (["--calib-continuations", "4"], "it needs --calib-generate N"),
+        (["--seqlen", "16", "--nsamples", "0"], "--nsamples must be >= 1"),
+        (["--seqlen", "16", "--batch-size", "0"], "--batch-size must be >= 1"),
+        ([], "--seqlen 512 exceeds the model's 128 positions"),
     ],
 )
-def test_compare_bad_input(llama_dir, calib_file, eval_file, tmp_path, capsys, argv, message):
+def test_compare_bad_input(llama_dir, calib_file, eval_file, tmp_path, capsys, monkeypatch, argv, message):
+    """Refused before the first measurement, with one line naming the option."""
+    monkeypatch.setattr("blockquant.compare.measure_in_child", lambda *a: pytest.fail("measured before checking the input"))
     code = main(["compare", str(llama_dir), "--calib", str(calib_file), "--eval", str(eval_file), "--output", str(tmp_path / "c"), *argv])
     assert code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_compare_refuses_an_output_it_cannot_fill_before_measuring(llama_dir, calib_file, eval_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("blockquant.compare.measure_in_child", lambda *a: pytest.fail("measured before checking the output"))
+    argv = ["compare", str(llama_dir), "--calib", str(calib_file), "--eval", str(eval_file), "--seqlen", "16", "--output"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main([*argv, str(a_file)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    (tmp_path / "out" / "compare.png").mkdir(parents=True)
+    assert main([*argv, str(tmp_path / "out")]) == 2
+    assert "holds compare.png, which is not a file" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["compare.png"]
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for():
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=os._exit, args=(3,))  # as a process killed for memory: no result, no message
+    proc.start()
+    with pytest.raises(ValueError, match="the worker measuring gptq,blockft died with exit code 3"):
+        child_result(proc, queue, "gptq,blockft")
 
 
 def test_measure_calibrates_on_generated_windows_when_asked(llama_dir, calib_file, eval_file, monkeypatch):
@@ -146,7 +177,7 @@ def test_finetune_flags_need_blockft(llama_dir, calib_file, tmp_path, capsys):
         ]
     )
     assert code == 2
-    assert "end the recipe with blockft" in capsys.readouterr().err
+    assert "which must end the recipe to take it (e.g. --recipe gptq,blockft); this recipe ends with gptq" in capsys.readouterr().err
 
 
 def test_finetune_flags_reach_the_method(llama_dir, calib_file, tmp_path):
