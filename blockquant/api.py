@@ -158,6 +158,53 @@ def _check_finite_outputs(block: nn.Module, inputs: BlockInputs, outputs: list[T
     raise ValueError(f"{where}: NaN/Inf output, first produced by layer {layer}")
 
 
+def check_device(name: str | torch.device, flag: str = "device") -> torch.device:
+    """A device this machine has: ``cpu``, ``cuda`` or ``cuda:N``."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown {flag} {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported {flag} {name!r}; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name!r} was asked for but no CUDA GPU is available; use cpu")
+    return device
+
+
+def check_arguments(model: Any, recipe: Any, calibration: Any, device: Any, batch_size: Any) -> torch.device:
+    """What ``quantize`` is handed, checked up front: a mistake is named here, not deep inside torch."""
+    from blockquant.export.qlinear import QuantLinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. AutoModelForCausalLM.from_pretrained(dir)), got {type(model).__name__}")
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a Recipe, e.g. parse_recipe('gptq', QuantSpec(bits=4)), got {type(recipe).__name__}")
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("the model is already quantized (it holds packed QuantLinear layers): quantize the full-precision model")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    samples = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration]
+    if not samples or not all(isinstance(x, Tensor) for x in samples):
+        raise TypeError("calibration must be a tensor of token ids (N, T) or a non-empty list of 1-D tensors of token ids")
+    for x in samples:
+        if x.dtype not in (torch.int64, torch.int32) or x.numel() == 0 or x.ndim != (2 if x is calibration else 1):
+            raise ValueError(
+                "calibration must be integer token ids: one (N, T) tensor or a list of 1-D tensors, none empty; "
+                f"got a {tuple(x.shape)} {x.dtype} tensor"
+            )
+    config = getattr(model, "config", None)
+    vocab, positions = getattr(config, "vocab_size", None), getattr(config, "max_position_embeddings", None)
+    low, high = min(int(x.min()) for x in samples), max(int(x.max()) for x in samples)
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(
+            f"calibration token ids span [{low}, {high}]; this model's vocabulary is [0, {vocab}): was another tokenizer used?"
+        )
+    longest = max(x.shape[-1] for x in samples)
+    if positions is not None and longest > positions:
+        raise ValueError(f"calibration samples of {longest} tokens exceed the model's {positions} positions")
+    return check_device(device)
+
+
 def check_mapping(model: nn.Module, recipe: Recipe) -> ArchSpec:
     """The model's table; methods that fold scales also need a known feeder for some group."""
     folding = [s.method for s in recipe.steps if METHODS[s.method].folds]
@@ -227,8 +274,8 @@ def quantize(
     A spec without ``scale_dtype`` gets the model's parameter dtype (what ``save_packed``
     stores scales in by default); ``result.recipe`` holds the spec actually used.
     """
+    device = check_arguments(model, recipe, calibration, device, batch_size)
     recipe = with_scale_dtype(recipe, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
-    device = torch.device(device)
     arch = check_mapping(model, recipe)
     check_finite_weights(model)
     model.eval()

@@ -338,15 +338,9 @@ def _check_generate(args: argparse.Namespace, class_name: str) -> None:
 
 
 def _check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported --device {name!r}; use cpu, cuda or cuda:N")
-    return device
+    from blockquant.api import check_device
+
+    return check_device(name, "--device")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

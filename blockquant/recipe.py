@@ -47,6 +47,9 @@ class QuantSpec:
     scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        for name, kind in (("bits", int), ("group_size", int), ("sym", bool), ("per_tensor", bool)):
+            if not _fits(getattr(self, name), kind):  # sym="no" would be truthy: symmetric, silently
+                raise ValueError(f"QuantSpec.{name} must be {_kind(kind)}, got {getattr(self, name)!r}")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of 2, 3, 4 or 8, got {self.bits}")
         if self.group_size != -1 and self.group_size < 1:
@@ -136,8 +139,12 @@ class Recipe:
     def __post_init__(self) -> None:
         from blockquant.methods import METHODS
 
+        if not isinstance(self.spec, QuantSpec):
+            raise TypeError(f"Recipe.spec must be a QuantSpec, e.g. QuantSpec(bits=4, group_size=128), got {self.spec!r}")
         if not self.steps:
             raise ValueError("a recipe needs at least one method, e.g. 'rtn' or 'gptq'")
+        if not all(isinstance(step, Step) for step in self.steps):
+            raise TypeError(f"Recipe.steps must be Step objects, e.g. [make_step('gptq')], got {self.steps!r}")
         for step in self.steps:
             need = METHODS[step.method].activations
             if need and self.act is None:
@@ -168,6 +175,8 @@ def make_step(method: str, options: dict[str, Any] | None = None) -> Step:
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options of method {method!r} must be a dict of option name to value, got {options!r}")
     options_cls = METHODS[method].options
     known = {f.name for f in dataclasses.fields(options_cls)}
     unknown = set(options or {}) - known

@@ -41,6 +41,8 @@ def is_network_dir(path: str | Path) -> bool:
 def read_config(model_dir: str | Path) -> tuple[dict[str, Any], str]:
     """The directory's config and the key of the network in it."""
     path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{model_dir} is not a MONAI network directory: it has no {CONFIG_FILE}")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -72,7 +74,8 @@ def load_network(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         state = load_file(str(weights))
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as e:
-        raise ValueError(f"cannot load {weights}: {str(e).splitlines()[0]}") from None
+        detail = " ".join(str(e).split())  # torch's state-dict report spans lines: keep the keys and shapes it names
+        raise ValueError(f"cannot load {weights}: {detail[:500]}{' ...' if len(detail) > 500 else ''}") from None
     return model.float().eval(), config
 
 
@@ -118,23 +121,30 @@ def read_array(path: str | Path, keys: tuple[str, ...], key: str | None, what: s
     if not p.is_file():
         raise ValueError(f"{what} file {p} does not exist")
     name = p.name.lower()
+    if not name.endswith((".npz", ".npy", ".nii", ".nii.gz")):
+        raise ValueError(f"{what} file {p}: unknown format; use .npz, .npy, .nii or .nii.gz")
+    array, files = None, []
     try:
         if name.endswith(".npz"):
             with np.load(p) as data:
-                only = data.files[0] if len(data.files) == 1 and what == "image" else None  # a lone array is an image, never labels
-                pick = key or next((k for k in keys if k in data.files), only)
-                if pick not in data.files:
-                    raise ValueError(f"{p} has arrays {', '.join(data.files)}; name the {what} with --{what.split()[0]}-key")
-                return np.asarray(data[pick])
-        if name.endswith(".npy"):
-            return np.load(p)
-        if name.endswith((".nii", ".nii.gz")):
+                files = list(data.files)
+                only = files[0] if len(files) == 1 and what == "image" else None  # a lone array is an image, never labels
+                pick = key or next((k for k in keys if k in files), only)
+                array = np.asarray(data[pick]) if pick in files else None
+        elif name.endswith(".npy"):
+            array = np.load(p)
+        else:
             import nibabel
 
-            return np.asarray(nibabel.load(str(p)).get_fdata(dtype=np.float32))
-    except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read {what} file {p}: {e}") from None
-    raise ValueError(f"{what} file {p}: unknown format; use .npz, .npy, .nii or .nii.gz")
+            array = np.asarray(nibabel.load(str(p)).get_fdata(dtype=np.float32))
+    except Exception as e:  # a truncated zip, a file that is not NIfTI, pickled data: what the reader says, in one line
+        raise ValueError(f"cannot read {what} file {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if array is None:
+        flag = f"--{what.split()[0]}-key"
+        if key:
+            raise ValueError(f"{p} has no array {key!r} ({flag}); it has {', '.join(files) or 'none'}")
+        raise ValueError(f"{p} has arrays {', '.join(files) or '(none)'}; name the {what} with {flag}")
+    return array
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv, ast.Pow: operator.pow}
@@ -142,7 +152,14 @@ _FUNCS = {"clip": np.clip, "abs": np.abs, "minimum": np.minimum, "maximum": np.m
 
 
 def intensity(expr: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A preprocessing preset name or an arithmetic expression of ``HU`` (the raw voxel values)."""
+    """A preprocessing preset name or an arithmetic expression of ``HU`` (the raw voxel values).
+
+    Numbers are float32, so the expression costs what its array operations cost (``9**9**9**9``
+    is inf, not an integer too big to ever finish computing), and it may come from an untrusted
+    ``unet_config.json``: only names, numbers, arithmetic and a few numpy functions are evaluated.
+    """
+    if not isinstance(expr, str):
+        raise ValueError(f"the intensity expression must be a string (an expression of HU or a preset name), got {expr!r}")
     text = PRESETS.get(expr, expr)
     try:
         tree = ast.parse(text, mode="eval")
@@ -154,8 +171,8 @@ def intensity(expr: str) -> Callable[[np.ndarray], np.ndarray]:
     def ev(node: ast.AST, hu: np.ndarray) -> Any:
         if isinstance(node, ast.Expression):
             return ev(node.body, hu)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return np.float32(node.value)
         if isinstance(node, ast.Name) and node.id in ("HU", "x"):
             return hu
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
@@ -166,8 +183,17 @@ def intensity(expr: str) -> Callable[[np.ndarray], np.ndarray]:
             return _FUNCS[node.func.id](*[ev(a, hu) for a in node.args])
         raise ValueError(f"intensity expression {expr!r}: only HU, numbers, + - * / ** and {', '.join(_FUNCS)} are allowed")
 
-    ev(tree, np.zeros(1, dtype=np.float32))  # validate once
-    return lambda hu: np.asarray(ev(tree, hu.astype(np.float32)), dtype=np.float32)
+    def apply(hu: np.ndarray) -> np.ndarray:
+        try:
+            with np.errstate(all="ignore"):  # 1/HU at HU = 0 is inf, as numpy says; not a warning per volume
+                return np.asarray(ev(tree, np.asarray(hu, dtype=np.float32)), dtype=np.float32)
+        except (ArithmeticError, TypeError) as e:  # exp(), clip(HU, 0, 1, 2, 3): a call numpy refuses
+            raise ValueError(f"intensity expression {expr!r} cannot be evaluated: {e}") from None
+
+    apply(np.zeros(1, dtype=np.float32))  # validate once
+    if not any(isinstance(n, ast.Name) and n.id in ("HU", "x") for n in ast.walk(tree)):
+        raise ValueError(f"intensity expression {expr!r} does not use HU, the voxel values")
+    return apply
 
 
 def parse_region(text: str | None, ndim: int) -> tuple[slice, ...]:
@@ -308,13 +334,26 @@ LLM_ONLY = (
     "lr_scale",
     "lr_weight",
     "calib_generate",
+    "smooth_fold",
+    "calib_paragraphs",
+    "max_windows",
 )
 QFT_FLAGS = ("hw", "steps", "lr_scale", "lr_weight")  # honoured when the recipe ends in qft
+LLM_SIZES = ("nsamples", "seqlen", "batch_size", "calib_continuations")  # transformer options with a default value
+
+
+def _changed_from_default(args: Any, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` the command line set to something other than the parser's default."""
+    from blockquant.cli import _parser
+
+    defaults = _parser().parse_args([args.command, "MODEL_DIR", *(["--data", "FILE"] if args.command == "eval" else [])])
+    return [n for n in names if hasattr(args, n) and getattr(args, n) != getattr(defaults, n)]
 
 
 def _refuse_llm_options(args: Any, qft: bool = False) -> None:
     """Options of the transformer pipeline that a MONAI network cannot honour: an error, not a silent no-op."""
-    given = [name for name in LLM_ONLY if getattr(args, name, None) is not None and not (qft and name in QFT_FLAGS)]
+    given = [name for name in LLM_ONLY if getattr(args, name, None) not in (None, False) and not (qft and name in QFT_FLAGS)]
+    given += _changed_from_default(args, LLM_SIZES)
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         raise ValueError(
@@ -344,6 +383,8 @@ def _dice_of(model_dir: str, args: Any) -> tuple[dict[str, float], dict[str, Any
     region = parse_region(args.region, dims)
     image = intensity(args.intensity or config.get("intensity", "none"))(read_array(args.data, IMAGE_KEYS, args.image_key, "image"))
     labels = check_labels(read_array(args.labels or args.data, LABEL_KEYS, args.label_key, "label"), classes_out)
+    if labels.shape != image.shape[-labels.ndim :] or labels.ndim != dims:
+        raise ValueError(f"the label map has shape {labels.shape} and the image {image.shape}: give one label per voxel ({dims} axes)")
     roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
     if roi is not None:
         m = size_multiple(config)
@@ -362,6 +403,12 @@ def cli_eval(args: Any) -> int:
     """``blockquant eval NET_DIR --data VOLUME``: Dice per class (and against --reference)."""
     if args.device != "cpu" or args.dtype != "float32":
         raise ValueError("MONAI networks are evaluated on CPU in float32 here; drop --device / --dtype")
+    text_only = (["max_windows"] if args.max_windows is not None else []) + _changed_from_default(args, ("seqlen", "batch_size"))
+    if text_only:
+        flags = ", ".join("--" + n.replace("_", "-") for n in text_only)
+        raise ValueError(f"{flags}: options of text evaluation; a MONAI network is evaluated on --data, --region (and --roi)")
+    if args.reference:
+        load_network(args.reference)  # a wrong --reference is found before the first network is evaluated
     scores, info = _dice_of(args.model_dir, args)
     out: dict[str, Any] = {"model": str(args.model_dir), "data": str(args.data), "dice": scores, **info}
     if args.reference:

@@ -286,6 +286,18 @@ def test_other_families_round_trip_or_refuse(family, fmt, tmp_path):
     torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-5)
 
 
+def test_a_packed_model_and_bad_dtypes_are_refused(tmp_path):
+    model, result = quantized_llama(QuantSpec(4, 32))
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        save_packed(model, result, tmp_path / "int8", dtype=torch.int8)  # would write int8 scales that cannot load
+    assert not (tmp_path / "int8").exists()
+    out = save_packed(model, result, tmp_path / "out")
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        load(out, dtype="bfloat16")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(load(out), parse_recipe("rtn", QuantSpec(4, 32)), torch.randint(0, 64, (2, 16)), progress=False)
+
+
 def test_packed_layers_really_hold_less_memory(tmp_path):
     model, result = quantized_llama(QuantSpec(4, 32, sym=False))
     loaded = load(save_packed(model, result, tmp_path / "out"))

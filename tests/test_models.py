@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -211,6 +212,44 @@ def test_inf_activation_names_the_layer(calib_ids):
 def test_bad_calibration_shape(tiny_llama):
     with pytest.raises(ValueError, match="calibration"):
         blockquant.quantize(tiny_llama, parse_recipe("rtn", QuantSpec(4, 32)), torch.zeros(16, dtype=torch.long), progress=False)
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(calibration=torch.rand(8, 32)), ValueError, "integer token ids"),
+        (dict(calibration=torch.zeros(2, 0, dtype=torch.long)), ValueError, "none empty"),
+        (dict(calibration=[[1, 2, 3]]), TypeError, "tensor of token ids"),
+        (dict(calibration=torch.full((2, 8), 10**6)), ValueError, "vocabulary is [0, "),
+        (dict(calibration=torch.zeros(1, 4096, dtype=torch.long)), ValueError, "exceed the model's 128 positions"),
+        (dict(batch_size=0), ValueError, "batch_size must be an integer >= 1"),
+        (dict(device="bogus"), ValueError, "unknown device 'bogus'"),
+        (dict(device="meta"), ValueError, "unsupported device 'meta'"),
+        (dict(recipe="gptq"), TypeError, "recipe must be a Recipe"),
+        (dict(model="./llama"), TypeError, "model must be a torch.nn.Module"),
+    ],
+)
+def test_quantize_names_a_bad_argument_before_the_work(tiny_llama, calib_ids, change, error, message):
+    """The Python API's mistakes are named up front, not as an IndexError inside torch.embedding."""
+    args = dict(model=tiny_llama, recipe=parse_recipe("rtn", QuantSpec(4, 32)), calibration=calib_ids) | change
+    with pytest.raises(error, match=re.escape(message)):
+        blockquant.quantize(args.pop("model"), args.pop("recipe"), args.pop("calibration"), progress=False, **args)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: QuantSpec(4, 32, sym="no"), "QuantSpec.sym must be true or false"),  # truthy: it was symmetric, silently
+        (lambda: QuantSpec(4.0, 32), "QuantSpec.bits must be an integer"),
+        (lambda: QuantSpec(4, 32.0), "QuantSpec.group_size must be an integer"),
+        (lambda: Recipe(QuantSpec(), ["gptq"]), "make_step('gptq')"),
+        (lambda: parse_recipe("rtn", None), "must be a QuantSpec"),
+        (lambda: make_step("gptq", "act_order"), "must be a dict"),
+    ],
+)
+def test_specs_and_recipes_check_their_types(make, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        make()
 
 
 def test_samples_of_varying_length_are_batched_by_length_without_padding():

@@ -7,6 +7,7 @@ BatchNorm statistics so that folding has something to fold.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,6 +276,41 @@ def test_cli_bad_inputs(tmp_path, capsys):
     vol = _save_volume(tmp_path, img, bad_labels, name="badlab.npz")
     _bad(["eval", net_dir, "--data", vol], capsys, "holds class 5 but the network outputs 3 classes", None)
     _bad(["eval", net_dir, "--data", _save_volume(tmp_path, img, lab), "--roi", "6,8,8"], capsys, "multiple of 4", None)
+
+
+def test_cli_bad_volumes_expressions_and_options(tmp_path, capsys):
+    """Each mistake is one error line: unreadable files, labels that do not match the image, an
+    intensity expression that cannot be evaluated (or would never finish), options a network ignores."""
+    net_dir = _save_net(tmp_path)
+    img, lab = _img_lab((24, 16, 16))
+    vol = _save_volume(tmp_path, img, lab)
+    ev = ["eval", net_dir, "--data"]
+    truncated = tmp_path / "trunc.npz"
+    truncated.write_bytes(Path(vol).read_bytes()[:200])
+    _bad([*ev, str(truncated)], capsys, "cannot read image file")
+    not_nifti = tmp_path / "v.nii"
+    not_nifti.write_text("not a volume")
+    _bad([*ev, str(not_nifti)], capsys, "cannot read image file")
+    _bad([*ev, vol, "--image-key", "zzz"], capsys, "has no array 'zzz' (--image-key); it has img, lab")
+    _bad([*ev, _save_volume(tmp_path, img, lab[0], name="lab2d.npz"), "--region", "0:16"], capsys, "label map has shape (16, 16)")
+    _bad([*ev, _save_volume(tmp_path, img, lab[:20], name="short.npz"), "--region", "0:16"], capsys, "label map has shape (20, 16, 16)")
+    for expr, message in [
+        ("exp()+HU", "cannot be evaluated"),
+        ("5", "does not use HU"),
+        ("__import__('os').getcwd()", "only HU, numbers"),
+    ]:
+        _bad([*ev, vol, "--intensity", expr], capsys, message)
+    # float32 numbers: a tower of powers is inf at once (as Python integers it would never finish)
+    _bad([*ev, vol, "--region", "0:16", "--intensity", "HU*9**9**9**9"], capsys, "NaN/Inf")
+    _bad([*ev, vol, "--max-windows", "2"], capsys, "--max-windows: options of text evaluation")
+    _bad([*ev, vol, "--reference", str(tmp_path / "missing")], capsys, "has no unet_config.json")
+    out = tmp_path / "q"
+    q = ["quantize", net_dir, "--recipe", "rtn", "--calib", vol, "--crop", "0:16", "--output", str(out), "--quiet"]
+    for flag in (["--nsamples", "4"], ["--calib-paragraphs"], ["--smooth-fold", "quantizer"]):
+        _bad(q + flag, capsys, f"{flag[0]}: transformer-model option", out)
+    config = json.loads((Path(net_dir) / "unet_config.json").read_text())
+    (Path(net_dir) / "unet_config.json").write_text(json.dumps({**config, "intensity": 5}))
+    _bad(q, capsys, "must be a string", out)
 
 
 def test_admm_refuses_transformer_blocks():

@@ -139,6 +139,8 @@ def save_packed(
     ``dtype`` (default: the model's) is the dtype of the scales and of every unquantized tensor;
     scales narrower than fp32 round, which ``blockquant.json`` records under ``export``.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (scales and unquantized tensors), e.g. torch.bfloat16, got {dtype!r}")
     check_output_dir(out_dir, overwrite)  # before the packing work
     spec = result.recipe.spec
     problem = export_problem(fmt, model, spec, result.layers)
@@ -250,6 +252,11 @@ def load(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | 
     weights; scales keep their stored dtype. With ``verify``, a ``blockquant.sha256.json``
     manifest is checked first and any difference names the file and tensor.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, e.g. torch.bfloat16, got {dtype!r}")
+    from blockquant.api import check_device
+
+    device = check_device(device)
     path = Path(model_dir)
     config = _read_config(path)
     qcfg = _quant_config(path, config)
