@@ -352,7 +352,11 @@ def _changed_from_default(args: Any, names: tuple[str, ...]) -> list[str]:
 
 def _refuse_llm_options(args: Any, qft: bool = False) -> None:
     """Options of the transformer pipeline that a MONAI network cannot honour: an error, not a silent no-op."""
-    given = [name for name in LLM_ONLY if getattr(args, name, None) not in (None, False) and not (qft and name in QFT_FLAGS)]
+    given = [
+        name
+        for name in LLM_ONLY
+        if getattr(args, name, None) is not None and getattr(args, name) is not False and not (qft and name in QFT_FLAGS)
+    ]
     given += _changed_from_default(args, LLM_SIZES)
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
