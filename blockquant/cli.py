@@ -105,6 +105,13 @@ PARAGRAPHS_HELP = (
 )
 
 
+def changed_from_default(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` the command line set to something other than the parser's default for ``args.command``."""
+    required = {"quantize": [], "eval": ["MODEL_DIR", "--data", "FILE"], "compare": ["MODEL_DIR", "--calib", "F", "--eval", "F"]}
+    defaults = vars(_parser().parse_args([args.command, *required[args.command]]))
+    return [n for n in names if n in defaults and n not in ("command", "model_dir") and getattr(args, n) != defaults[n]]
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -439,9 +446,8 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
 
     if args.output or args.calib:
         raise ValueError("--calib/--output need a MODEL_DIR; without one, 'quantize' runs the built-in demo")
-    defaults = _parser().parse_args(["quantize"])
-    demo_takes = {"command", "model_dir", "device", "seed", "quiet"}  # what run_demo uses
-    ignored = [k for k, v in vars(args).items() if k not in demo_takes and v != getattr(defaults, k)]
+    demo_takes = {"device", "seed", "quiet"}  # what run_demo uses
+    ignored = [k for k in changed_from_default(args, tuple(vars(args))) if k not in demo_takes]
     if ignored:
         flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
         raise ValueError(f"{flags}: the built-in demo (no MODEL_DIR) runs its fixed W4/W3 RTN-vs-GPTQ study; name a MODEL_DIR to use them")

@@ -342,22 +342,16 @@ QFT_FLAGS = ("hw", "steps", "lr_scale", "lr_weight")  # honoured when the recipe
 LLM_SIZES = ("nsamples", "seqlen", "batch_size", "calib_continuations")  # transformer options with a default value
 
 
-def _changed_from_default(args: Any, names: tuple[str, ...]) -> list[str]:
-    """Which of ``names`` the command line set to something other than the parser's default."""
-    from blockquant.cli import _parser
-
-    defaults = _parser().parse_args([args.command, "MODEL_DIR", *(["--data", "FILE"] if args.command == "eval" else [])])
-    return [n for n in names if hasattr(args, n) and getattr(args, n) != getattr(defaults, n)]
-
-
 def _refuse_llm_options(args: Any, qft: bool = False) -> None:
     """Options of the transformer pipeline that a MONAI network cannot honour: an error, not a silent no-op."""
+    from blockquant.cli import changed_from_default
+
     given = [
         name
         for name in LLM_ONLY
         if getattr(args, name, None) is not None and getattr(args, name) is not False and not (qft and name in QFT_FLAGS)
     ]
-    given += _changed_from_default(args, LLM_SIZES)
+    given += changed_from_default(args, LLM_SIZES)
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         raise ValueError(
@@ -407,7 +401,9 @@ def cli_eval(args: Any) -> int:
     """``blockquant eval NET_DIR --data VOLUME``: Dice per class (and against --reference)."""
     if args.device != "cpu" or args.dtype != "float32":
         raise ValueError("MONAI networks are evaluated on CPU in float32 here; drop --device / --dtype")
-    text_only = (["max_windows"] if args.max_windows is not None else []) + _changed_from_default(args, ("seqlen", "batch_size"))
+    from blockquant.cli import changed_from_default
+
+    text_only = (["max_windows"] if args.max_windows is not None else []) + changed_from_default(args, ("seqlen", "batch_size"))
     if text_only:
         flags = ", ".join("--" + n.replace("_", "-") for n in text_only)
         raise ValueError(f"{flags}: options of text evaluation; a MONAI network is evaluated on --data, --region (and --roi)")
