@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -412,9 +413,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     result = quantize(model, recipe, calibration, device=device, batch_size=args.batch_size, progress=not args.quiet)
     record = result.record() | {
-        "source": str(args.model_dir),
+        "source": str(Path(args.model_dir).resolve()),  # absolute: the record outlives the cwd
         "calibration": {
-            "file": str(args.calib),
+            "file": str(Path(args.calib).resolve()),
             "nsamples": len(calibration),
             "seqlen": args.seqlen,
             "seed": args.seed,
@@ -545,8 +546,6 @@ def _check_same_tokenizer(tokenizer, reference: str, model_dir: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from transformers import AutoConfig
 
     from blockquant.compare import CompareJob, check_output, describe, run_compare, save, verdict

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,16 @@ def test_short_calibration_warns_and_proceeds(llama_dir, tmp_path, capsys, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("only 2 samples" in m and "8 requested" in m for m in warnings), warnings
     assert json.loads((out / "blockquant.json").read_text())["calibration"]["nsamples"] == 2
+
+
+def test_record_holds_absolute_paths(llama_dir, calib_file, tmp_path, monkeypatch, capsys):
+    """blockquant.json names the source and calibration absolutely: a relative path means nothing once the cwd changes."""
+    monkeypatch.chdir(tmp_path)
+    rel_model, rel_calib = os.path.relpath(llama_dir, tmp_path), os.path.relpath(calib_file, tmp_path)
+    assert main(quantize_args(rel_model, rel_calib, "out")) == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "blockquant.json").read_text())
+    assert record["source"] == str(Path(llama_dir).resolve())
+    assert record["calibration"]["file"] == str(Path(calib_file).resolve())
 
 
 def test_encoder_calibration_samples_are_framed(calib_file):
