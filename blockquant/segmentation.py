@@ -215,7 +215,10 @@ def quantize_network(model: nn.Module, recipe: Recipe, calibration: Tensor, cfg:
             x = quantizer(x)
         y = outputs.pop(name)
         w = weight_matrix(layer)
-        w_hat, scale, zero, bias, info = method(layer, x, y, attention, spec, step.options, cfg.seed)
+        try:
+            w_hat, scale, zero, bias, info = method(layer, x, y, attention, spec, step.options, cfg.seed)
+        except ValueError as e:  # name the layer and what it saw: a tiny crop leaves deep layers a voxel or two
+            raise ValueError(f"layer {name} (output {tuple(y.shape[2:])} on the calibration crop): {e}") from None
         set_weight_matrix(layer, w_hat)
         if bias is not None:
             layer.bias.data.copy_(bias.to(layer.bias.dtype))

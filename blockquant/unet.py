@@ -87,6 +87,20 @@ def size_multiple(config: dict[str, Any]) -> int:
     return 16  # BasicUNet: four 2x poolings
 
 
+def size_problem(config: dict[str, Any], sizes: tuple[int, ...]) -> str | None:
+    """Why a volume of spatial ``sizes`` cannot pass the network in one piece (None when it can):
+    each size must pass every level, and instance normalisation needs more than one voxel at the
+    deepest level (MONAI's default norm for both networks)."""
+    m = size_multiple(config)
+    if any(s % m for s in sizes):
+        return f"each size must be a multiple of {m}"
+    net = config[next(k for k in NETWORKS if k in config)]
+    norm = net.get("norm", "instance")
+    if str(norm[0] if isinstance(norm, (list, tuple)) else norm).lower().startswith("instance") and math.prod(s // m for s in sizes) < 2:
+        return f"the network's instance norms need more than one voxel at its deepest level (size / {m} on each axis): make one size at least {2 * m}"
+    return None
+
+
 def save_network(
     model: nn.Module,
     config: dict[str, Any],
@@ -235,12 +249,13 @@ def network_input(volume: np.ndarray, config: dict[str, Any], region: tuple[slic
         raise ValueError(f"{what} volume holds NaN/Inf values after preprocessing; nothing valid to run the network on")
     if float(x.max()) == float(x.min()):
         raise ValueError(f"{what} volume is constant ({float(x.min()):g} everywhere after preprocessing): nothing to calibrate on")
-    m = size_multiple(config)
-    if whole and any(s % m for s in x.shape[1:]):
+    if whole and (problem := size_problem(config, x.shape[1:])):
+        m = size_multiple(config)
         fix = tuple(s - s % m or m for s in x.shape[1:])
-        raise ValueError(
-            f"{what} spatial size {tuple(x.shape[1:])} cannot pass the network: each size must be a multiple of {m}; crop to e.g. {fix}"
-        )
+        hint = f"; crop to e.g. {fix}" if fix != tuple(x.shape[1:]) else ""
+        if hint and size_problem(config, fix):
+            hint += f" with one size at least {2 * m}"
+        raise ValueError(f"{what} spatial size {tuple(x.shape[1:])} cannot pass the network: {problem}{hint}")
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
 
 
@@ -303,9 +318,9 @@ def cli_quantize(args: Any) -> int:
     seg = SegConfig(None if args.quantize_ends else 8, args.seed, not args.quiet, size_multiple(config))
     result = quantize_network(model, recipe, x, seg)
     record = result.record() | {
-        "source": str(args.model_dir),
+        "source": str(Path(args.model_dir).resolve()),  # absolute: the record outlives the cwd
         "ends_bits": None if args.quantize_ends else 8,
-        "calibration": {"file": str(args.calib), "crop": args.crop, "shape": list(x.shape), "intensity": expr},
+        "calibration": {"file": str(Path(args.calib).resolve()), "crop": args.crop, "shape": list(x.shape), "intensity": expr},
     }
     save_network(model, config, args.output, record, result.grids, args.overwrite)
     eight = [r.name for r in result.layers if r.bits != recipe.spec.bits]
@@ -385,9 +400,10 @@ def _dice_of(model_dir: str, args: Any) -> tuple[dict[str, float], dict[str, Any
         raise ValueError(f"the label map has shape {labels.shape} and the image {image.shape}: give one label per voxel ({dims} axes)")
     roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
     if roi is not None:
-        m = size_multiple(config)
-        if len(roi) != dims or any(r < 1 or r % m for r in roi):
-            raise ValueError(f"--roi {args.roi}: give {dims} sizes, each a multiple of {m}")
+        if len(roi) != dims or any(r < 1 for r in roi):
+            raise ValueError(f"--roi {args.roi}: give {dims} sizes, each a multiple of {size_multiple(config)}")
+        if problem := size_problem(config, roi):
+            raise ValueError(f"--roi {args.roi}: {problem}")
     x = network_input(image, config, region, "evaluation", whole=roi is None)  # sliding windows take any volume size
     lab = labels[region]
     if tuple(lab.shape) != tuple(x.shape[2:]):

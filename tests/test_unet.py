@@ -24,6 +24,7 @@ from blockquant.methods.admm import ADMMOptions, admm, attention_map, pool_atten
 from blockquant.primitives import compute_qparams, fake_quantize  # noqa: E402
 from blockquant.recipe import ActSpec, QuantSpec, Recipe, make_step  # noqa: E402
 from blockquant.segmentation import quantize_network  # noqa: E402
+from blockquant.unet import size_problem  # noqa: E402
 
 ARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=[4, 8, 16], strides=[2, 2], num_res_units=1, norm="batch")
 
@@ -267,6 +268,7 @@ def test_cli_bad_inputs(tmp_path, capsys):
     nan[3, 3, 3] = np.nan
     _bad(q + [_save_volume(tmp_path, nan, name="nan.npz")], capsys, "NaN", out)
     _bad(q + [_save_volume(tmp_path, img), "--crop", "0:10"], capsys, "multiple of 4", out)
+    _bad(q + [_save_volume(tmp_path, img), "--crop", "0:4,0:4,0:4"], capsys, "(1, 1, 1) on the calibration crop): admm: 1 output", out)
     _bad(q + [_save_volume(tmp_path, img), "--group-size", "128"], capsys, "--group-size -1", out)
     _bad(q + [_save_volume(tmp_path, img), "--abits", "8", "--act-granularity", "token"], capsys, "--act-granularity tensor", out)
     _bad(q + [_save_volume(tmp_path, img), "--format", "gptq"], capsys, "transformer-model option", out)
@@ -276,6 +278,22 @@ def test_cli_bad_inputs(tmp_path, capsys):
     vol = _save_volume(tmp_path, img, bad_labels, name="badlab.npz")
     _bad(["eval", net_dir, "--data", vol], capsys, "holds class 5 but the network outputs 3 classes", None)
     _bad(["eval", net_dir, "--data", _save_volume(tmp_path, img, lab), "--roi", "6,8,8"], capsys, "multiple of 4", None)
+
+
+def test_size_problem_knows_instance_norm_needs_two_voxels_at_the_bottom():
+    """MONAI's instance norm refuses one voxel per channel: a crop of exactly the size multiple would
+    fail deep inside torch, so it is refused up front (batch norm in eval mode takes it)."""
+    basic = {"monai_basicunet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3}}  # default norm: instance
+    assert "multiple of 16" in size_problem(basic, (8, 16, 16))
+    assert "at least 32" in size_problem(basic, (16, 16, 16))
+    assert size_problem(basic, (32, 16, 16)) is None
+    instance_unet = {"monai_unet": ARGS | {"norm": ["instance", {"affine": True}]}}
+    assert "at least 8" in size_problem(instance_unet, (4, 4, 4))
+    assert size_problem({"monai_unet": ARGS}, (4, 4, 4)) is None  # batch norm
+    model = UNet(**ARGS).eval()
+    assert model(torch.rand(1, 1, 4, 4, 4)).shape == (1, 3, 4, 4, 4)  # the batch-norm net does pass it
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        UNet(**(ARGS | {"norm": "instance"})).eval()(torch.rand(1, 1, 4, 4, 4))  # what the check spares the user
 
 
 def test_cli_bad_volumes_expressions_and_options(tmp_path, capsys):

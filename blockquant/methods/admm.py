@@ -155,7 +155,10 @@ def _factor(h: Tensor, diag: float) -> Tensor:
         chol, info = torch.linalg.cholesky_ex(h + (diag + jitter * float(h.diagonal().abs().mean())) * eye)
         if info == 0:
             return chol
-    raise ValueError("admm: the layer's Gram matrix is not positive definite even with jitter (NaN in the calibration input?)")
+    raise ValueError(
+        "admm: the layer's Gram matrix is not positive definite even with jitter: its input does not vary over the "
+        "calibration positions (too few output positions, or a constant input); calibrate on a larger crop"
+    )
 
 
 @torch.no_grad()
@@ -206,6 +209,10 @@ def quantize_layer(layer: nn.Module, x: Tensor, y: Tensor, attention: Tensor | N
     if opts.attention and attention is not None and not isinstance(layer, nn.Linear):
         weight = pool_attention(attention, tuple(y.shape[2:])) ** 2  # residuals are multiplied by A: A² in the Gram
     stats = layer_stats(layer, x, y, weight, opts.max_positions, seed)
+    if layer.bias is not None and stats.rows < 2:
+        raise ValueError(
+            f"admm: {stats.rows} output position(s), too few to fit a weight and a bias per channel; calibrate on a larger crop"
+        )
     if layer.bias is not None:
         gram, cross = stats.centred()
         y_sq = stats.centred_y_sq()
