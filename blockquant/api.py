@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import resource
 import time
 from collections.abc import Iterator
@@ -82,7 +83,10 @@ class QuantResult:
             "peak_cuda_mb": None if self.peak_cuda_mb is None else round(self.peak_cuda_mb, 1),
             "step_seconds": {m: {k: round(v, 2) for k, v in t.items()} for m, t in self.step_seconds.items()},
             "blocks": [vars(b) for b in self.blocks],
-            "layers": {n: {"relative_output_error": r.error, "act_order": r.g_idx is not None} for n, r in self.layers.items()},
+            "layers": {  # None, not NaN (invalid JSON), where no per-block step measured a layer (qft alone)
+                n: {"relative_output_error": r.error if math.isfinite(r.error) else None, "act_order": r.g_idx is not None}
+                for n, r in self.layers.items()
+            },
             **self.model_steps,  # e.g. "qft": its training record (block and layer errors above are from before it)
         }
 

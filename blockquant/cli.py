@@ -17,7 +17,7 @@ import torch
 
 from blockquant.compare import DEFAULT_VARIANTS
 from blockquant.compare import VARIANTS as COMPARE_VARIANTS
-from blockquant.recipe import QuantSpec, act_spec, make_step, parse_recipe
+from blockquant.recipe import FILE_FLAGS, QuantSpec, act_spec, make_step, parse_recipe
 
 log = logging.getLogger("blockquant")
 
@@ -138,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
         "--recipe",
         default="gptq",
         help="method (rtn, gptq, awq, smoothquant, zeroquant), comma chain (awq,gptq; zeroquant,lkd; gptq,blockft; gptq,qft) "
-        "or YAML file [gptq]",
+        "or YAML file; a file's wbits/group_size/sym/abits/act_granularity must agree with those flags where both are given, "
+        "while --steps, --window, --lr-* … override its last step's options [gptq]",
     )
     q.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 [4]")
     q.add_argument("--group-size", type=int, help="input columns per scale; -1 = one per output channel [128; MONAI networks: -1]")
@@ -172,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     _finetune_args(q)
     _network_args(q, quantize=True)
     _common(q)
+    _seed(q)
 
     e = sub.add_parser(
         "eval",
@@ -214,7 +216,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--init", choices=["rtn", "gptq"], default="gptq", help="what the fine-tuning variants start from [gptq]")
     c.add_argument("--steps", type=int, help="fine-tuning steps per window [blockft default]")
     c.add_argument("--output", metavar="DIR", default="compare-out", help="where compare.md/.png/.json go [compare-out]")
+    c.add_argument("--overwrite", action="store_true", help="replace the compare.md/.png/.json of an earlier run in --output")
     _common(c)
+    _seed(c)
     return p
 
 
@@ -233,9 +237,27 @@ def _network_args(p: argparse.ArgumentParser, quantize: bool) -> None:
     g.add_argument("--roi", help="sliding-window size, e.g. 64,64,64 (MONAI sliding_window_inference) [whole region at once]")
 
 
+NETWORK_ONLY = ("intensity", "image_key", "crop", "quantize_ends", "region", "labels", "label_key", "classes", "roi")
+
+
+def _refuse_network_options(args: argparse.Namespace) -> None:
+    """MONAI-network options given for a transformer model: an error, not a silent no-op (the reverse of unet's check)."""
+    given = [n for n in NETWORK_ONLY if getattr(args, n, None) not in (None, False)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(f"{flags}: option(s) of MONAI segmentation networks; {args.model_dir} is a transformer model")
+
+
+def _per_method_default(field: str) -> str:
+    """``blockft 200, lkd 100, qft 150``: each training method's own default, read from its options dataclass."""
+    from blockquant.methods import METHODS
+
+    return ", ".join(f"{m} {getattr(METHODS[m].options(), field):g}" for m in ("blockft", "lkd", "qft"))
+
+
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("block-wise fine-tuning (recipes ending in blockft, e.g. --recipe gptq,blockft)")
-    g.add_argument("--steps", type=int, help="optimizer steps per window [200]")
+    g = p.add_argument_group("fine-tuning (recipes ending in blockft, e.g. --recipe gptq,blockft; --steps and --lr-* also for lkd and qft)")
+    g.add_argument("--steps", type=int, help=f"optimizer steps (blockft, lkd: per window) [{_per_method_default('steps')}]")
     g.add_argument("--window", type=int, help="K consecutive blocks trained jointly [1]")
     g.add_argument("--stride", type=int, help="blocks the window slides by, 1..K [1]")
     g.add_argument(
@@ -247,9 +269,11 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lr-scale",
         type=float,
-        help="learning rate of step sizes and zero points, relative to their mean initial value (blockft [0.02], lkd [0.01])",
+        help=f"learning rate of step sizes and zero points, relative to their mean initial value [{_per_method_default('lr_scale')}]",
     )
-    g.add_argument("--lr-weight", type=float, help="learning rate of weights (in code units) / AdaRound offsets [2e-2]")
+    g.add_argument(
+        "--lr-weight", type=float, help=f"learning rate of weights (in code units) / AdaRound offsets [{_per_method_default('lr_weight')}]"
+    )
     g.add_argument(
         "--train-float",
         action="store_true",
@@ -273,14 +297,17 @@ def _apply_finetune_args(recipe, args: argparse.Namespace):
     if not given:
         return recipe
     last = recipe.steps[-1]
-    flags = ", ".join("--" + k.replace("_", "-") for k in given)
-    if last.method in ("lkd", "qft") and set(given) <= {"steps", "lr_scale", "lr_weight"}:
+    shared = {"steps", "lr_scale", "lr_weight"}  # lkd and qft take these too
+    if last.method in ("lkd", "qft") and set(given) <= shared:
         recipe.steps[-1] = make_step(last.method, {**dataclasses.asdict(last.options), **given})
         return recipe
     if last.method != "blockft":
+        wrong = [k for k in given if last.method not in ("lkd", "qft") or k not in shared]  # name only the culprits
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        takes = f" ({last.method} takes --steps, --lr-scale, --lr-weight)" if last.method in ("lkd", "qft") else ""
         raise ValueError(
-            f"{flags} {'applies' if len(given) == 1 else 'apply'} to block-wise fine-tuning, which must end the recipe to take "
-            f"{'it' if len(given) == 1 else 'them'} (e.g. --recipe gptq,blockft); this recipe ends with {last.method}"
+            f"{flags} {'applies' if len(wrong) == 1 else 'apply'} to block-wise fine-tuning, which must end the recipe to take "
+            f"{'it' if len(wrong) == 1 else 'them'} (e.g. --recipe gptq,blockft); this recipe ends with {last.method}{takes}"
         )
     recipe.steps[-1] = make_step("blockft", {**dataclasses.asdict(last.options), **given})
     return recipe
@@ -317,10 +344,15 @@ def _apply_smoothquant(recipe, alpha: str | None, fold: str | None):
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype [float32]")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype; also the stored dtype of --format dequantized [float32]"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass [8]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of fine-tuning (quantize, compare) [0]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _seed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of fine-tuning [0]")
 
 
 def _check_generate(args: argparse.Namespace, class_name: str) -> None:
@@ -375,9 +407,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if is_network_dir(args.model_dir):
         return cli_quantize(args)
+    _refuse_network_options(args)
     act = act_spec(args.abits, args.act_granularity or "token")
     group_size = 128 if args.group_size is None else args.group_size
-    recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=group_size, sym=args.sym), act)
+    explicit = frozenset(changed_from_default(args, tuple(FILE_FLAGS)))
+    recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=group_size, sym=args.sym), act, explicit)
     recipe = _apply_finetune_args(recipe, args)
     recipe = _apply_smoothquant(recipe, args.alpha, args.smooth_fold)
     recipe = _apply_hw(recipe, args.hw)
@@ -428,7 +462,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     }
     fmt = resolve_format(args.format, model, recipe.spec, result.layers)
     save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, export_dtype)
-    last = result.blocks[-1].output_error if result.blocks else float("nan")
+    if "qft" in result.model_steps:  # the block errors are from before QFT: report what QFT did instead
+        held = [v for _, v in result.model_steps["qft"]["held_out_loss"]]
+        detail = (
+            f"qft held-out loss {held[0]:.4g} -> best {min(held):.4g}" if held else "qft: no held-out batch (too few calibration batches)"
+        )
+    else:
+        detail = f"last-block relative output error {result.blocks[-1].output_error:.3e}" if result.blocks else "no block quantized"
     cuda = "" if result.peak_cuda_mb is None else f", peak CUDA {result.peak_cuda_mb:.0f} MB"
     if recipe.act is not None:
         log.warning(
@@ -437,7 +477,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     print(
         f"{recipe.name} {recipe.describe()}: {len(result.layers)} layers in {result.seconds:.1f}s, "
-        f"last-block relative output error {last:.3e}, peak RSS {result.peak_rss_mb:.0f} MB{cuda} -> {args.output} ({fmt})"
+        f"{detail}, peak RSS {result.peak_rss_mb:.0f} MB{cuda} -> {args.output} ({fmt})"
     )
     return 0
 
@@ -474,6 +514,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if is_network_dir(args.model_dir):
         return cli_eval(args)
+    _refuse_network_options(args)
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
     _check_sizes(args.seqlen, args.batch_size)
@@ -556,6 +597,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in COMPARE_VARIANTS]
     if unknown or not variants:
         raise ValueError(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(COMPARE_VARIANTS)}")
+    twice = sorted({v for v in variants if variants.count(v) > 1}) + sorted({f"W{b}" for b in args.wbits if args.wbits.count(b) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given more than once; each variant and width is measured once")
     for bits in args.wbits:
         QuantSpec(bits=bits, group_size=args.group_size, sym=args.sym)  # validates each width
     ft = {"steps": args.steps} if args.steps is not None else {}
@@ -570,7 +614,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     limit = getattr(AutoConfig.from_pretrained(args.model_dir), "max_position_embeddings", None)
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
-    check_output(Path(args.output))
+    check_output(Path(args.output), args.overwrite)
     job = CompareJob(
         str(args.model_dir),
         args.calib,

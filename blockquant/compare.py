@@ -195,6 +195,8 @@ def run_compare(
     if arch.input_norm is None and "next:1" in variants:  # post-norm: block b+1 reads block b's output unchanged
         log("skipped next:1: on a post-norm model block b+1's input is block b's output, so next:1 is single-block FT")
         variants = [v for v in variants if v != "next:1"]
+    if not variants:
+        raise ValueError(f"no variant left to compare on this model ({n_blocks} blocks); choose others with --variants")
     rows = list(done)
     start = on_start or (lambda text: None)
     total, count = len(widths) * len(variants), 0
@@ -311,14 +313,20 @@ def describe(job: CompareJob) -> str:
 OUTPUT_FILES = ("compare.md", "compare.png", "compare.json")
 
 
-def check_output(out_dir: Path) -> None:
-    """Refuse, before any measuring, a ``--output`` that ``save`` could not fill."""
+def check_output(out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse, before any measuring, a ``--output`` that ``save`` could not fill, or whose earlier
+    results (hours of measuring) it would replace without ``overwrite``."""
     from blockquant.files import check_output_dir
 
-    if out_dir.is_dir():  # compare writes its three files into an existing folder, replacing earlier ones
+    if out_dir.is_dir():  # compare writes its three files into an existing folder
         busy = [f for f in OUTPUT_FILES if (out_dir / f).exists() and not (out_dir / f).is_file()]
         if busy:
             raise ValueError(f"--output {out_dir} holds {', '.join(busy)}, which is not a file; remove it or choose another --output")
+        earlier = [f for f in OUTPUT_FILES if (out_dir / f).is_file()]
+        if earlier and not overwrite:
+            raise ValueError(
+                f"--output {out_dir} already holds {', '.join(earlier)} of an earlier comparison; add --overwrite to replace them"
+            )
         if not os.access(out_dir, os.W_OK):
             raise ValueError(f"cannot write in --output {out_dir}")
         return

@@ -145,6 +145,7 @@ class Recipe:
             raise ValueError("a recipe needs at least one method, e.g. 'rtn' or 'gptq'")
         if not all(isinstance(step, Step) for step in self.steps):
             raise TypeError(f"Recipe.steps must be Step objects, e.g. [make_step('gptq')], got {self.steps!r}")
+        _check_order([s.method for s in self.steps])
         for step in self.steps:
             need = METHODS[step.method].activations
             if need and self.act is None:
@@ -167,6 +168,36 @@ class Recipe:
             "act": None if self.act is None else dataclasses.asdict(self.act),
             "steps": [{"method": s.method, **dataclasses.asdict(s.options)} for s in self.steps],
         }
+
+
+def _check_order(names: list[str]) -> None:
+    """Per-block steps are scale transforms (awq, smoothquant) followed by at most one rounding
+    method (rtn, gptq, zeroquant, admm): a second rounding re-rounds weights already on the grid
+    (``rtn,gptq`` is plain rtn) and a transform after the rounding rescales rounded weights."""
+    from blockquant.methods import METHODS
+
+    per_block = [n for n in names if not (METHODS[n].windowed or METHODS[n].model_level)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"recipe {','.join(names)}: {', '.join(twice)} appears more than once; each method runs once")
+    stage = [2 if METHODS[n].model_level else 1 if METHODS[n].windowed else 0 for n in names]
+    if stage != sorted(stage) or stage.count(1) > 1:
+        raise ValueError(
+            f"recipe {','.join(names)}: per-block methods come first, then at most one fine-tuning step (blockft or lkd), "
+            "then qft (e.g. awq,gptq,blockft,qft)"
+        )
+    rounding = [n for n in per_block if not METHODS[n].folds]
+    if len(rounding) > 1:
+        raise ValueError(
+            f"recipe {','.join(names)}: {' and '.join(rounding)} both round the weights, and the second would only re-round "
+            f"weights already on the grid; keep one (fine-tuning after rounding is blockft, lkd or qft, e.g. {rounding[-1]},blockft)"
+        )
+    late = [n for n in per_block[per_block.index(rounding[0]) + 1 :] if METHODS[n].folds] if rounding else []
+    if late:
+        raise ValueError(
+            f"recipe {','.join(names)}: {late[0]} rescales weights before they are rounded; put it before {rounding[0]} "
+            f"(e.g. {late[0]},{rounding[0]})"
+        )
 
 
 def make_step(method: str, options: dict[str, Any] | None = None) -> Step:
@@ -236,12 +267,20 @@ RECIPE_KEYS: dict[str, Any] = {
 }
 
 
-def parse_recipe(text: str, spec: QuantSpec, act: ActSpec | None = None) -> Recipe:
+# recipe-file keys that a command-line flag also sets
+FILE_FLAGS = {"wbits": "--wbits", "group_size": "--group-size", "sym": "--sym", "abits": "--abits", "act_granularity": "--act-granularity"}
+
+
+def parse_recipe(text: str, spec: QuantSpec, act: ActSpec | None = None, explicit: frozenset[str] = frozenset()) -> Recipe:
     """``text`` is a method name, a comma chain (``awq,gptq``) or a path to a YAML file.
+
+    ``explicit`` names the ``FILE_FLAGS`` keys the caller set on purpose (``spec``/``act`` hold
+    their values): a file naming another value for one of them is refused, since a quiet winner
+    either way (``--wbits 4`` giving a 3-bit model) is a trap.
 
     YAML layout::
 
-        wbits: 4            # optional, overrides the command line
+        wbits: 4            # optional; the file's value is used, and must agree with an explicit --wbits
         group_size: 128
         sym: false
         abits: 8            # optional: 4, 8 or 16 (no activation quantization)
@@ -266,6 +305,15 @@ def parse_recipe(text: str, spec: QuantSpec, act: ActSpec | None = None) -> Reci
         for key, hint in RECIPE_KEYS.items():
             if key in data and not _fits(data[key], hint):
                 raise ValueError(f"recipe file {text}: {key} must be {_kind(hint)}, got {data[key]!r}")
+        ours = {"wbits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "abits": 16 if act is None else act.bits}
+        ours["act_granularity"] = None if act is None else act.granularity
+        clash = [
+            f"{FILE_FLAGS[k]} {ours[k]} against the file's {k}: {data[k]}"
+            for k in FILE_FLAGS
+            if k in explicit and k in data and data[k] != ours[k]
+        ]
+        if clash:
+            raise ValueError(f"recipe file {text} and the command line disagree ({'; '.join(clash)}): give each value in one place")
         spec = dataclasses.replace(  # keeps the caller's scale_dtype
             spec,
             bits=data.get("wbits", spec.bits),

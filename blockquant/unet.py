@@ -292,14 +292,15 @@ def cli_quantize(args: Any) -> int:
     """``blockquant quantize NET_DIR``: checks everything before the work, writes atomically."""
     import time
 
-    from blockquant.cli import _apply_finetune_args, _apply_hw
+    from blockquant.cli import _apply_finetune_args, _apply_hw, changed_from_default
     from blockquant.files import check_output_dir
-    from blockquant.recipe import QuantSpec, act_spec, parse_recipe
+    from blockquant.recipe import FILE_FLAGS, QuantSpec, act_spec, parse_recipe
     from blockquant.segmentation import SegConfig, check_recipe, quantize_network
 
     act = act_spec(args.abits, args.act_granularity or "tensor")
     group = -1 if args.group_size is None else args.group_size
-    recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=group, sym=args.sym, scale_dtype="float32"), act)
+    spec = QuantSpec(bits=args.wbits, group_size=group, sym=args.sym, scale_dtype="float32")
+    recipe = parse_recipe(args.recipe, spec, act, frozenset(changed_from_default(args, tuple(FILE_FLAGS))))
     _refuse_llm_options(args, qft=recipe.steps[-1].method == "qft")
     recipe = _apply_hw(_apply_finetune_args(recipe, args), args.hw)
     check_recipe(recipe)

@@ -280,7 +280,7 @@ def test_adaround_after_gptq_starts_at_its_codes_and_may_move_towards_the_fp_wei
 
 
 def test_finetuning_must_come_last(make_tiny, calib_ids):
-    with pytest.raises(ValueError, match="must come last"):
+    with pytest.raises(ValueError, match="per-block methods come first"):
         run(make_tiny("llama"), calib_ids, ("blockft", {"steps": 2}), ("rtn", {}))
 
 

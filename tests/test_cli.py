@@ -20,6 +20,7 @@ from blockquant.arch import weight_matrix
 from blockquant.cli import main
 from blockquant.files import atomic_dir, generate_calibration, load_calibration, warn_calibration_length
 from blockquant.methods import METHODS
+from blockquant.recipe import act_spec
 
 QUANT_ARGS = ["--wbits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "16", "--quiet"]
 
@@ -126,6 +127,43 @@ def test_quantize_writes_a_plain_hf_checkpoint(llama_dir, calib_file, tmp_path, 
     assert torch.equal(source["model.embed_tokens.weight"], loaded["model.embed_tokens.weight"])
 
 
+def test_recipe_file_and_flags_must_agree(tmp_path):
+    """A value given both in the file and by a flag the user set is refused when they differ (no quiet winner)."""
+    path = tmp_path / "r.yaml"
+    path.write_text("wbits: 3\ngroup_size: 32\nabits: 8\nsteps: [smoothquant]\n")
+    act = act_spec(8, "token")
+    assert parse_recipe(str(path), QuantSpec(4, 128), act).spec.bits == 3  # flags left at their defaults: the file's values
+    assert parse_recipe(str(path), QuantSpec(3, 32), act, frozenset({"wbits", "group_size"})).spec.bits == 3  # agreeing
+    with pytest.raises(ValueError, match="--wbits 4 against the file's wbits: 3; --group-size 64 against the file's group_size: 32"):
+        parse_recipe(str(path), QuantSpec(4, 64), act, frozenset({"wbits", "group_size"}))
+    with pytest.raises(ValueError, match="--abits 16 against the file's abits: 8"):
+        parse_recipe(str(path), QuantSpec(3, 32), None, frozenset({"abits"}))
+
+
+def test_cli_refuses_a_flag_the_recipe_file_contradicts(llama_dir, calib_file, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("wbits: 3\nsteps: [rtn]\n")
+    out = tmp_path / "o"
+    rc = main(quantize_args(llama_dir, calib_file, out, "--recipe", str(recipe), "--wbits", "2"))
+    assert_usage_error(capsys, rc, "--wbits 2 against the file's wbits: 3")
+    assert not out.exists()
+
+
+def test_network_options_are_refused_for_transformer_models(llama_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = main(quantize_args(llama_dir, calib_file, out, "--crop", "0:8", "--quantize-ends"))
+    assert_usage_error(capsys, rc, "--crop, --quantize-ends: option(s) of MONAI segmentation networks")
+    assert not out.exists()
+    rc = main(["eval", str(llama_dir), "--data", str(calib_file), "--region", "96:", "--roi", "4,4,4"])
+    assert_usage_error(capsys, rc, "--region, --roi: option(s) of MONAI segmentation networks")
+
+
+def test_a_blockft_flag_on_a_qft_recipe_names_only_itself(llama_dir, calib_file, tmp_path, capsys):
+    rc = main(quantize_args(llama_dir, calib_file, tmp_path / "o", "--recipe", "gptq,qft", "--steps", "2", "--objective", "logits"))
+    err = assert_usage_error(capsys, rc, "--objective applies to block-wise fine-tuning", "qft takes --steps, --lr-scale, --lr-weight")
+    assert err.startswith("blockquant: error: --objective applies")  # --steps, valid for qft, is not blamed
+
+
 def test_rtn_sym_and_yaml_recipe(llama_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "rtn"
     assert main(quantize_args(llama_dir, calib_file, out, "--recipe", "rtn", "--sym", "--wbits", "3")) == 0
@@ -135,7 +173,8 @@ def test_rtn_sym_and_yaml_recipe(llama_dir, calib_file, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"wbits": 8, "group_size": -1, "steps": [{"method": "gptq", "act_order": False}]}))
     out2 = tmp_path / "yaml"
-    assert main(quantize_args(llama_dir, calib_file, out2, "--recipe", str(recipe))) == 0
+    argv = ["quantize", str(llama_dir), "--calib", str(calib_file), "--output", str(out2), "--nsamples", "4", "--seqlen", "16"]
+    assert main([*argv, "--quiet", "--recipe", str(recipe)]) == 0
     record = json.loads((out2 / "blockquant.json").read_text())
     assert (record["method"], record["bits"], record["group_size"]) == ("gptq", 8, -1)
     assert record["recipe"]["steps"][0]["act_order"] is False
@@ -632,11 +671,11 @@ def test_eval_errors(llama_dir, eval_file, tmp_path, capsys):
 def test_parse_recipe_yaml(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(
-        "wbits: 3\ngroup_size: 64\nsym: true\nsteps:\n  - rtn\n  - method: gptq\n    act_order: false\n    damp: 0.05\n    block_size: 32\n"
+        "wbits: 3\ngroup_size: 64\nsym: true\nsteps:\n  - awq\n  - method: gptq\n    act_order: false\n    damp: 0.05\n    block_size: 32\n"
     )
     recipe = parse_recipe(str(path), QuantSpec(4, 128))
     assert recipe.spec == QuantSpec(bits=3, group_size=64, sym=True)
-    assert [s.method for s in recipe.steps] == ["rtn", "gptq"] and recipe.name == "rtn,gptq"
+    assert [s.method for s in recipe.steps] == ["awq", "gptq"] and recipe.name == "awq,gptq"
     gptq = recipe.steps[1].options
     assert (gptq.act_order, gptq.damp, gptq.block_size) == (False, 0.05, 32)
     assert recipe.to_dict()["steps"][1]["damp"] == 0.05
@@ -649,8 +688,8 @@ def test_parse_recipe_yaml(tmp_path):
 
 def test_parse_recipe_comma_chain():
     spec = QuantSpec(4, 32)
-    recipe = parse_recipe("rtn, gptq", spec)
-    assert [s.method for s in recipe.steps] == ["rtn", "gptq"] and recipe.spec is spec
+    recipe = parse_recipe("awq, gptq", spec)
+    assert [s.method for s in recipe.steps] == ["awq", "gptq"] and recipe.spec is spec
     assert recipe.steps[1].options.damp == 0.01
     assert [s.method for s in parse_recipe("gptq", spec).steps] == ["gptq"]
 
@@ -663,6 +702,13 @@ def test_parse_recipe_comma_chain():
         ("", ["at least one method"]),
         (" , ", ["at least one method"]),
         ("missing.yaml", ["does not exist"]),
+        # orders that would waste or undo a step: a second rounding re-rounds grid weights, a late transform rescales them
+        ("rtn,gptq", ["rtn and gptq both round the weights", "keep one"]),
+        ("gptq,gptq", ["gptq appears more than once"]),
+        ("gptq,awq", ["put it before gptq (e.g. awq,gptq)"]),
+        ("blockft,gptq", ["per-block methods come first"]),
+        ("qft,gptq", ["then qft"]),
+        ("gptq,blockft,lkd", ["at most one fine-tuning step"]),
     ],
 )
 def test_parse_recipe_errors(text, fragments, tmp_path, monkeypatch):

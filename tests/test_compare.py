@@ -93,6 +93,9 @@ def test_compare_measures_an_encoders_output_objective(calib_file, eval_file, tm
         (["--seqlen", "16", "--nsamples", "0"], "--nsamples must be >= 1"),
         (["--seqlen", "16", "--batch-size", "0"], "--batch-size must be >= 1"),
         ([], "--seqlen 512 exceeds the model's 128 positions"),
+        (["--seqlen", "16", "--variants", "joint K=3"], "no variant left to compare on this model (2 blocks)"),
+        (["--seqlen", "16", "--variants", "rtn,rtn"], "rtn given more than once"),
+        (["--seqlen", "16", "--wbits", "3", "3"], "W3 given more than once"),
     ],
 )
 def test_compare_bad_input(llama_dir, calib_file, eval_file, tmp_path, capsys, monkeypatch, argv, message):
@@ -116,6 +119,11 @@ def test_compare_refuses_an_output_it_cannot_fill_before_measuring(llama_dir, ca
     assert main([*argv, str(tmp_path / "out")]) == 2
     assert "holds compare.png, which is not a file" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["compare.png"]
+    (tmp_path / "out" / "compare.png").rmdir()
+    (tmp_path / "out" / "compare.md").write_text("an earlier run")
+    assert main([*argv, str(tmp_path / "out")]) == 2
+    assert "already holds compare.md of an earlier comparison; add --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out" / "compare.md").read_text() == "an earlier run"
 
 
 def test_a_worker_that_dies_is_reported_not_waited_for():

@@ -169,6 +169,15 @@ def test_awq_beats_rtn_and_chains_before_gptq(family, calib_ids, eval_ids):
         assert_on_grid(weight_matrix(q.get_submodule(name)), r.scale, r.zero, spec, r.g_idx)
 
 
+def test_awq_warns_once_about_groups_it_cannot_scale(calib_ids, caplog):
+    """BERT's post-norm groups have no exact feeder: the user is told once, not per block, and not only at info level."""
+    with caplog.at_level("WARNING", logger="blockquant"):
+        quantize(build_tiny("bert"), Recipe(QuantSpec(4, 32), [make_step("awq")]), calib_ids, progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.getMessage().startswith("awq:")]
+    assert warned and all("not scaled in any block" in m for m in warned)
+    assert len(warned) == len(set(warned))  # once per group, not once per block
+
+
 def test_smoothquant_with_unit_scales_is_naive_w8a8(tiny_llama, calib_ids, eval_ids, monkeypatch):
     """The SmoothQuant path adds nothing but its scales: with s ≡ 1 it is naive W8A8 exactly.
 

@@ -180,7 +180,7 @@ def test_hw_preset_the_grid_cannot_satisfy_is_refused_before_work():
         Recipe(QuantSpec(bits=3, group_size=-1), [make_step("qft", {"hw": "int-per-group"})])
     with pytest.raises(ValueError, match="unknown --hw 'fp8'; choose one of int-per-channel, int-per-group, pow2"):
         make_step("qft", {"hw": "fp8"})
-    with pytest.raises(ValueError, match="must come last"):
+    with pytest.raises(ValueError, match="then qft"):
         quantize(build_tiny("llama"), parse_recipe("qft,gptq", QuantSpec()), torch.zeros(2, 8, dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="accumulate .* must be >= 1"):
         make_step("qft", {"accumulate": 0})
@@ -275,3 +275,19 @@ def test_cli_quantize_with_qft_writes_a_checkpoint_that_evaluates(tmp_path, llam
     assert record["qft"]["steps_run"] == 3 and record["qft"]["hw"] == "int-per-group"
     assert main(["eval", str(out), "--data", str(calib_file), "--seqlen", "32", "--quiet", "--json"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_cli_qft_alone_reports_its_own_loss_and_writes_strict_json(tmp_path, llama_dir, calib_file, capsys):
+    """QFT alone has no per-block errors: the summary gives QFT's held-out loss and the record holds null, not NaN."""
+    from blockquant.cli import main
+
+    out = tmp_path / "out"
+    args = ["quantize", str(llama_dir), "--recipe", "qft", "--wbits", "4", "--group-size", "-1", "--steps", "2", "--batch-size", "1"]
+    assert main([*args, "--nsamples", "8", "--seqlen", "32", "--calib", str(calib_file), "--output", str(out), "--quiet"]) == 0
+    assert "qft held-out loss" in capsys.readouterr().out
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in blockquant.json")
+
+    record = json.loads((out / "blockquant.json").read_text(), parse_constant=refuse)
+    assert {v["relative_output_error"] for v in record["layers"].values()} == {None}

@@ -213,7 +213,7 @@ def test_cli_admm_qft_round_trip(tmp_path, capsys):
     "recipe, extra, match",
     [
         ("qft", [], "optionally followed by qft"),
-        ("admm,qft,qft", [], "optionally followed by qft"),
+        ("admm,qft,qft", [], "qft appears more than once"),
         ("admm", ["--steps", "5"], "transformer-model option"),
         ("admm,qft", ["--window", "2"], "transformer-model option"),
         ("admm,qft", ["--hw", "int-per-group"], "--group-size g"),

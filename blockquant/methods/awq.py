@@ -119,8 +119,9 @@ def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: AWQOptions
     for group in ctx.groups:
         first = group.linears[0]
         problem = fold_problem(block, group)
-        if problem is not None:
-            log.info("awq block %d: %s not scaled: %s", ctx.index, ", ".join(group.linears), problem)
+        if problem is not None:  # warned once: every block has the same groups
+            if ctx.index == 0:
+                log.warning("awq: %s not scaled in any block: %s", ", ".join(group.linears), problem)
             continue
         ws = [weight_matrix(ctx.linear(block, n)) for n in group.linears]
         s, alpha = search_scales(ws, samples[first], stats[first].absmean, spec, opts.grid)

@@ -249,8 +249,6 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
             p.requires_grad_(flag)
         for m, home in zip(moved, homes):
             m.to(home)
-    if log_.stopped == "nan":
-        log.warning("block(s) %d-%d: fine-tuning diverged (NaN loss); kept the best state", ctx.first, ctx.first + len(ctx.blocks) - 1)
     results = {}
     x = ctx.q_inputs
     for offset, (block, fp_block, w) in enumerate(zip(ctx.blocks, ctx.fp_blocks, wrapped)):

@@ -444,10 +444,9 @@ def train_all(
         (kinds["bias"], opts.lr_bias),
         (kinds["act"], opts.lr_act),
     ]
-    result = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train_config(), progress, groups)
-    if result.stopped in ("nan", "diverged"):
-        log.warning("qft: training %s; kept the best state (held-out loss %.4g)", result.stopped, result.best)
-    return result
+    return train(
+        modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train_config(), progress, groups
+    )  # warns on NaN / divergence
 
 
 def train_notes(result: TrainLog, kinds: dict[str, list[Tensor]]) -> dict:

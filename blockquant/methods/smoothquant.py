@@ -105,7 +105,9 @@ def sweep(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: SmoothQuan
     """The α of ``opts.alphas`` with the lowest held-out W·A-quantized block output error."""
     n = len(ctx.inputs.hidden)
     if n < 2:
-        raise ValueError("smoothquant alpha: auto needs at least 2 calibration batches (one to fit, one held out); add samples")
+        raise ValueError(
+            "smoothquant alpha: auto needs at least 2 calibration batches (one to fit, one held out); add samples or lower --batch-size"
+        )
     n_eval = max(1, round(opts.holdout * n))
     fit = _subset(ctx.inputs, list(range(min(opts.fit_batches, n - n_eval))))
     held = _subset(ctx.inputs, list(range(n - n_eval, n)))
