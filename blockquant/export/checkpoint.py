@@ -66,6 +66,15 @@ def export_problem(fmt: str, model: nn.Module, spec: QuantSpec, layers: dict[str
         return None
     if fmt not in FORMATS:
         return f"unknown format {fmt!r}; choose one of {', '.join(FORMAT_CHOICES)}"
+    problem = _layer_problem(fmt, model, spec, layers)
+    if problem is None:
+        return None
+    # name only the formats that do hold it: a fixed hint may point at a format that fails too (GPT-2's Conv1D)
+    fits = [f for f in FORMATS if f != fmt and _layer_problem(f, model, spec, layers) is None] + [DEQUANTIZED]
+    return f"{problem} (formats that hold this model: {', '.join(fits)})"
+
+
+def _layer_problem(fmt: str, model: nn.Module, spec: QuantSpec, layers: dict[str, LayerResult] | None) -> str | None:
     group_size = -1 if spec.per_tensor else spec.group_size
     names = layers if layers is not None else _quantized_layers(model)
     for name in names:

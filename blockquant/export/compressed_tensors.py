@@ -48,10 +48,7 @@ def problem(name: str, out_features: int, in_features: int, group_size: int, con
     if conv1d:
         return f"layer {name} is a Conv1D (GPT-2); compressed-tensors quantizes nn.Linear only"
     if has_g_idx:
-        return (
-            f"layer {name} has act-order groups (g_idx), which compressed-tensors no longer holds; "
-            "quantize with static_groups: true, or use --format gptq"
-        )
+        return f"layer {name} has act-order groups (g_idx), which compressed-tensors no longer holds; quantize with static_groups: true"
     if group_size != -1 and in_features % group_size:
         divisors = [d for d in (8, 16, 32, 64, 128) if in_features % d == 0]
         hint = f"a group size that divides it ({', '.join(map(str, divisors))}) or -1" if divisors else "--group-size -1"

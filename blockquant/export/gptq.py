@@ -37,7 +37,7 @@ def problem(name: str, out_features: int, in_features: int, group_size: int, con
     if in_features % 32 or out_features % 32:
         return (
             f"layer {name} is {out_features}×{in_features}: GPTQ packs blocks of 32 codes along both "
-            "dimensions, so in and out features must be multiples of 32; use --format compressed-tensors or dequantized"
+            "dimensions, so in and out features must be multiples of 32"
         )
     if group_size != -1 and in_features % group_size:
         return (
