@@ -196,7 +196,7 @@ def run_compare(
         log("skipped next:1: on a post-norm model block b+1's input is block b's output, so next:1 is single-block FT")
         variants = [v for v in variants if v != "next:1"]
     if not variants:
-        raise ValueError(f"no variant left to compare on this model ({n_blocks} blocks); choose others with --variants")
+        raise ValueError("every variant asked for was skipped on this model (the line above says why); choose others with --variants")
     rows = list(done)
     start = on_start or (lambda text: None)
     total, count = len(widths) * len(variants), 0

@@ -93,7 +93,7 @@ def test_compare_measures_an_encoders_output_objective(calib_file, eval_file, tm
         (["--seqlen", "16", "--nsamples", "0"], "--nsamples must be >= 1"),
         (["--seqlen", "16", "--batch-size", "0"], "--batch-size must be >= 1"),
         ([], "--seqlen 512 exceeds the model's 128 positions"),
-        (["--seqlen", "16", "--variants", "joint K=3"], "no variant left to compare on this model (2 blocks)"),
+        (["--seqlen", "16", "--variants", "joint K=3"], "every variant asked for was skipped on this model"),
         (["--seqlen", "16", "--variants", "rtn,rtn"], "rtn given more than once"),
         (["--seqlen", "16", "--wbits", "3", "3"], "W3 given more than once"),
     ],
