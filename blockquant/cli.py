@@ -217,6 +217,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, help="fine-tuning steps per window [blockft default]")
     c.add_argument("--output", metavar="DIR", default="compare-out", help="where compare.md/.png/.json go [compare-out]")
     c.add_argument("--overwrite", action="store_true", help="replace the compare.md/.png/.json of an earlier run in --output")
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows an interrupted run on the same data and settings saved in --output, measure the rest",
+    )
     _common(c)
     _seed(c)
     return p
@@ -594,7 +599,7 @@ def _check_same_tokenizer(tokenizer, reference: str, model_dir: str) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from blockquant.compare import CompareJob, check_output, describe, run_compare, save, verdict
+    from blockquant.compare import CompareJob, check_output, describe, load_rows, run_compare, save, verdict
     from blockquant.files import model_class_name, read_text, warn_calibration_length
 
     device = _check_device(args.device)
@@ -619,7 +624,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     limit = getattr(AutoConfig.from_pretrained(args.model_dir), "max_position_embeddings", None)
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
-    check_output(Path(args.output), args.overwrite)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume keeps an earlier run's rows and --overwrite replaces them: give one")
+    out = Path(args.output)
+    check_output(out, args.overwrite or args.resume)
     job = CompareJob(
         str(args.model_dir),
         args.calib,
@@ -639,9 +647,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.calib_generate,
         args.calib_continuations,
     )
+    widths = [(b, args.group_size) for b in args.wbits]
+    asked = {(v, b, g) for v in variants for b, g in widths}
+    done = [r for r in load_rows(out, describe(job)) if (r.variant, r.bits, r.group_size) in asked] if args.resume else []
+    title, saved = f"blockquant compare: {args.model_dir}", []
+
+    def keep(rows: list) -> None:  # after each variant: an interrupted run loses at most the variant it was measuring
+        save(rows, out, title, describe(job))
+        saved[:] = rows
+
     say = None if args.quiet else (lambda text: print(f"blockquant: {text} ...", file=sys.stderr, flush=True))
-    rows = run_compare(job, [(b, args.group_size) for b in args.wbits], variants, on_start=say)
-    files = save(rows, Path(args.output), f"blockquant compare: {args.model_dir}", describe(job))
+    try:
+        rows = run_compare(job, widths, variants, on_start=say, on_row=keep, done=done)
+    except KeyboardInterrupt:
+        if not saved:
+            raise
+        print(f"blockquant: interrupted; the {len(saved)} finished rows are in {out}: add --resume to go on", file=sys.stderr)
+        return 130
+    files = save(rows, out, title, describe(job))
     print("\n".join(verdict(rows)))
     print(f"written: {', '.join(str(f) for f in files)}")
     return 0

@@ -11,6 +11,8 @@ import json
 import multiprocessing
 import os
 import queue as queues
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,8 +144,19 @@ def measure_in_child(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(job, steps, queue))
-    proc.start()
-    return child_result(proc, queue, "full precision" if steps is None else ",".join(m for m, _ in steps))
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:  # Ctrl-C reaches the whole process group: the worker starts ignoring it (inherited across exec) ...
+        proc.start()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, before)
+    try:
+        return child_result(proc, queue, "full precision" if steps is None else ",".join(m for m, _ in steps))
+    except KeyboardInterrupt:  # ... and the parent stops it: no orphan measuring on, no traceback from a vanished queue
+        proc.terminate()
+        proc.join()
+        raise
 
 
 def child_result(proc: Any, queue: Any, what: str) -> Any:
@@ -311,6 +324,20 @@ def describe(job: CompareJob) -> str:
 
 
 OUTPUT_FILES = ("compare.md", "compare.png", "compare.json")
+
+
+def load_rows(out_dir: Path, setup: str) -> list[CompareRow]:
+    """The rows an earlier (interrupted) comparison saved in ``out_dir``, refused unless it was
+    measured on the same data and settings (``setup``, as ``describe`` writes it into compare.md)."""
+    md, js = out_dir / "compare.md", out_dir / "compare.json"
+    if not (md.is_file() and js.is_file()):
+        raise ValueError(f"--resume: {out_dir} holds no earlier comparison (compare.md and compare.json)")
+    if setup not in md.read_text():
+        raise ValueError(f"--resume: the comparison in {out_dir} was measured on other data or settings (see its compare.md)")
+    try:
+        return [CompareRow(**{**r, "curves": [tuple(c) for c in r["curves"]]}) for r in json.loads(js.read_text())]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"--resume: cannot read {js}: {e}") from None
 
 
 def check_output(out_dir: Path, overwrite: bool = False) -> None:

@@ -126,6 +126,34 @@ def test_compare_refuses_an_output_it_cannot_fill_before_measuring(llama_dir, ca
     assert (tmp_path / "out" / "compare.md").read_text() == "an earlier run"
 
 
+def test_an_interrupted_compare_keeps_its_finished_rows_and_resumes(llama_dir, calib_file, eval_file, tmp_path, capsys, monkeypatch):
+    measured = []
+
+    def fake(job, steps):  # ppl 10 for FP, 11 for the rest; Ctrl-C while measuring blockft the first time
+        name = "fp" if steps is None else ",".join(m for m, _ in steps)
+        if name.endswith("blockft") and "interrupt" in measured:
+            raise KeyboardInterrupt
+        measured.append(name)
+        return {"metric": "ppl", "value": 10.0 if steps is None else 11.0, "seconds": 1.0, "peak_rss_mb": 1.0, "curves": []}
+
+    monkeypatch.setattr("blockquant.compare.measure_in_child", fake)
+    out = tmp_path / "c"
+    argv = ["compare", str(llama_dir), "--calib", str(calib_file), "--eval", str(eval_file), "--seqlen", "16"]
+    argv += ["--variants", "rtn,gptq,blockft", "--output", str(out), "--quiet"]
+    measured.append("interrupt")
+    assert main(argv) == 130
+    assert "the 2 finished rows are in" in capsys.readouterr().err
+    assert [r["variant"] for r in json.loads((out / "compare.json").read_text())] == ["rtn", "gptq"]
+    assert main(argv) == 2  # the saved rows are not replaced by accident
+    assert "add --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--seed", "1"]) == 2  # other data: refused
+    assert "other data or settings" in capsys.readouterr().err
+    measured.clear()
+    assert main([*argv, "--resume"]) == 0
+    assert measured == ["gptq,blockft"]  # only what was missing (FP and the finished rows came from the file)
+    assert [r["variant"] for r in json.loads((out / "compare.json").read_text())] == ["rtn", "gptq", "blockft"]
+
+
 def test_a_worker_that_dies_is_reported_not_waited_for():
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
