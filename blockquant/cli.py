@@ -247,7 +247,7 @@ NETWORK_ONLY = ("intensity", "image_key", "crop", "quantize_ends", "region", "la
 
 def _refuse_network_options(args: argparse.Namespace) -> None:
     """MONAI-network options given for a transformer model: an error, not a silent no-op (the reverse of unet's check)."""
-    given = [n for n in NETWORK_ONLY if getattr(args, n, None) not in (None, False)]
+    given = changed_from_default(args, NETWORK_ONLY)
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         raise ValueError(f"{flags}: option(s) of MONAI segmentation networks; {args.model_dir} is a transformer model")
@@ -649,13 +649,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     widths = [(b, args.group_size) for b in args.wbits]
     asked = {(v, b, g) for v in variants for b, g in widths}
-    done = [r for r in load_rows(out, describe(job)) if (r.variant, r.bits, r.group_size) in asked] if args.resume else []
-    title, saved = f"blockquant compare: {args.model_dir}", []
+    title, setup, saved = f"blockquant compare: {args.model_dir}", describe(job), []
 
     def keep(rows: list) -> None:  # after each variant: an interrupted run loses at most the variant it was measuring
-        save(rows, out, title, describe(job))
+        save(rows, out, title, setup)
         saved[:] = rows
 
+    done = [r for r in load_rows(out, setup) if (r.variant, r.bits, r.group_size) in asked] if args.resume else []
     say = None if args.quiet else (lambda text: print(f"blockquant: {text} ...", file=sys.stderr, flush=True))
     try:
         rows = run_compare(job, widths, variants, on_start=say, on_row=keep, done=done)
@@ -664,7 +664,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise
         print(f"blockquant: interrupted; the {len(saved)} finished rows are in {out}: add --resume to go on", file=sys.stderr)
         return 130
-    files = save(rows, out, title, describe(job))
+    files = save(rows, out, title, setup)
     print("\n".join(verdict(rows)))
     print(f"written: {', '.join(str(f) for f in files)}")
     return 0

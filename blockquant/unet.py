@@ -353,21 +353,19 @@ LLM_ONLY = (
     "smooth_fold",
     "calib_paragraphs",
     "max_windows",
+    "nsamples",
+    "seqlen",
+    "batch_size",
+    "calib_continuations",
 )
 QFT_FLAGS = ("hw", "steps", "lr_scale", "lr_weight")  # honoured when the recipe ends in qft
-LLM_SIZES = ("nsamples", "seqlen", "batch_size", "calib_continuations")  # transformer options with a default value
 
 
 def _refuse_llm_options(args: Any, qft: bool = False) -> None:
     """Options of the transformer pipeline that a MONAI network cannot honour: an error, not a silent no-op."""
     from blockquant.cli import changed_from_default
 
-    given = [
-        name
-        for name in LLM_ONLY
-        if getattr(args, name, None) is not None and getattr(args, name) is not False and not (qft and name in QFT_FLAGS)
-    ]
-    given += changed_from_default(args, LLM_SIZES)
+    given = [n for n in changed_from_default(args, LLM_ONLY) if not (qft and n in QFT_FLAGS)]
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         raise ValueError(

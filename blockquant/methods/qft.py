@@ -444,9 +444,8 @@ def train_all(
         (kinds["bias"], opts.lr_bias),
         (kinds["act"], opts.lr_act),
     ]
-    return train(
-        modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train_config(), progress, groups
-    )  # warns on NaN / divergence
+    # train() itself warns on a NaN loss or a diverging held-out loss (and keeps the best state)
+    return train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train_config(), progress, groups)
 
 
 def train_notes(result: TrainLog, kinds: dict[str, list[Tensor]]) -> dict:
