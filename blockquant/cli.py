@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from blockquant.compare import DEFAULT_VARIANTS
+from blockquant.compare import DEFAULT_VARIANTS, INITS
 from blockquant.compare import VARIANTS as COMPARE_VARIANTS
 from blockquant.recipe import FILE_FLAGS, QuantSpec, act_spec, make_step, parse_recipe
 
@@ -213,7 +213,14 @@ def _parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_VARIANTS),
         help=f"comma list from {', '.join(COMPARE_VARIANTS)} [{','.join(DEFAULT_VARIANTS)}]",
     )
-    c.add_argument("--init", choices=["rtn", "gptq"], default="gptq", help="what the fine-tuning variants start from [gptq]")
+    c.add_argument(
+        "--init",
+        choices=INITS,
+        default="gptq",
+        metavar="START",
+        help="what the fine-tuning variants start from: rtn, gptq, or awq,gptq (AWQ's scaling, then GPTQ; "
+        "add the variant awq+gptq to see that start alone) [gptq]",
+    )
     c.add_argument("--steps", type=int, help="fine-tuning steps per window [blockft default]")
     c.add_argument("--output", metavar="DIR", default="compare-out", help="where compare.md/.png/.json go [compare-out]")
     c.add_argument("--overwrite", action="store_true", help="replace the compare.md/.png/.json of an earlier run in --output")

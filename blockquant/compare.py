@@ -20,6 +20,7 @@ from typing import Any
 VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "rtn": [("rtn", {})],
     "gptq": [("gptq", {})],
+    "awq+gptq": [("awq", {}), ("gptq", {})],  # the start of --init awq,gptq, on request
     "blockft": [("blockft", {})],
     "joint K=2": [("blockft", {"window": 2, "stride": 2})],  # non-overlapping: the same steps per block as single-block FT
     "joint K=3": [("blockft", {"window": 3, "stride": 3})],
@@ -32,6 +33,8 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "joint K=2 overlap": [("blockft", {"window": 2, "stride": 1})],  # every inner block trained in two windows: n − 1 windows, not n/2
 }
 DEFAULT_VARIANTS = ("rtn", "gptq", "blockft", "joint K=2", "joint K=3", "next:1", "logits")
+REFERENCES = ("rtn", "gptq", "awq+gptq")  # no fine-tuning: not judged against single-block FT
+INITS = ("rtn", "gptq", "awq,gptq")  # what the fine-tuning variants can start from
 
 
 @dataclass
@@ -48,7 +51,7 @@ class CompareJob:
     device: str = "cpu"
     batch_size: int = 8
     seed: int = 0
-    init: str = "gptq"  # what the fine-tuning variants start from: "rtn" or "gptq"
+    init: str = "gptq"  # what the fine-tuning variants start from: one of INITS
     ft_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"steps": 100}
     paragraphs: bool = False  # calibrate on whole paragraphs (nsamples × seqlen tokens in all), not windows
     generate: int | None = None  # keep this many real tokens per window and sample the rest from the FP model
@@ -79,7 +82,7 @@ def variant_steps(variant: str, job: CompareJob) -> list[tuple[str, dict[str, An
     steps = VARIANTS[variant]
     if steps[-1][0] != "blockft":
         return steps
-    init = [] if job.init == "rtn" else [(job.init, {})]
+    init = [] if job.init == "rtn" else [(method, {}) for method in job.init.split(",")]
     return init + [("blockft", {**job.ft_options, **steps[-1][1]})]
 
 
@@ -246,7 +249,7 @@ def verdict(rows: list[CompareRow]) -> list[str]:
         )
         single = next((r for r in width if r.variant == "blockft"), None)
         for r in width:
-            if single is None or r.variant in ("rtn", "gptq", "blockft"):
+            if single is None or r.variant in (*REFERENCES, "blockft"):
                 continue
             diff = abs(r.value - single.value)
             if r.better_than(single):

@@ -183,6 +183,23 @@ def test_measure_calibrates_on_generated_windows_when_asked(llama_dir, calib_fil
     assert len(seen) == 1 and seen[0][0].shape == (4, 16) and seen[0][1:] == (3, 5, 2)
 
 
+def test_finetuning_can_start_from_awq_then_gptq(llama_dir, calib_file, eval_file, tmp_path, capsys, monkeypatch):
+    from blockquant.compare import CompareJob, describe, variant_steps
+
+    job = CompareJob("m", "c.txt", "e.txt", 4, 32, init="awq,gptq", ft_options={"steps": 2})
+    assert variant_steps("joint K=2", job) == [("awq", {}), ("gptq", {}), ("blockft", {"steps": 2, "window": 2, "stride": 2})]
+    assert variant_steps("awq+gptq", job) == [("awq", {}), ("gptq", {})]
+    assert "starts from AWQ,GPTQ with steps=2" in describe(job)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "cmp"
+    argv = ["compare", str(llama_dir), "--wbits", "4", "--group-size", "32", "--calib", str(calib_file), "--eval", str(eval_file)]
+    argv += ["--nsamples", "4", "--seqlen", "32", "--variants", "awq+gptq,blockft", "--init", "awq,gptq", "--steps", "2"]
+    assert main(argv + ["--output", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "awq+gptq vs single-block FT" not in printed  # a start, not a fine-tuning variant to judge
+    assert [r["variant"] for r in json.loads((out / "compare.json").read_text())] == ["awq+gptq", "blockft"]
+
+
 def test_describe_names_generated_calibration_and_a_partial_evaluation():
     from blockquant.compare import CompareJob, describe
 
