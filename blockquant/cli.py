@@ -606,7 +606,7 @@ def _check_same_tokenizer(tokenizer, reference: str, model_dir: str) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from blockquant.compare import CompareJob, check_output, describe, load_rows, run_compare, save, verdict
+    from blockquant.compare import OUTPUT_FILES, CompareJob, check_output, describe, load_rows, run_compare, save, verdict
     from blockquant.files import model_class_name, read_text, warn_calibration_length
 
     device = _check_device(args.device)
@@ -671,9 +671,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise
         print(f"blockquant: interrupted; the {len(saved)} finished rows are in {out}: add --resume to go on", file=sys.stderr)
         return 130
-    files = save(rows, out, title, setup)
+    if rows != saved:  # nothing new was measured (all kept by --resume): the kept rows are still written
+        save(rows, out, title, setup)
     print("\n".join(verdict(rows)))
-    print(f"written: {', '.join(str(f) for f in files)}")
+    print(f"written: {', '.join(str(out / f) for f in OUTPUT_FILES)}")
     return 0
 
 

@@ -34,7 +34,7 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 DEFAULT_VARIANTS = ("rtn", "gptq", "blockft", "joint K=2", "joint K=3", "next:1", "logits")
 REFERENCES = ("rtn", "gptq", "awq+gptq")  # no fine-tuning: not judged against single-block FT
-INITS = ("rtn", "gptq", "awq,gptq")  # what the fine-tuning variants can start from
+INITS = tuple(r.replace("+", ",") for r in REFERENCES)  # a fine-tuning start is a reference row's steps (rtn: blockft's own)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def variant_steps(variant: str, job: CompareJob) -> list[tuple[str, dict[str, An
     steps = VARIANTS[variant]
     if steps[-1][0] != "blockft":
         return steps
-    init = [] if job.init == "rtn" else [(method, {}) for method in job.init.split(",")]
+    init = [] if job.init == "rtn" else VARIANTS[job.init.replace(",", "+")]
     return init + [("blockft", {**job.ft_options, **steps[-1][1]})]
 
 
