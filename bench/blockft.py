@@ -121,7 +121,7 @@ def main() -> None:
         choices=INITS,
         default="gptq",
         metavar="START",
-        help="what the fine-tuning variants start from: rtn, gptq or awq,gptq [gptq]",
+        help=f"what the fine-tuning variants start from: {' | '.join(INITS)} [gptq]",
     )
     p.add_argument("--name", default="blockft", help="result file name under bench/results [blockft]")
     p.add_argument(

@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=INITS,
         default="gptq",
         metavar="START",
-        help="what the fine-tuning variants start from: rtn, gptq, or awq,gptq (AWQ's scaling, then GPTQ; "
+        help=f"what the fine-tuning variants start from: {' | '.join(INITS)} (awq,gptq: AWQ's scaling, then GPTQ; "
         "add the variant awq+gptq to see that start alone) [gptq]",
     )
     c.add_argument("--steps", type=int, help="fine-tuning steps per window [blockft default]")
