@@ -1,6 +1,8 @@
 """Shared bench plumbing: locate ../shared, run one configuration per subprocess, write tables.
 
-Each quantization runs in its own process so that its peak RSS is its own.
+Each quantization runs in its own process so that its peak RSS is its own. Every script writes one
+current table, ``bench/results/<script>.md``, overwritten when it runs again; row caches for
+resuming and plots go to ``bench/cache/`` (not tracked).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import json
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -19,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
+CACHE = ROOT / "bench" / "cache"  # row caches and plots (git-ignored)
 
 
 def run_child(script: Path, args: list[str]) -> dict:
@@ -47,11 +51,58 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def environment() -> str:
+    """torch version, CPU, kernel level and threads: a result says where it ran."""
+    return f"torch {torch.__version__}, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()} kernels), {torch.get_num_threads()} threads"
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    where = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return shlex.join(["python", str(where), *sys.argv[1:]])
+
+
 def write_result(name: str, title: str, body: str) -> Path:
+    """Write ``bench/results/<name>.md`` (replacing it): title, the command, date and environment, then ``body``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
-    env = f"torch {torch.__version__}, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()} kernels), {torch.get_num_threads()} threads"
-    path.write_text(f"# {title}\n\n{time.strftime('%Y-%m-%d')}, {env}\n\n{body}\n")
+    path.write_text(f"# {title}\n\n`{command_line()}` — {time.strftime('%Y-%m-%d')}, {environment()}\n\n{body}\n")
+    return path
+
+
+def cache_path(name: str) -> Path:
+    """``bench/cache/<name>``: where a script keeps its rows for ``--resume`` and its plots."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE / name
+
+
+def update_table(name: str, title: str, intro: str, headers: list[str], row: list[str], key: int) -> Path:
+    """Put ``row`` into the table of ``bench/results/<name>.md``, replacing the row whose first ``key`` cells
+    equal its own, and rewrite the file: title, ``intro``, the table, then whatever text followed the old table.
+
+    For scripts that measure one configuration per run: the file stays one current table of every
+    configuration measured, and re-running a configuration overwrites its row.
+    """
+    path = RESULTS / f"{name}.md"
+    rows: list[list[str]] = []
+    after = ""
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        head = "| " + " | ".join(headers) + " |"
+        if head in lines:
+            i = lines.index(head) + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split(" | ")])
+                i += 1
+            after = "\n".join(lines[i:]).strip()
+    same = [i for i, r in enumerate(rows) if r[:key] == row[:key]]
+    if same:
+        rows[same[0]] = row
+    else:
+        rows.append(row)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n{intro}\n\n{markdown_table(headers, rows)}\n" + (f"\n{after}\n" if after else ""))
     return path
 
 

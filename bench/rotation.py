@@ -1,4 +1,4 @@
-"""Does rotating a Llama's residual stream first help GPTQ and block-wise FT? (session 19 study)
+"""Does rotating a Llama's residual stream first help GPTQ and block-wise FT? -> bench/results/rotation.md
 
     python bench/rotation.py --rotation {none,hadamard,orthogonal} [--bits 2] [--group-size 64]
                              [--variant fp|gptq|blockft|"joint K=2"] [--seed N] [--max-windows N]
@@ -8,8 +8,9 @@ residual stream by an orthogonal Q (embeddings E·Q, readers W·Q, writers Qᵀ�
 The full-precision function is unchanged (the script checks the logits); the weights each
 group-wise grid sees are mixed across input channels, which should spread outliers out.
 The rotation is applied right after loading, so calibration, quantization and the evaluation
-all see the rotated model. Prints one line; the results are collected by hand in
-bench/results/blockft.md ("Session 19"), since the library has no rotation step.
+all see the rotated model (llama-code; the library itself has no rotation step). One run measures
+one configuration and puts its row into bench/results/rotation.md, replacing that configuration's
+earlier row.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blockquant.files as files  # noqa: E402
-from bench.common import SHARED, subject_paths  # noqa: E402
+from bench.common import SHARED, cpu_name, subject_paths, update_table  # noqa: E402
 from blockquant.compare import CompareJob, measure, variant_steps  # noqa: E402
 
 
@@ -111,6 +112,26 @@ def main() -> None:
         f"{out['metric']} {out['value']:.4f}, {out['seconds']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",
         flush=True,
     )
+    row = [
+        f"W{args.bits} g{args.group_size}",
+        str(args.seed),
+        args.rotation,
+        args.variant,
+        f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thr."
+        + (f", first {args.max_windows} windows" if args.max_windows else ""),
+        f"{out['value']:.4f}",
+        f"{out['seconds']:.0f}",
+        f"{out['peak_rss_mb']:.0f}",
+    ]
+    intro = (
+        "llama-code, calibration 128 × 512 tokens of data/code/calib.txt (draw `seed`), perplexity on all 501 windows of "
+        "data/code/eval.txt, library defaults; the rotation's own seed is fixed (1234). `orthogonal`: a Haar-random Q; "
+        "`hadamard`: random signs × (random 3×3 orthogonal ⊗ Hadamard 128). Each row: `python bench/rotation.py --rotation R "
+        "--bits B --group-size G --variant V --seed S`; re-running a configuration on the same CPU and thread count replaces its row."
+    )
+    headers = ["width", "seed", "rotation", "variant", "CPU, kernels, threads", "ppl", "quantize s", "peak RSS MB"]
+    path = update_table("rotation", "Residual-stream rotation before GPTQ and block-wise FT (llama-code)", intro, headers, row, 5)
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

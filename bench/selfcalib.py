@@ -1,4 +1,4 @@
-"""Does calibrating on the full-precision model's own samples help block-wise FT at W2? (session 20 study)
+"""Does calibrating on the full-precision model's own samples help? -> bench/results/selfcalib.md
 
     python bench/selfcalib.py --calib-source {real,generated,mixed} [--bits 2] [--group-size 64]
                               [--variant gptq|blockft|train-float|"joint K=2"|gptq+qft|blockft+qft] [--prefix 16] [--seed N] [--max-windows N]
@@ -9,15 +9,17 @@ code. LLM-QAT (Liu et al., 2023) found that text sampled from the full-precision
 calibrates better than real text: it is what the model predicts, not what it memorised.
 Here each generated window keeps the first ``--prefix`` tokens of the real window the seed draws
 and samples the rest from the full-precision model (temperature 1, no top-k), so the token budget
-(128 × 512) and the draw stay the protocol's. ``mixed``: every second window generated. Prints one line; the rows are gathered by hand in bench/results/blockft.md.
+(128 × 512) and the draw are those of the file's windows (``blockquant quantize --calib-generate``
+does the same). ``mixed``: every second window generated. One run measures one configuration and
+puts its row into bench/results/selfcalib.md, replacing that configuration's earlier row.
 
-``--continuations R`` (generated only) leaves the protocol on purpose: each of the 128 prompts is
-continued R times (R × 128 windows, rows of one prompt adjacent, so the held-out batches at the end
-hold prompts no training window has). It asks whether an end-to-end step (QFT), which sees each of
-the 128 windows about ten times in its 150 steps, is held back by re-reading the same windows.
-``--cache FILE`` keeps the generated windows, so that parallel runs on one draw sample it once.
-A ``+qft`` variant also prints the perplexity of its start (the model just before QFT), measured
-in the same process on the same windows: one chain run gives both rows of the comparison.
+``--continuations R`` (generated only) continues each of the 128 prompts R times (R × 128
+windows, rows of one prompt adjacent, so the held-out batches at the end hold prompts no training
+window has), as ``--calib-continuations``: fine-tuning then reads each window once or twice
+instead of about ten times. ``--cache FILE`` keeps the generated windows, so that parallel runs
+on one draw sample it once. A ``+qft`` variant also measures the perplexity of its start (the
+model just before QFT) in the same process on the same windows: one chain run gives both rows of
+the comparison.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blockquant.files as files  # noqa: E402
-from bench.common import SHARED, subject_paths  # noqa: E402
+from bench.common import SHARED, cpu_name, subject_paths, update_table  # noqa: E402
 from blockquant.compare import CompareJob, measure, variant_steps  # noqa: E402
 from blockquant.evaluate import perplexity  # noqa: E402
 from blockquant.methods import METHODS  # noqa: E402
@@ -110,6 +112,7 @@ def main() -> None:
         continuations=args.continuations,
         ft_options={"accumulate": args.accumulate} if args.accumulate > 1 else {},
     )
+    starts: list[float] = []
     if args.variant.endswith("+qft"):  # QFT from the named start: GPTQ alone, or GPTQ then block-wise FT
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # only the tokenizer: measure() loads the model itself
         ids = files.tokenize_stream(tokenizer, files.read_text(evaluation, "evaluation"))
@@ -118,6 +121,7 @@ def main() -> None:
         def qft_after_measuring_start(ctx, *a, **k):  # the start's score, same windows and process
             start = perplexity(ctx.model, ids, job.seqlen, job.max_windows, job.device, job.batch_size, progress=False)
             print(f"  start before QFT ({args.variant.removesuffix('+qft')}): ppl {start:.4f}", flush=True)
+            starts.append(start)
             return apply_qft(ctx, *a, **k)
 
         METHODS["qft"] = dataclasses.replace(METHODS["qft"], apply=qft_after_measuring_start)
@@ -140,6 +144,48 @@ def main() -> None:
     if qft:  # the held-out curve tells a fit that did not carry over from one that did not happen
         print(f"  qft {qft['steps_run']} steps, stopped: {qft['stopped']}, held-out loss (step, value): {qft['held_out_loss']}")
     print(f"  seconds per recipe step: {out.get('step_seconds')}", flush=True)
+    calibration = (
+        args.calib_source if args.calib_source == "real" else f"{args.calib_source}, prefix {args.prefix}, R = {args.continuations}"
+    )
+    options = [f"accumulate {args.accumulate}"] if args.accumulate > 1 else []
+    options += ["after AWQ"] if args.awq else []
+    options += [f"qft {args.qft_steps} steps"] if args.qft_steps else []
+    options += [f"first {args.max_windows} windows"] if args.max_windows else []
+    row = [
+        f"W{args.bits} g{args.group_size}",
+        str(args.seed),
+        calibration,
+        args.variant,
+        ", ".join(options) or "-",
+        f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thr.",
+        f"{out['value']:.4f}",
+        f"{starts[0]:.4f}" if starts else "-",
+        f"{out['seconds']:.0f}",
+        f"{out['peak_rss_mb']:.0f}",
+    ]
+    intro = (
+        "llama-code, library defaults unless the options column says otherwise; calibration 128 windows of 512 tokens drawn "
+        "from data/code/calib.txt (draw `seed`): `real` the file's windows, `generated` each window's first 16 tokens kept and "
+        "the rest sampled from the full-precision model (temperature 1), R continuations per prompt (R × 128 windows), `mixed` "
+        "every second window generated; perplexity on all 501 windows of data/code/eval.txt. `start` is the perplexity of "
+        "QFT's starting point, measured in the same run; seconds are the run's quantization wall time. Each row: "
+        "`python bench/selfcalib.py --calib-source SOURCE --bits B --group-size G --variant V --seed S [--continuations R] "
+        "[--accumulate K] [--awq] [--qft-steps N]`; re-running a configuration on the same CPU and thread count replaces its row."
+    )
+    headers = [
+        "width",
+        "seed",
+        "calibration",
+        "variant",
+        "options",
+        "CPU, kernels, threads",
+        "ppl",
+        "start (before QFT)",
+        "seconds",
+        "peak RSS MB",
+    ]
+    path = update_table("selfcalib", "Calibrating on the model's own text (llama-code)", intro, headers, row, 6)
+    print(f"written to {path}", flush=True)
 
 
 if __name__ == "__main__":
