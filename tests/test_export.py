@@ -648,9 +648,7 @@ def test_cli_formats_and_eval_of_a_packed_directory(llama_dir, calib_file, tmp_p
 def test_cli_rounds_scales_to_the_subjects_dtype(calib_file, tmp_path):
     """fp32 compute (--dtype default) on a bf16 subject: the grid is bf16 from the start, so the
     bf16 export moves no weight."""
-    subject = tmp_path / "bf16"
-    build_tiny("llama").to(torch.bfloat16).save_pretrained(subject)
-    build_tokenizer().save_pretrained(subject)
+    subject = _bf16_subject(tmp_path / "bf16")
     out = tmp_path / "packed"
     assert main(_cli(subject, calib_file, out, "--group-size", "-1", "--format", "compressed-tensors")) == 0
     record = json.loads((out / "blockquant.json").read_text())
@@ -664,6 +662,65 @@ def test_cli_default_falls_back_to_dequantized_with_a_warning(llama_dir, calib_f
     assert "(dequantized)" in capsys.readouterr().out
     assert "172 inputs, which group size 32 does not divide" in caplog.text
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def _bf16_subject(path: Path) -> Path:
+    build_tiny("llama").to(torch.bfloat16).save_pretrained(path)  # MLP width 172: ragged for g128
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def _safetensors_dtypes(directory: Path) -> set[str]:
+    dtypes = set()
+    for f in directory.glob("*.safetensors"):
+        raw = f.read_bytes()
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return dtypes
+
+
+def test_cli_fallback_keeps_the_subjects_dtype(calib_file, tmp_path, caplog):
+    """The default format cannot hold a ragged last group (64 and 172 inputs, g128): the dequantized
+    fallback of a bf16 subject quantized in fp32 compute is a bf16 checkpoint of the subject's size."""
+    subject = _bf16_subject(tmp_path / "bf16")
+    out = tmp_path / "out"
+    assert main(_cli(subject, calib_file, out, "--wbits", "4")) == 0
+    assert "which group size 128 does not divide" in caplog.text
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    assert _safetensors_dtypes(out) == {"BF16"}
+    size = (out / "model.safetensors").stat().st_size
+    assert size == pytest.approx((subject / "model.safetensors").stat().st_size, rel=0.01)
+    export = json.loads((out / "blockquant.json").read_text())["export"]
+    assert export["format"] == "dequantized" and export["dtype"] == "bfloat16"
+    assert 0 < export["weight_rounding"]["weights_changed"] < export["weight_rounding"]["weights_total"]
+    assert export["weight_rounding"]["max_relative_change"] <= 2**-8
+
+
+def test_dequantized_checkpoint_is_the_evaluated_model_in_the_given_dtype(tmp_path):
+    """``save_checkpoint(dequantized, dtype=bf16)`` writes each weight rounded to bf16 once, and
+    leaves the in-memory fp32 model (and its config) as it was."""
+    from blockquant.export import DEQUANTIZED, resolve_format, save_checkpoint
+
+    model = build_tiny("llama")
+    spec = QuantSpec(4, 128, scale_dtype="bfloat16")
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    result = quantize(model, parse_recipe("gptq", spec), calib, progress=False)
+    assert resolve_format(None, model, result.recipe.spec, result.layers) == DEQUANTIZED
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config_dtype = model.config.dtype
+    out = save_checkpoint(DEQUANTIZED, model, build_tokenizer(), tmp_path / "out", result.record(), result, dtype=torch.bfloat16)
+    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.config.dtype == config_dtype
+    saved = load_file(out / "model.safetensors")
+    moved = 0
+    for name in result.layers:
+        weight = model.get_submodule(name).weight
+        assert torch.equal(saved[f"{name}.weight"], weight.to(torch.bfloat16)), name
+        moved += int((saved[f"{name}.weight"].float() != weight).sum())
+    assert json.loads((out / "blockquant.json").read_text())["export"]["weight_rounding"]["weights_changed"] == moved
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("fmt, fragment", [("compressed-tensors", "group size 32 does not divide"), ("gptq", "multiples of 32")])

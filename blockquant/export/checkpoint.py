@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,18 +119,70 @@ def save_checkpoint(
 ) -> Path:
     """Write ``fmt`` (a packed format, or ``dequantized`` for a plain HF checkpoint).
 
+    ``dtype`` (default: the model's) is the checkpoint's dtype in every format: pass the source
+    checkpoint's (``stored_dtype``), so that a bf16 model stays a bf16 file also when it was
+    quantized in fp32 compute. Dequantized weights ``s·(q − z)`` are rounded to it;
+    ``blockquant.json`` (``export.weight_rounding``) records how many that moved.
+
     Smoothed activations (SmoothQuant ``fold: quantizer``) only go to ``dequantized``: the weights
     with s divided back out of their columns, so that plain transformers computes the quantized
     weights' function, and s in ``activations.SMOOTHING_FILE`` for ``activations.restore``.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (the checkpoint's), e.g. torch.bfloat16, got {dtype!r}")
     if fmt == DEQUANTIZED:
+        dtype = dtype or _model_dtype(model)
         smoothing = activations.smoothing_vectors(model)
-        with activations.unsmoothed(model):
+        with activations.unsmoothed(model), _stored_as(model, dtype, list(result.layers)) as rounding:
+            record = dict(record)
+            record["export"] = {"format": DEQUANTIZED, "dtype": str(dtype).removeprefix("torch."), "weight_rounding": vars(rounding)}
             extra = {activations.SMOOTHING_FILE: smoothing} if smoothing else None
             return save_quantized(model, tokenizer, out_dir, record, overwrite, extra)
     if has_input_smoothing(model):
         raise ValueError(QUANTIZER_FOLD_PACKED)
     return save_packed(model, result, out_dir, fmt, tokenizer=tokenizer, record=record, overwrite=overwrite, dtype=dtype)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+@contextmanager
+def _stored_as(model: nn.Module, dtype: torch.dtype, layers: list[str]) -> Iterator[ScaleRounding]:
+    """Inside, every floating tensor of ``model``'s state dict is in ``dtype`` (what
+    ``save_pretrained`` writes); yields how many weights of the quantized ``layers`` the cast
+    moved. On exit the original tensors (and ``config.dtype``) are put back, untouched."""
+    saved: dict[int, tuple[Tensor, Tensor]] = {}
+    config_dtype = getattr(model.config, "dtype", None)
+    rounding = ScaleRounding()
+    try:
+        for t in model.state_dict(keep_vars=True).values():
+            if t.is_floating_point() and t.dtype != dtype and id(t) not in saved:
+                saved[id(t)] = (t, t.data)
+                t.data = t.data.to(dtype)
+        for name in layers:
+            weight = model.get_submodule(name).weight
+            old = saved[id(weight)][1] if id(weight) in saved else weight.data
+            moved = weight.data.float() != old.float()
+            rounding.weights_total += weight.numel()
+            rounding.weights_changed += int(moved.sum())
+            if moved.any():
+                rel = (weight.data.float() - old.float()).abs() / old.float().abs().clamp(min=1e-30)
+                rounding.max_relative_change = max(rounding.max_relative_change, float(rel[moved].max()))
+        if rounding.weights_changed:
+            log.info(
+                "dequantized weights stored in %s move %d of %d quantized weights, by at most %.2g relative "
+                "(blockquant.json: export.weight_rounding)",
+                dtype,
+                rounding.weights_changed,
+                rounding.weights_total,
+                rounding.max_relative_change,
+            )
+        yield rounding
+    finally:
+        for t, data in saved.values():
+            t.data = data
+        model.config.dtype = config_dtype  # save_pretrained sets it to what it wrote
 
 
 def save_packed(
@@ -158,7 +212,7 @@ def save_packed(
     if not result.layers:
         raise ValueError("the QuantResult records no quantized layers; nothing to pack")
     writer = FORMATS[fmt]
-    dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = dtype or _model_dtype(model)
     packed, rounding = {}, ScaleRounding()
     for name, layer in result.layers.items():
         module = model.get_submodule(name)
