@@ -12,7 +12,12 @@ checked against its 0.20 source):
 
 compressed-tensors' grid is signed for both symmetric and asymmetric schemes, so blockquant's
 unsigned asymmetric codes and zero points shift by ``2^(b−1)`` — the stored words are the same.
-It cannot hold a ragged last group (it requires ``in % group_size == 0``), act-order groups
+The asymmetric layout is llm-compressor's (and what vLLM allocates); transformers 5.23 +
+compressed-tensors 0.20 load it only with ``CompressedTensorsConfig(dequantize=True)``, since
+their compressed mode sizes ``weight_zero_point`` unpacked (docs/formats.md).
+
+It cannot hold a ragged last group (compressed-tensors' dequantization requires
+``in % group_size == 0`` and vLLM sizes the scales ``in // group_size``), act-order groups
 (``g_idx``; removed from compressed-tensors) or GPT-2's Conv1D; those are refused.
 """
 

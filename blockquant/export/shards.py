@@ -1,4 +1,4 @@
-"""Sharded safetensors files and the sha256 manifest that guards them (issue #5, "Integrity").
+"""Sharded safetensors files and the sha256 manifest that guards them.
 
 Writing: tensors go to ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` plus
 ``model.safetensors.index.json`` past ``max_shard_bytes``), then every file of the directory
