@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from blockquant.arch import set_weight_matrix, weight_matrix
 from blockquant.capture import BlockInputs, InputStats, collect_input_stats
+from blockquant.layers import set_weight_matrix, weight_matrix
 from blockquant.primitives import round_ste
-from blockquant.recipe import ActSpec
+from blockquant.spec import ActSpec
 
 _MIN_SCALE = 1e-10
 ATTR = "input_quantizer"

@@ -1,9 +1,12 @@
-"""``quantize(model, recipe, calibration)``: the one sequential driver loop (DESIGN.md §4).
+"""``quantize(model, recipe, calibration)``: the one driver (DESIGN.md §4).
 
-Embed once and capture block 0's inputs; then per block: onload it to ``device``, compute the
-full-precision targets, apply the recipe's methods, propagate the quantized outputs, offload.
+It picks the pipeline from the model's structure. A transformer stack is quantized block by
+block: embed once and capture block 0's inputs; then per block: onload it to ``device``, compute
+the full-precision targets, apply the recipe's methods, propagate the quantized outputs, offload.
 Two activation streams flow through the blocks: the full-precision one (targets) and the
 quantized one (inputs of the next quantized block). Peak memory ≈ one block + activations.
+A network without a chain of blocks (a convolution network with skips) is quantized layer by
+layer in forward order (``layerwise``).
 """
 
 from __future__ import annotations
@@ -11,89 +14,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
-import resource
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from blockquant import activations
+from blockquant import activations, layerwise
 from blockquant.arch import ARCHITECTURES, ArchSpec, arch_for, block_linears, get_blocks
-from blockquant.capture import BlockContext, BlockInputs, LayerResult, ModelContext, WindowContext, capture_block_inputs, run_block
+from blockquant.capture import BlockContext, BlockInputs, ModelContext, WindowContext, capture_block_inputs, run_block
+from blockquant.device import check_device, peak_rss_mb
+from blockquant.layers import is_conv
 from blockquant.methods import METHODS
-from blockquant.recipe import SCALE_DTYPES, Recipe
+from blockquant.recipe import Recipe
+from blockquant.report import BlockReport, QuantResult
+from blockquant.spec import SCALE_DTYPES
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BlockReport:
-    index: int
-    input_error: float  # relative MSE of the quantized stream vs the FP stream entering the block
-    output_error: float  # the same at the block's output, after quantizing it
-    seconds: float
-
-
-@dataclass
-class QuantResult:
-    """What was done: per-layer grids and errors, per-block errors, time and memory."""
-
-    recipe: Recipe
-    layers: dict[str, LayerResult] = field(default_factory=dict)
-    blocks: list[BlockReport] = field(default_factory=list)
-    seconds: float = 0.0
-    cpu_seconds: float = 0.0  # CPU time of this process over all its threads: a cost measure robust to other jobs sharing the CPU
-    peak_rss_mb: float = 0.0
-    peak_cuda_mb: float | None = None
-    train_logs: list = field(default_factory=list)  # (first block, finetune.TrainLog) per window
-    activations: dict | None = None  # the activation scheme and each static range (activations.record)
-    model_steps: dict[str, dict] = field(default_factory=dict)  # what each model-level step (qft) reports
-    step_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> wall and CPU seconds, summed over blocks
-
-    @contextmanager
-    def timing(self, method: str) -> Iterator[None]:
-        """Add the wall and CPU time of the enclosed run of a recipe step to its totals (so a
-        chain's steps can be costed against each other)."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        yield
-        t = self.step_seconds.setdefault(method, {"seconds": 0.0, "cpu_seconds": 0.0})
-        t["seconds"] += time.perf_counter() - wall
-        t["cpu_seconds"] += time.process_time() - cpu
-
-    def record(self) -> dict[str, Any]:
-        """A JSON-able, quantization_config-style record."""
-        spec = self.recipe.spec
-        return {
-            "quant_method": "blockquant",
-            "method": self.recipe.name,
-            "bits": spec.bits,
-            "group_size": spec.group_size,
-            "sym": spec.sym,
-            "recipe": self.recipe.to_dict(),
-            "activations": self.activations,
-            "seconds": round(self.seconds, 2),
-            "cpu_seconds": round(self.cpu_seconds, 2),
-            "peak_rss_mb": round(self.peak_rss_mb, 1),
-            "peak_cuda_mb": None if self.peak_cuda_mb is None else round(self.peak_cuda_mb, 1),
-            "step_seconds": {m: {k: round(v, 2) for k, v in t.items()} for m, t in self.step_seconds.items()},
-            "blocks": [vars(b) for b in self.blocks],
-            "layers": {  # None, not NaN (invalid JSON), where no per-block step measured a layer (qft alone)
-                n: {"relative_output_error": r.error if math.isfinite(r.error) else None, "act_order": r.g_idx is not None}
-                for n, r in self.layers.items()
-            },
-            **self.model_steps,  # e.g. "qft": its training record (block and layer errors above are from before it)
-        }
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def calibration_batches(calibration: Tensor | list[Tensor], batch_size: int, encoder: bool) -> list[dict[str, Tensor]]:
@@ -162,31 +100,20 @@ def _check_finite_outputs(block: nn.Module, inputs: BlockInputs, outputs: list[T
     raise ValueError(f"{where}: NaN/Inf output, first produced by layer {layer}")
 
 
-def check_device(name: str | torch.device, flag: str = "device") -> torch.device:
-    """A device this machine has: ``cpu``, ``cuda`` or ``cuda:N``."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown {flag} {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported {flag} {name!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{flag} {name!r} was asked for but no CUDA GPU is available; use cpu")
-    return device
-
-
-def check_arguments(model: Any, recipe: Any, calibration: Any, device: Any, batch_size: Any) -> torch.device:
+def _check_common(model: Any, recipe: Any, batch_size: Any) -> None:
     """What ``quantize`` is handed, checked up front: a mistake is named here, not deep inside torch."""
-    from blockquant.export.qlinear import QuantLinear
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. AutoModelForCausalLM.from_pretrained(dir)), got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a Recipe, e.g. parse_recipe('gptq', QuantSpec(bits=4)), got {type(recipe).__name__}")
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
         raise ValueError("the model is already quantized (it holds packed QuantLinear layers): quantize the full-precision model")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def _check_token_ids(model: nn.Module, calibration: Any) -> None:
+    """A transformer's calibration: token ids its embedding and positions can take."""
     samples = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration]
     if not samples or not all(isinstance(x, Tensor) for x in samples):
         raise TypeError("calibration must be a tensor of token ids (N, T) or a non-empty list of 1-D tensors of token ids")
@@ -206,7 +133,27 @@ def check_arguments(model: Any, recipe: Any, calibration: Any, device: Any, batc
     longest = max(x.shape[-1] for x in samples)
     if positions is not None and longest > positions:
         raise ValueError(f"calibration samples of {longest} tokens exceed the model's {positions} positions")
-    return check_device(device)
+
+
+def _images(calibration: Any) -> Tensor:
+    """A convolution network's calibration: one ``(N, C, *spatial)`` float tensor (a list of them is
+    concatenated along N), finite."""
+    samples = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration]
+    if not samples or not all(isinstance(x, Tensor) and x.is_floating_point() and x.ndim >= 3 for x in samples):
+        raise TypeError(
+            "a convolution network's calibration must be images: a float tensor (N, C, *spatial) or a non-empty list of them"
+        )
+    if len({tuple(x.shape[1:]) for x in samples}) > 1:
+        raise ValueError(f"calibration images must share channels and size to form one batch, got {[tuple(x.shape) for x in samples]}")
+    images = torch.cat(samples).float() if len(samples) > 1 else samples[0].float()
+    if images.numel() == 0 or not torch.isfinite(images).all():
+        raise ValueError("calibration images are empty or hold NaN/Inf")
+    return images
+
+
+def is_convolution_network(model: nn.Module) -> bool:
+    """A network the layer-by-layer pipeline walks: not a known transformer, and it has convolutions."""
+    return type(model).__name__ not in ARCHITECTURES and any(is_conv(m) for m in model.modules())
 
 
 def check_mapping(model: nn.Module, recipe: Recipe) -> ArchSpec:
@@ -221,6 +168,11 @@ def check_mapping(model: nn.Module, recipe: Recipe) -> ArchSpec:
         raise ValueError(
             f"unsupported architecture {name}: {need}; add an ArchSpec entry for it (supported: {', '.join(sorted(ARCHITECTURES))})"
         )
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {name}: blockquant quantizes the transformers {', '.join(sorted(ARCHITECTURES))} block by block "
+            "(add an ArchSpec entry in blockquant/arch.py for another family), and networks with convolutions layer by layer"
+        )
     arch = arch_for(model)
     if folding and all(g.feeder is None for g in arch.groups):
         raise ValueError(f"{name}'s table knows no feeder of any linear group: {need}; use rtn or gptq, or add the feeders")
@@ -231,11 +183,11 @@ def _window_shape(recipe: Recipe, n_blocks: int) -> tuple[list, list, list, int,
     """Split the recipe into per-block steps, at most one window step after them, and at most one
     model-level step last; (K, S) of the window step."""
     steps = list(recipe.steps)
-    model_steps = [i for i, st in enumerate(steps) if METHODS[st.method].model_level]
+    model_steps = [i for i, st in enumerate(steps) if METHODS[st.method].stage == 2]
     if model_steps and (len(model_steps) > 1 or model_steps[0] != len(steps) - 1):
         raise ValueError(f"recipe {recipe.name}: a whole-model method (qft) must come last and only once (e.g. 'gptq,qft')")
     model_level = [steps.pop()] if model_steps else []
-    windowed = [i for i, st in enumerate(steps) if METHODS[st.method].windowed]
+    windowed = [i for i, st in enumerate(steps) if METHODS[st.method].stage == 1]
     if not windowed:
         return steps, [], model_level, 1, 1
     if len(windowed) > 1 or windowed[0] != len(steps) - 1:
@@ -266,30 +218,78 @@ def quantize(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    seed: int = 0,
+    ends_bits: int | None = 8,
 ) -> QuantResult:
-    """Quantize ``model`` in place with ``recipe`` on calibration token ids ``(N, T)`` (or a list
-    of 1-D samples of varying length: see ``calibration_batches``).
+    """Quantize ``model`` in place with ``recipe``; the pipeline follows the model's structure.
+
+    - A transformer of ``arch.ARCHITECTURES`` (causal LM or encoder): ``calibration`` is token ids
+      ``(N, T)`` or a list of 1-D samples of varying length (see ``calibration_batches``), and the
+      blocks are quantized one after another (``_quantize_blocks``), ``batch_size`` sequences a call.
+    - A convolution network (a MONAI U-Net, any network with Conv / ConvTranspose layers):
+      ``calibration`` is images ``(N, C, *spatial)`` or a list of them, and every layer is quantized
+      in forward order (``layerwise.quantize_layers``). ``ends_bits``: bits of the layers that read
+      the input and of the last layer (None: the recipe's); ``seed``: which output positions
+      the per-layer statistics sample.
+
+    A spec without ``scale_dtype`` gets the model's parameter dtype (what ``save_packed``
+    stores scales in by default); ``result.recipe`` holds the spec actually used.
+    """
+    _check_common(model, recipe, batch_size)
+    device = check_device(device)
+    conv = is_convolution_network(model)
+    if conv:
+        images = _images(calibration)
+        layerwise.check_recipe(recipe)
+    else:
+        check_mapping(model, recipe)  # an unsupported model is named before its calibration is checked
+        _check_token_ids(model, calibration)
+        missing = [s.method for s in recipe.steps if not (METHODS[s.method].block or METHODS[s.method].window or METHODS[s.method].model)]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} quantizes convolution networks layer by layer (e.g. a MONAI U-Net); "
+                "for transformer blocks use gptq or blockft"
+            )
+    recipe = with_scale_dtype(recipe, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
+    check_finite_weights(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start_time, start_cpu = time.perf_counter(), time.process_time()
+    result = QuantResult(recipe)
+    if conv:
+        home = next(model.parameters()).device
+        model.to(device)
+        try:
+            layerwise.quantize_layers(model, recipe, images.to(device), result, ends_bits, seed, progress)
+        finally:
+            model.to(home)
+    else:
+        _quantize_blocks(model, recipe, calibration, device, batch_size, progress, result)
+    result.activations = activations.record(model, recipe.act)
+    result.seconds = time.perf_counter() - start_time
+    result.cpu_seconds = time.process_time() - start_cpu
+    result.peak_rss_mb = peak_rss_mb()
+    if device.type == "cuda":
+        result.peak_cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def _quantize_blocks(
+    model: nn.Module, recipe: Recipe, calibration: Tensor | list[Tensor], device: torch.device, batch_size: int, progress: bool, result: QuantResult
+) -> None:
+    """The block-sequential pipeline of a transformer stack.
 
     Blocks are processed in windows of K consecutive blocks (K = 1 unless the recipe ends in a
     windowed fine-tuning step). A block entering a window for the first time gets the
     per-block steps (RTN, GPTQ, …) on its quantized-stream input; then the window step runs;
     then the first S blocks of the window are final and both streams advance past them.
-
-    A spec without ``scale_dtype`` gets the model's parameter dtype (what ``save_packed``
-    stores scales in by default); ``result.recipe`` holds the spec actually used.
+    Finally a whole-model step (QFT) trains the model end to end.
     """
-    device = check_arguments(model, recipe, calibration, device, batch_size)
-    recipe = with_scale_dtype(recipe, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
-    arch = check_mapping(model, recipe)
-    check_finite_weights(model)
+    arch = arch_for(model)
     model.eval()
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache:
         model.config.use_cache = False  # restored below, so a saved checkpoint keeps the user's setting
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start_time, start_cpu = time.perf_counter(), time.process_time()
-    result = QuantResult(recipe)
     blocks = get_blocks(model, arch)
     block_steps, window_steps, model_steps, k, stride = _window_shape(recipe, len(blocks))
     fp_stream = capture_block_inputs(model, blocks, calibration_batches(calibration, batch_size, arch.kind == "encoder"), device)
@@ -317,7 +317,7 @@ def quantize(
                     final = i == len(block_steps) - 1 and not window_steps and not model_steps  # no later step quantizes the weights
                     ctx = BlockContext(j, x_q, arch.groups, device, recipe.act, final)
                     with result.timing(step.method):
-                        layer_results = METHODS[step.method].apply(blocks[j], ctx, recipe.spec, step.options)
+                        layer_results = METHODS[step.method].block(blocks[j], ctx, recipe.spec, step.options)
                     result.layers.update({f"{arch.blocks}.{j}.{n}": r for n, r in layer_results.items()})
                 if recipe.act is not None:  # static ranges from the quantized stream, weights already quantized
                     activations.attach(blocks[j], [g.linears for g in arch.groups], recipe.act, x_q)
@@ -345,7 +345,7 @@ def quantize(
                 progress,
             )
             with result.timing(step.method):
-                result.layers.update(METHODS[step.method].apply(wctx, recipe.spec, step.options))
+                result.layers.update(METHODS[step.method].window(wctx, recipe.spec, step.options))
         for j in window:
             t_block[j] += (time.perf_counter() - t0) / len(window)
         # 3. the first S blocks (all, at the end) are final: advance both streams past them
@@ -372,15 +372,7 @@ def quantize(
     for step in model_steps:
         mctx = ModelContext(model, arch, inputs0, fp_stream.hidden, result.layers, device, recipe.act, result.train_logs, progress)
         with result.timing(step.method):
-            result.layers.update(METHODS[step.method].apply(mctx, recipe.spec, step.options))
+            result.layers.update(METHODS[step.method].model(mctx, recipe.spec, step.options))
         result.model_steps[step.method] = mctx.notes
-    result.activations = activations.record(model, recipe.act)
     if use_cache:
         model.config.use_cache = use_cache
-
-    result.seconds = time.perf_counter() - start_time
-    result.cpu_seconds = time.process_time() - start_cpu
-    result.peak_rss_mb = peak_rss_mb()
-    if device.type == "cuda":
-        result.peak_cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    return result

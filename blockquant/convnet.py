@@ -18,15 +18,16 @@ import copy
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-LAYER_TYPES = (*CONV, *CONV_T, nn.Linear)
+from blockquant.layers import CONV, CONV_T, LAYER_TYPES, weight_matrix
+from blockquant.spec import ActSpec, QuantSpec
+
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -137,44 +138,29 @@ def _fold_one(conv: nn.Module, bn: nn.Module) -> None:
     bn.running_var.fill_(1 - bn.eps)  # 1/sqrt(1 − eps + eps) is exactly 1 in fp32
 
 
-# ---------------------------------------------------------------- weights as (out, K) matrices
+@dataclass
+class NetworkContext:
+    """What a whole-network step (QFT on a convolution network) sees after the layer-by-layer pass."""
+
+    model: nn.Module  # quantized in place by the layer pass (weights on their grids)
+    fp_model: nn.Module  # the full-precision network (BatchNorm folded)
+    calibration: Tensor  # (B, C, *S) images
+    attention: Tensor  # (B, *S) self-adaptive attention from the full-precision prediction
+    grids: dict[str, tuple[Tensor, Tensor]]  # layer -> (scale, zero) chosen by the layer pass
+    specs: dict[str, QuantSpec]  # layer -> its grid (the first and last layers may keep 8 bits)
+    act: ActSpec | None = None
+    size_multiple: int = 1  # spatial sizes the network takes are multiples of this
+    progress: bool = True
+    notes: dict[str, Any] = field(default_factory=dict)  # what the step reports into blockquant.json
 
 
-def weight_matrix(layer: nn.Module) -> Tensor:
-    """``(out, K)`` fp32 copy of the weight of the equivalent stride-1 or strided convolution.
-
-    Conv: ``(out, in, *k)`` flattened. ConvTranspose ``(in, out, *k)``: the equivalent
-    convolution's kernel ``W'[o, i, k] = W[i, o, flip(k)]``.
-    """
-    w = layer.weight.detach().float()
-    if isinstance(layer, CONV_T):
-        w = w.transpose(0, 1).flip(list(range(2, w.ndim)))
-    return w.reshape(w.shape[0], -1).clone()
-
-
-def matrix_to_weight(layer: nn.Module, w: Tensor) -> Tensor:
-    """An ``(out, K)`` matrix in the layer's own weight layout (the inverse of ``weight_matrix``), w's dtype."""
-    if isinstance(layer, CONV_T):
-        i, o, *k = layer.weight.shape
-        w = w.reshape(o, i, *k).flip(list(range(2, 2 + len(k)))).transpose(0, 1)
-    return w.reshape(layer.weight.shape)
-
-
-def set_weight_matrix(layer: nn.Module, w: Tensor) -> None:
-    """Write an ``(out, K)`` matrix back in the layer's own layout and dtype."""
-    layer.weight.data.copy_(matrix_to_weight(layer, w).to(layer.weight.dtype))
-
-
-def run_with_weight(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """The layer's own operation (stride, padding, dilation, output padding) with weight matrix ``w`` (out, K) and ``bias``."""
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, w, bias)
-    weight = matrix_to_weight(layer, w)
-    if isinstance(layer, CONV):
-        return layer._conv_forward(x, weight, bias)
-    nd = weight.ndim - 2
-    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-    return fn(x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+def size_multiple(model: nn.Module) -> int:
+    """Spatial sizes that pass every down- and up-sampling level of a MONAI U-Net are multiples
+    of this (the product of its strides; four 2× poolings for BasicUNet); 1 for other networks."""
+    strides = getattr(model, "strides", None)
+    if type(model).__name__ == "UNet" and strides is not None:
+        return math.prod(int(s) if isinstance(s, int) else int(max(s)) for s in strides)
+    return 16 if type(model).__name__ == "BasicUNet" else 1
 
 
 # ---------------------------------------------------------------- im2col statistics

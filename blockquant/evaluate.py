@@ -1,4 +1,6 @@
-"""Evaluation: perplexity on held-out text, embedding fidelity for encoders (DESIGN.md §5)."""
+"""Evaluation (DESIGN.md §5): perplexity of causal LMs on held-out text, embedding fidelity of
+encoders to their full-precision reference, Dice of segmentation networks. ``METRICS`` says which
+a model kind is judged by; ``text_metric`` computes it for a transformer."""
 
 from __future__ import annotations
 
@@ -9,13 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from blockquant.files import split_paragraphs, tokenize_stream, windows
 
-def windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
-    """Non-overlapping ``seqlen`` windows of a 1-D token stream (remainder dropped): (W, seqlen)."""
-    n = ids.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return ids[: n * seqlen].reshape(n, seqlen)
+METRICS = {"causal-lm": "perplexity", "encoder": "cosine", "network": "dice"}  # what each kind of model is judged by
 
 
 @torch.no_grad()
@@ -92,3 +90,35 @@ def dice_per_class(pred: Tensor, labels: Tensor, classes: dict[str, tuple[int, .
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     scores = metric(regions(pred), regions(labels)).mean(0)  # (n_classes,)
     return {name: float(s) for name, s in zip(classes, scores)}
+
+
+def text_metric(
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    kind: str,
+    *,
+    reference: nn.Module | Tensor | None = None,
+    seqlen: int = 512,
+    max_length: int = 512,
+    max_windows: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """A transformer's metric on ``text`` and how many units it covered: for a causal LM the
+    perplexity over ``seqlen``-token windows; for an encoder the mean cosine of its mean-pooled
+    embeddings of the text's paragraphs (each at most ``max_length`` tokens) to ``reference``'s
+    (a model, or its embeddings of the same paragraphs)."""
+    if METRICS.get(kind) == "cosine":
+        if reference is None:
+            raise ValueError("an encoder has no perplexity: its metric is the embedding cosine to a full-precision reference")
+        paragraphs = split_paragraphs(text)[:max_windows]
+        batches = paragraph_batches(tokenizer, paragraphs, max_length=max_length)
+        ref = reference if isinstance(reference, Tensor) else mean_pooled_embeddings(reference, batches, device)
+        return embedding_cosine(mean_pooled_embeddings(model, batches, device), ref), len(paragraphs)
+    if METRICS.get(kind) != "perplexity":
+        raise ValueError(f"no text metric for a {kind} model; known kinds: causal-lm, encoder")
+    ids = tokenize_stream(tokenizer, text)
+    ppl = perplexity(model, ids, seqlen=seqlen, max_windows=max_windows, device=device, batch_size=batch_size, progress=progress)
+    return ppl, min(ids.numel() // seqlen, max_windows or 10**12)

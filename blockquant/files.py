@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from blockquant.arch import ARCHITECTURES
-from blockquant.evaluate import windows
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tup
     return model.eval(), tokenizer
 
 
+def windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
+    """Non-overlapping ``seqlen`` windows of a 1-D token stream (remainder dropped): (W, seqlen)."""
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
 def read_text(path: str | Path, what: str) -> str:
     p = Path(path)
     if not p.is_file():
@@ -75,6 +82,9 @@ def read_text(path: str | Path, what: str) -> str:
         raise ValueError(f"{what} file {p} is not UTF-8 text") from None
     if not text.strip():
         raise ValueError(f"{what} file {p} is empty")
+    control = sum(1 for c in text if ord(c) < 32 and c not in "\t\n\r\f\v")
+    if control > 0.01 * len(text):  # NUL bytes and the like: a binary file read as text, not text to learn from
+        raise ValueError(f"{what} file {p} is not text: {control} of its {len(text)} characters are control characters (e.g. NUL bytes)")
     return text
 
 

@@ -29,32 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from blockquant import arch, convnet
+from blockquant.layers import run_with_weight, set_weight_matrix, weight_matrix
 from blockquant.primitives import expand, group_width, round_scale_ste, round_ste
-from blockquant.recipe import QuantSpec
+from blockquant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid
-
-
-def layer_matrix(layer: nn.Module) -> Tensor:
-    """The layer's weight as the ``(out, K)`` fp32 matrix its grid is defined on (a copy)."""
-    return convnet.weight_matrix(layer) if isinstance(layer, (*convnet.CONV, *convnet.CONV_T)) else arch.weight_matrix(layer)
-
-
-def set_layer_matrix(layer: nn.Module, w: Tensor) -> None:
-    if isinstance(layer, (*convnet.CONV, *convnet.CONV_T)):
-        convnet.set_weight_matrix(layer, w)
-    else:
-        arch.set_weight_matrix(layer, w)
-
-
-def run_layer(layer: nn.Module, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """``layer``'s operation on ``x`` with the weight matrix ``w`` (out, K): a linear map or the layer's convolution."""
-    if isinstance(layer, (*convnet.CONV, *convnet.CONV_T)):
-        return convnet.run_with_weight(layer, x, w, bias)
-    return F.linear(x, w, bias)
 
 
 class FakeQuantLinear(nn.Module):
@@ -70,7 +51,7 @@ class FakeQuantLinear(nn.Module):
         GPTQ's error compensation away: on llama-code W2 g64 block 0 the held-out block loss started
         at 0.256 instead of GPTQ's 0.057 and ended at 0.134, against 0.039 from GPTQ's codes.)"""
         super().__init__()
-        w = layer_matrix(layer)  # (out, in) fp32; (out, in·∏kernel) for a convolution
+        w = weight_matrix(layer)  # (out, in) fp32; (out, in·∏kernel) for a convolution
         self.spec, self.rounding, self.layer = spec, rounding, layer
         self.in_features = w.shape[1]
         self.width = group_width(spec, w.shape[1])
@@ -126,7 +107,7 @@ class FakeQuantLinear(nn.Module):
         if act_quant is not None:
             x = act_quant(x)
         w = self.dequantized(hard=not self.training)
-        return run_layer(self.layer, x, w.to(x.dtype), self.layer.bias)
+        return run_with_weight(self.layer, x, w.to(x.dtype), self.layer.bias)
 
     def regularizer(self, beta: float) -> Tensor:
         """AdaRound's push of every h towards 0 or 1; zero for STE weights."""
@@ -137,7 +118,7 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def commit(self) -> tuple[Tensor, Tensor]:
         """Write the hard-rounded weight into the wrapped layer (exactly on the grid); its (scale, zero)."""
-        set_layer_matrix(self.layer, self.dequantized(hard=True))
+        set_weight_matrix(self.layer, self.dequantized(hard=True))
         return self.grid_scale().detach().clone(), self.grid_zero().detach().clone()
 
 
@@ -177,28 +158,31 @@ def output_loss(head: nn.Module | None, pred: Tensor, target: Tensor) -> Tensor:
     return F.kl_div(p, t, log_target=True, reduction="batchmean")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 200
-    lr_scale: float = 1e-3
-    lr_weight: float = 2e-2
+    """The one training loop's settings (``train``), nested as ``train`` in every fine-tuning
+    method's options; each method gives its own defaults (``blockft``, ``lkd``, ``qft``)."""
+
+    steps: int = 200  # optimizer steps (per window for blockft and lkd)
+    lr_scale: float = 1e-3  # step sizes and zero points (blockft and lkd: relative to the window's mean step size)
+    lr_weight: float = 2e-2  # master weights, in code units of the initial grid (AdaRound: offsets)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    holdout: float = 0.1  # share of calibration batches held out for early stopping
     eval_every: int = 25
     patience: int = 4  # evaluations in the annealing part of the schedule without a new best of that part, before stopping
     settle: float = 0.5  # share of the steps before which no evaluation counts towards patience (see ``train``)
-    reg_weight: float = 0.01  # AdaRound regulariser λ
-    label: str = "train"
+    # Calibration batches per optimizer step (their gradients summed, one backward each, so memory stays one
+    # batch's). A sentence encoder's paragraph batches hold ~200 tokens and one pooled embedding per paragraph:
+    # an end-to-end pooled loss on ~6 embeddings is a noisy gradient, which more batches per step average.
+    accumulate: int = 1
     diverge: float | None = None  # stop when a held-out loss exceeds this multiple of the initial one (None: off)
+    reg_weight: float = 0.01  # AdaRound regulariser λ
     # Adam's ε, far below any gradient a calibration loss gives: a step then moves a parameter by about its
     # learning rate whatever the scale of the model's activations. torch's 1e-8 is not: llama-code W4 g128
     # weight gradients have a median √v of 3.5e-8–2e-7 per block, so it cut their steps by 5–22 % at the median
     # and by up to 3× for the smallest tenth; a wider model's smaller gradients would be damped more.
     adam_eps: float = 1e-15
-    # Calibration batches per optimizer step (their gradients summed, one backward each, so memory stays one
-    # batch's). A sentence encoder's paragraph batches hold ~200 tokens and one pooled embedding per paragraph:
-    # an end-to-end pooled loss on ~6 embeddings is a noisy gradient, which more batches per step average.
-    accumulate: int = 1
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -209,10 +193,18 @@ class TrainConfig:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate (calibration batches per step) must be >= 1, got {self.accumulate}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1) (a share of the calibration batches), got {self.holdout}")
+        if self.diverge is not None and self.diverge <= 1:
+            raise ValueError(f"diverge must be > 1 (a multiple of the initial held-out loss) or null, got {self.diverge}")
         if self.adam_eps <= 0:
             raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
         if not 0 <= self.settle < 1:
             raise ValueError(f"settle must be in [0, 1) (a share of the steps), got {self.settle}")
+
+    def held_out(self, n: int) -> int:
+        """How many of ``n`` training items early stopping holds out (none when there are fewer than 2)."""
+        return max(1, round(self.holdout * n)) if self.holdout > 0 and n >= 2 else 0
 
 
 @dataclass
@@ -244,6 +236,7 @@ def train(
     progress: bool = True,
     groups: list[tuple[list[Tensor], float]] | None = None,
     penalty: Callable[[], Tensor] | None = None,
+    label: str = "train",
 ) -> TrainLog:
     """Minimise ``loss_on(item)`` over ``train_items``; keep the state best on ``eval_items``.
 
@@ -259,6 +252,7 @@ def train(
     ``groups`` — (parameters, learning rate) — replaces ``default_groups`` (QFT and block-wise FT
     with float parameters train more kinds of tensors, some shared by several modules).
     ``penalty()`` is added to the training loss only: early stopping judges the data loss.
+    ``label`` names the run in the progress bar and in warnings.
     """
     if groups is None:
         groups = default_groups(modules, cfg)
@@ -282,7 +276,7 @@ def train(
     if eval_items:
         result.best = held_out()
         result.evals.append((0, result.best))
-    bar = tqdm(range(1, cfg.steps + 1), desc=cfg.label, unit="step", leave=False, disable=not progress)
+    bar = tqdm(range(1, cfg.steps + 1), desc=label, unit="step", leave=False, disable=not progress)
     for step in bar:
         beta = 20 - 18 * step / cfg.steps  # AdaRound's annealing 20 → 2
         with torch.enable_grad():
@@ -300,7 +294,7 @@ def train(
                 reg.backward()
         if not torch.isfinite(loss):
             result.stopped = "nan"
-            log.warning("%s: the loss became NaN/Inf at step %d; restored the best state", cfg.label, step)
+            log.warning("%s: the loss became NaN/Inf at step %d; restored the best state", label, step)
             break
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -313,7 +307,7 @@ def train(
                 result.stopped = "diverged"
                 log.warning(
                     "%s: the held-out loss diverged at step %d (%.3e, best %.3e); restored the best state",
-                    cfg.label,
+                    label,
                     step,
                     value,
                     result.best,

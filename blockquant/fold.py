@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from blockquant.arch import LinearGroup, is_linear, set_weight_matrix, weight_matrix
+from blockquant.arch import LinearGroup, is_linear
+from blockquant.layers import set_weight_matrix, weight_matrix
 
 
 def _feeder_rows(block: nn.Module, group: LinearGroup) -> tuple[nn.Module, slice]:

@@ -13,14 +13,15 @@ import math
 import torch
 from torch import Tensor
 
-from blockquant.recipe import QuantSpec
+from blockquant.spec import QuantSpec
 
 _MIN_SCALE = 1e-10
 
 
 def group_width(spec: QuantSpec, in_features: int) -> int:
-    """Columns per group: the whole row for per-channel and per-tensor specs."""
-    return in_features if spec.group_size == -1 or spec.per_tensor else spec.group_size
+    """Columns per group: the whole row for per-channel and per-tensor specs, and for a group
+    size wider than the row (one group per row, not a padded one)."""
+    return in_features if spec.group_size == -1 or spec.per_tensor else min(spec.group_size, in_features)
 
 
 def n_groups(spec: QuantSpec, in_features: int) -> int:

@@ -1,14 +1,14 @@
-"""Dataclass configs: what to quantize to (QuantSpec) and how (Recipe = chain of method steps).
+"""How to quantize: a Recipe is a weight spec and a chain of method steps, each with its options.
 
-Every rule is checked in ``__post_init__`` and broken rules raise ``ValueError`` with the fix,
-so the CLI, YAML files and the Python API all give the same message.
+Built from a method name, a comma chain or a YAML file (``parse_recipe``), and changed by the
+command line's flags only through ``with_options``, which returns a new, validated recipe.
+Every rule is checked when a Step or Recipe is built and a broken rule raises ``ValueError``
+with the fix, so the CLI, YAML files and the Python API all give the same message.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,135 +16,40 @@ from typing import Any
 
 import yaml
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-ACT_BITS = (4, 8)  # 16 on the command line means "activations stay in full precision" (no ActSpec)
-SCALE_DTYPES = ("float32", "bfloat16", "float16")  # floating dtypes a checkpoint may store scales in
+from blockquant.finetune import TrainConfig
+from blockquant.methods import METHODS
+from blockquant.spec import ActSpec, QuantSpec, act_spec, fits, type_words
 
-
-def int_range(bits: int, sym: bool) -> tuple[int, int]:
-    """The integer codes a ``bits``-wide grid holds: signed around zero, or unsigned from 0 with a zero point."""
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+TRAIN_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))  # what a fine-tuning method's ``train`` holds
 
 
 @dataclass(frozen=True)
-class QuantSpec:
-    """A uniform affine weight quantizer (DESIGN.md §2).
-
-    group_size: ``g >= 1`` groups of g input columns (the last group is shorter when g does
-    not divide the width), ``-1`` one scale per output channel. ``per_tensor`` overrides both
-    with a single scale for the whole weight (library only; the CLI does not expose it).
-
-    scale_dtype: the dtype the scales will be stored in (``"bfloat16"``, ``"float16"`` or
-    ``"float32"``). Every method rounds its scales to it before computing codes, so the
-    fake-quant weights it evaluates are exactly the ones a checkpoint with scales in that dtype
-    reloads. ``None``: ``blockquant.quantize`` sets the model's parameter dtype.
-    """
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    per_tensor: bool = False
-    scale_dtype: str | None = None
-
-    def __post_init__(self) -> None:
-        for name, kind in (("bits", int), ("group_size", int), ("sym", bool), ("per_tensor", bool)):
-            if not _fits(getattr(self, name), kind):  # sym="no" would be truthy: symmetric, silently
-                raise ValueError(f"QuantSpec.{name} must be {_kind(kind)}, got {getattr(self, name)!r}")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of 2, 3, 4 or 8, got {self.bits}")
-        if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"group size must be >= 1 (columns per group) or -1 (one scale per output channel), got {self.group_size}")
-        if self.scale_dtype not in (None, *SCALE_DTYPES):
-            raise ValueError(
-                f"scale_dtype must be one of {', '.join(SCALE_DTYPES)} (the dtype the checkpoint stores scales in) or None, "
-                f"got {self.scale_dtype!r}; pass the name, e.g. 'bfloat16', not a torch.dtype"
-            )
-
-    @property
-    def qmin(self) -> int:
-        return int_range(self.bits, self.sym)[0]
-
-    @property
-    def qmax(self) -> int:
-        return int_range(self.bits, self.sym)[1]
-
-    def describe(self) -> str:
-        gran = "tensor" if self.per_tensor else ("channel" if self.group_size == -1 else f"g{self.group_size}")
-        return f"W{self.bits} {gran} {'sym' if self.sym else 'asym'}"
-
-
-@dataclass(frozen=True)
-class ActSpec:
-    """Fake quantization of every block linear's input (DESIGN.md §2 "Activations").
-
-    granularity ``token``: one scale per token, computed at run time from the token itself
-    (dynamic); ``tensor``: one scale per linear, fixed from the calibration inputs (static),
-    from their min–max or from the ``percentile`` of their values (``range: percentile``).
-    """
-
-    bits: int = 8
-    granularity: str = "token"  # "token" (dynamic) or "tensor" (static, calibrated)
-    sym: bool = True
-    range: str = "minmax"  # static ranges: "minmax" or "percentile"
-    percentile: float = 99.99  # of |x| (sym) or of each tail (asym), with range: percentile
-
-    def __post_init__(self) -> None:
-        if self.bits not in ACT_BITS:
-            raise ValueError(f"activation bits must be 4, 8 or 16 (16 = no activation quantization), got {self.bits}")
-        if self.granularity not in ("token", "tensor"):
-            raise ValueError(f"activation granularity must be 'token' (dynamic) or 'tensor' (static), got {self.granularity!r}")
-        if self.range not in ("minmax", "percentile"):
-            raise ValueError(f"activation range must be 'minmax' or 'percentile', got {self.range!r}")
-        if not 50 < self.percentile <= 100:
-            raise ValueError(f"activation percentile must be in (50, 100], e.g. 99.99, got {self.percentile}")
-
-    @property
-    def qmin(self) -> int:
-        return int_range(self.bits, self.sym)[0]
-
-    @property
-    def qmax(self) -> int:
-        return int_range(self.bits, self.sym)[1]
-
-    def describe(self) -> str:
-        kind = "token" if self.granularity == "token" else f"tensor {self.range}"
-        return f"A{self.bits} {kind} {'sym' if self.sym else 'asym'}"
-
-
-def act_spec(bits: int, granularity: str = "token", **kwargs: Any) -> ActSpec | None:
-    """The ActSpec for ``--abits`` (None for 16: activations stay in full precision)."""
-    if bits == 16:
-        return None
-    if bits not in ACT_BITS:
-        raise ValueError(f"--abits must be 4, 8 or 16 (16 = activations stay in full precision), got {bits}")
-    return ActSpec(bits, granularity, **kwargs)
-
-
-@dataclass
 class Step:
     """One method of a recipe chain with its options dataclass (see ``methods.METHODS``)."""
 
     method: str
     options: Any
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self.options)}
 
-@dataclass
+
+@dataclass(frozen=True)
 class Recipe:
     """What ``blockquant.quantize`` does: a weight spec and the chain of methods to apply."""
 
     spec: QuantSpec = field(default_factory=QuantSpec)
-    steps: list[Step] = field(default_factory=list)
+    steps: tuple[Step, ...] = ()
     act: ActSpec | None = None  # activation fake-quant of every block linear's input; None: full precision
 
     def __post_init__(self) -> None:
-        from blockquant.methods import METHODS
-
         if not isinstance(self.spec, QuantSpec):
             raise TypeError(f"Recipe.spec must be a QuantSpec, e.g. QuantSpec(bits=4, group_size=128), got {self.spec!r}")
+        if not isinstance(self.steps, (list, tuple)) or not all(isinstance(step, Step) for step in self.steps):
+            raise TypeError(f"Recipe.steps must be Step objects, e.g. [make_step('gptq')], got {self.steps!r}")
+        object.__setattr__(self, "steps", tuple(self.steps))  # a list given is kept as a tuple: recipes do not change
         if not self.steps:
             raise ValueError("a recipe needs at least one method, e.g. 'rtn' or 'gptq'")
-        if not all(isinstance(step, Step) for step in self.steps):
-            raise TypeError(f"Recipe.steps must be Step objects, e.g. [make_step('gptq')], got {self.steps!r}")
         _check_order([s.method for s in self.steps])
         for step in self.steps:
             need = METHODS[step.method].activations
@@ -166,7 +71,7 @@ class Recipe:
         return {
             "spec": dataclasses.asdict(self.spec),
             "act": None if self.act is None else dataclasses.asdict(self.act),
-            "steps": [{"method": s.method, **dataclasses.asdict(s.options)} for s in self.steps],
+            "steps": [s.to_dict() for s in self.steps],
         }
 
 
@@ -174,13 +79,11 @@ def _check_order(names: list[str]) -> None:
     """Per-block steps are scale transforms (awq, smoothquant) followed by at most one rounding
     method (rtn, gptq, zeroquant, admm): a second rounding re-rounds weights already on the grid
     (``rtn,gptq`` is plain rtn) and a transform after the rounding rescales rounded weights."""
-    from blockquant.methods import METHODS
-
-    per_block = [n for n in names if not (METHODS[n].windowed or METHODS[n].model_level)]
+    per_block = [n for n in names if METHODS[n].stage == 0]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"recipe {','.join(names)}: {', '.join(twice)} appears more than once; each method runs once")
-    stage = [2 if METHODS[n].model_level else 1 if METHODS[n].windowed else 0 for n in names]
+    stage = [METHODS[n].stage for n in names]
     if stage != sorted(stage) or stage.count(1) > 1:
         raise ValueError(
             f"recipe {','.join(names)}: per-block methods come first, then at most one fine-tuning step (blockft or lkd), "
@@ -200,57 +103,96 @@ def _check_order(names: list[str]) -> None:
         )
 
 
-def make_step(method: str, options: dict[str, Any] | None = None) -> Step:
-    """Build a Step, checking the method name and its option names."""
-    from blockquant.methods import METHODS
+def _takes(options_cls: type) -> set[str]:
+    """The option names a method takes; a fine-tuning method also takes its ``train`` settings by name."""
+    names = {f.name for f in dataclasses.fields(options_cls)}
+    return names | set(TRAIN_OPTIONS) if "train" in names else names
 
+
+def make_step(method: str, options: dict[str, Any] | None = None) -> Step:
+    """Build a Step, checking the method name, its option names and their types.
+
+    A fine-tuning method's training settings (``steps``, ``lr_scale``, ``holdout`` …) may be given
+    by name beside its other options, or nested under ``train``; they go into its ``TrainConfig``,
+    over that method's own defaults.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
     if options is not None and not isinstance(options, dict):
         raise TypeError(f"options of method {method!r} must be a dict of option name to value, got {options!r}")
+    options = dict(options or {})
     options_cls = METHODS[method].options
-    known = {f.name for f in dataclasses.fields(options_cls)}
-    unknown = set(options or {}) - known
+    known = _takes(options_cls)
+    nested = options.pop("train", None) if "train" in known else None
+    if nested is not None and not isinstance(nested, (dict, TrainConfig)):
+        raise ValueError(f"option 'train' of method {method!r} must be a mapping of training settings, got {nested!r}")
+    train = dataclasses.asdict(nested) if isinstance(nested, TrainConfig) else dict(nested or {})
+    unknown = (set(options) | set(train)) - known - ({"train"} if "train" in known else set())
+    unknown |= set(train) - set(TRAIN_OPTIONS)
     if unknown:
         raise ValueError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for method {method!r}; it takes: {', '.join(sorted(known)) or 'no options'}"
+            f"unknown option(s) {', '.join(sorted(unknown))} for method {method!r}; it takes: {', '.join(sorted(known - {'train'})) or 'no options'}"
         )
-    hints = typing.get_type_hints(options_cls)
-    for name, value in (options or {}).items():
-        if not _fits(value, hints[name]):
-            raise ValueError(f"option {name!r} of method {method!r} must be {_kind(hints[name])}, got {value!r}")
-    return Step(method, options_cls(**(options or {})))
+    hints = typing.get_type_hints(options_cls) | typing.get_type_hints(TrainConfig)
+    given = {**train, **options}
+    for name, value in given.items():
+        if not fits(value, hints[name]):
+            raise ValueError(f"option {name!r} of method {method!r} must be {type_words(hints[name])}, got {value!r}")
+    own = {k: v for k, v in given.items() if k not in TRAIN_OPTIONS}
+    if "train" in known:
+        default = options_cls().train
+        own["train"] = dataclasses.replace(default, **{k: v for k, v in given.items() if k in TRAIN_OPTIONS})
+    return Step(method, options_cls(**own))
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (from YAML or a flag) has the option's type: a string 'false' is not False, 1.5 not an int."""
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint in (str, type(None)):
-        return isinstance(value, hint)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if origin is tuple:
-        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
-    return True  # a type this check does not know: the options' own __post_init__ validates it
+def step_options(step: Step) -> dict[str, Any]:
+    """A step's options by name, its training settings flattened beside the others (``make_step``'s input)."""
+    flat = {f.name: getattr(step.options, f.name) for f in dataclasses.fields(step.options)}
+    train = flat.pop("train", None)
+    return flat | (dataclasses.asdict(train) if train is not None else {})
 
 
-def _kind(hint: Any) -> str:
-    """``_fits``'s type in words, for the error message."""
-    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "null"}
-    if hint in words:
-        return words[hint]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_kind(a) for a in args)
-    if origin is tuple:
-        return f"a list of {_kind(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    return str(hint)
+# Command-line flags that set an option of the recipe's steps, and the method each is for; a flag
+# naming no method sets that option on the recipe's last step (the fine-tuning step).
+FLAG_METHOD = {"alpha": "smoothquant", "fold": "smoothquant", "hw": "qft"}
+
+
+def with_options(recipe: Recipe, given: dict[str, Any]) -> Recipe:
+    """A new, validated recipe with option values from the command line (``--steps 50`` is
+    ``{"steps": 50}``). ``alpha`` / ``fold`` go to every smoothquant step and ``hw`` to the qft
+    step; every other option to the last step, which must take it. ``None`` values are not given."""
+    given = {k: v for k, v in given.items() if v is not None}
+    steps = list(recipe.steps)
+    for method in sorted(set(FLAG_METHOD.values())):
+        mine = {k: v for k, v in given.items() if FLAG_METHOD.get(k) == method}
+        where = [i for i, st in enumerate(steps) if st.method == method]
+        if mine and not where:
+            raise ValueError(f"{_flags(mine)}: {method} option(s); put {method} in the recipe (e.g. --recipe {_example(method)})")
+        for i in where if mine else []:
+            steps[i] = make_step(method, step_options(steps[i]) | mine)
+    rest = {k: v for k, v in given.items() if k not in FLAG_METHOD}
+    last = steps[-1]
+    takes = _takes(METHODS[last.method].options)
+    wrong = [k for k in rest if k not in takes]
+    if wrong:
+        ft = [m for m in ("blockft", "lkd", "qft") if set(wrong) <= _takes(METHODS[m].options)]
+        it = "it" if len(wrong) == 1 else "them"
+        hint = f"; {' and '.join(ft)} take{'s' if len(ft) == 1 else ''} {it} (e.g. --recipe gptq,{ft[0]})" if ft else ""
+        raise ValueError(f"{_flags(wrong)}: the recipe's last step {last.method} takes no such option{'' if len(wrong) == 1 else 's'}{hint}")
+    if rest:
+        steps[-1] = make_step(last.method, step_options(last) | rest)
+    return dataclasses.replace(recipe, steps=tuple(steps))
+
+
+FLAG_NAMES = {"fold": "--smooth-fold"}  # options whose flag is not --NAME
+
+
+def _flags(names: Any) -> str:
+    return ", ".join(FLAG_NAMES.get(n, "--" + n.replace("_", "-")) for n in names)
+
+
+def _example(method: str) -> str:
+    return {"smoothquant": "smoothquant", "qft": "gptq,qft"}.get(method, method)
 
 
 # A recipe file's top-level keys and their types (``steps`` is checked item by item).
@@ -303,8 +245,8 @@ def parse_recipe(text: str, spec: QuantSpec, act: ActSpec | None = None, explici
         if unknown:
             raise ValueError(f"recipe file {text}: unknown key(s) {', '.join(map(str, unknown))}; it takes {', '.join(RECIPE_KEYS)}")
         for key, hint in RECIPE_KEYS.items():
-            if key in data and not _fits(data[key], hint):
-                raise ValueError(f"recipe file {text}: {key} must be {_kind(hint)}, got {data[key]!r}")
+            if key in data and not fits(data[key], hint):
+                raise ValueError(f"recipe file {text}: {key} must be {type_words(hint)}, got {data[key]!r}")
         ours = {"wbits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "abits": 16 if act is None else act.bits}
         ours["act_granularity"] = None if act is None else act.granularity
         clash = [

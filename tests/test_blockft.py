@@ -11,8 +11,9 @@ from torch.nn.utils import parametrize
 
 import blockquant.methods.blockft as blockft_module
 from blockquant import QuantSpec, quantize
-from blockquant.arch import arch_for, block_linears, get_blocks, weight_matrix
+from blockquant.arch import arch_for, block_linears, get_blocks
 from blockquant.finetune import FakeQuantLinear, output_loss, train
+from blockquant.layers import weight_matrix
 from blockquant.primitives import compute_qparams, expand, fake_quantize
 from blockquant.recipe import Recipe, make_step
 
@@ -87,7 +88,7 @@ def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids
     model = make_tiny(family)
     seen = []
 
-    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True, groups=None, penalty=None):
+    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True, groups=None, penalty=None, label="train"):
         trainable = {id(p) for ps, _ in groups for p in ps}
         with torch.enable_grad():
             loss = loss_on(train_items[0])

@@ -16,9 +16,9 @@ from conftest import assert_on_grid, build_tokenizer, make_text, save_tiny, subp
 
 import blockquant.api
 from blockquant import QuantSpec, parse_recipe
-from blockquant.arch import weight_matrix
 from blockquant.cli import main
 from blockquant.files import atomic_dir, generate_calibration, load_calibration, warn_calibration_length
+from blockquant.layers import weight_matrix
 from blockquant.methods import METHODS
 from blockquant.recipe import act_spec
 
@@ -85,12 +85,12 @@ def test_quantize_writes_a_plain_hf_checkpoint(llama_dir, calib_file, tmp_path, 
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "blockquant: error" not in captured.err
-    assert str(out) in captured.out and "gptq W4 g32 asym" in captured.out
+    assert str(out) in captured.out and "gptq W4 g32 sym" in captured.out  # symmetric by default
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     assert leftovers(tmp_path) == []
 
     record = json.loads((out / "blockquant.json").read_text())
-    assert (record["method"], record["bits"], record["group_size"], record["sym"]) == ("gptq", 4, 32, False)
+    assert (record["method"], record["bits"], record["group_size"], record["sym"]) == ("gptq", 4, 32, True)
     result, model = spy_quantize["result"], spy_quantize["model"]
     assert set(record["layers"]) == set(result.layers) and len(record["layers"]) == 14
     assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 16
@@ -115,7 +115,7 @@ def test_quantize_writes_a_plain_hf_checkpoint(llama_dir, calib_file, tmp_path, 
     for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
     # and the saved weights are the quantized ones: on the recorded grids, unlike the source
-    spec = QuantSpec(4, 32)
+    spec = QuantSpec(4, 32, sym=True)
     for name, layer in result.layers.items():
         w = loaded[name + ".weight"]
         assert_on_grid(w, layer.scale, layer.zero, spec, layer.g_idx)
@@ -160,8 +160,8 @@ def test_network_options_are_refused_for_transformer_models(llama_dir, calib_fil
 
 def test_a_blockft_flag_on_a_qft_recipe_names_only_itself(llama_dir, calib_file, tmp_path, capsys):
     rc = main(quantize_args(llama_dir, calib_file, tmp_path / "o", "--recipe", "gptq,qft", "--steps", "2", "--objective", "logits"))
-    err = assert_usage_error(capsys, rc, "--objective applies to block-wise fine-tuning", "qft takes --steps, --lr-scale, --lr-weight")
-    assert err.startswith("blockquant: error: --objective applies")  # --steps, valid for qft, is not blamed
+    err = assert_usage_error(capsys, rc, "the recipe's last step qft takes no such option; blockft takes it")
+    assert err.startswith("blockquant: error: --objective: ")  # --steps, valid for qft, is not blamed
 
 
 def test_rtn_sym_and_yaml_recipe(llama_dir, calib_file, tmp_path, capsys):
@@ -687,7 +687,7 @@ def test_parse_recipe_yaml(tmp_path):
 
 
 def test_parse_recipe_comma_chain():
-    spec = QuantSpec(4, 32)
+    spec = QuantSpec(4, 32, sym=True)
     recipe = parse_recipe("awq, gptq", spec)
     assert [s.method for s in recipe.steps] == ["awq", "gptq"] and recipe.spec is spec
     assert recipe.steps[1].options.damp == 0.01
@@ -749,3 +749,20 @@ def test_parse_recipe_yaml_errors(content, fragment, tmp_path):
     with pytest.raises(ValueError) as info:
         parse_recipe(str(path), QuantSpec())
     assert fragment in str(info.value)
+
+
+def test_a_binary_calibration_file_is_refused(llama_dir, tmp_path, capsys):
+    calib = tmp_path / "nul.txt"
+    calib.write_bytes(b"\x00" * 4000 + b"some words")
+    rc = main(quantize_args(llama_dir, calib, tmp_path / "out"))
+    assert_usage_error(capsys, rc, "is not text", "NUL")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_log_file_gets_plain_lines_not_progress_bars(llama_dir, calib_file, tmp_path, capsys, caplog):
+    args = [a for a in quantize_args(llama_dir, calib_file, tmp_path / "out", "--recipe", "rtn") if a != "--quiet"]
+    assert main(args) == 0  # stderr is captured, not a terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err, err[:500]  # no progress bar redraws
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(m.startswith("block 0: error in") for m in lines) and any(m.startswith("block 1: error in") for m in lines)

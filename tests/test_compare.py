@@ -230,7 +230,7 @@ def test_finetune_flags_need_blockft(llama_dir, calib_file, tmp_path, capsys):
         ]
     )
     assert code == 2
-    assert "which must end the recipe to take it (e.g. --recipe gptq,blockft); this recipe ends with gptq" in capsys.readouterr().err
+    assert "the recipe's last step gptq takes no such option; blockft takes it (e.g. --recipe gptq,blockft)" in capsys.readouterr().err
 
 
 def test_finetune_flags_reach_the_method(llama_dir, calib_file, tmp_path):
@@ -268,7 +268,7 @@ def test_finetune_flags_reach_the_method(llama_dir, calib_file, tmp_path):
     assert code == 0
     record = json.loads((out / "blockquant.json").read_text())
     ft = record["recipe"]["steps"][-1]
-    assert (ft["method"], ft["window"], ft["objective"], ft["steps"], ft["train_float"]) == ("blockft", 2, "next:1", 3, True)
+    assert (ft["method"], ft["window"], ft["objective"], ft["train"]["steps"], ft["train_float"]) == ("blockft", 2, "next:1", 3, True)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from transformers.pytorch_utils import Conv1D
 
 import blockquant
 from blockquant import QuantSpec, parse_recipe
-from blockquant.arch import ARCHITECTURES, arch_for, block_linears, get_blocks, weight_matrix
+from blockquant.arch import ARCHITECTURES, arch_for, block_linears, get_blocks
+from blockquant.layers import weight_matrix
 from blockquant.recipe import Recipe, make_step
 
 
@@ -135,7 +136,7 @@ def test_record_is_json_able(tiny_llama, calib_ids):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_weight_matrix_is_an_out_in_copy(name):
     """The methods keep weight_matrix() as the original weight while they write ŵ back."""
-    from blockquant.arch import set_weight_matrix
+    from blockquant.layers import set_weight_matrix
 
     model = build_tiny(name)
     module = model.get_submodule("model.layers.0.mlp.down_proj" if name == "llama" else "transformer.h.0.mlp.c_proj")

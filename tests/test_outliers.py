@@ -14,10 +14,11 @@ from test_cli import QUANT_ARGS, assert_usage_error
 from blockquant import QuantSpec, Recipe, make_step, quantize
 from blockquant.activations import ActQuantizer, fake_quant_act, per_token_qparams, quantizers
 from blockquant.api import calibration_batches
-from blockquant.arch import ARCHITECTURES, arch_for, get_blocks, weight_matrix
+from blockquant.arch import ARCHITECTURES, arch_for, get_blocks
 from blockquant.capture import BlockContext, capture_block_inputs, run_block
 from blockquant.cli import main
 from blockquant.fold import fold_problem, fold_scales
+from blockquant.layers import weight_matrix
 from blockquant.methods import smoothquant
 from blockquant.recipe import ActSpec, act_spec
 
@@ -260,7 +261,7 @@ def test_unknown_feeder_mapping_names_the_method(calib_ids, monkeypatch):
         (["--recipe", "smoothquant", "--abits", "8", "--alpha", "2"], "alpha must be in [0, 1]"),
         (["--recipe", "smoothquant", "--abits", "8", "--alpha", "much"], "--alpha must be a number in [0, 1] or auto"),
         (["--recipe", "gptq", "--alpha", "0.5"], "put smoothquant in the recipe"),
-        (["--recipe", "gptq", "--smooth-fold", "quantizer"], "--smooth-fold: SmoothQuant options; put smoothquant in the recipe"),
+        (["--recipe", "gptq", "--smooth-fold", "quantizer"], "--smooth-fold: smoothquant option(s); put smoothquant in the recipe"),
         (["--recipe", "smoothquant"], "give --abits 8"),
         (["--recipe", "zeroquant", "--abits", "8", "--act-granularity", "tensor"], "--act-granularity token"),
     ],

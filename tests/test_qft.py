@@ -11,13 +11,14 @@ import torch
 from conftest import VOCAB, build_tiny
 
 from blockquant import QuantSpec, activations, parse_recipe, quantize
-from blockquant.api import QuantResult, calibration_batches
+from blockquant.api import calibration_batches
 from blockquant.arch import arch_for, get_blocks
 from blockquant.capture import ModelContext, capture_block_inputs, run_block
 from blockquant.export import load, save_packed
 from blockquant.fold import channel_index
 from blockquant.methods import qft
 from blockquant.recipe import ActSpec, Recipe, act_spec, make_step
+from blockquant.report import QuantResult
 
 SPEC = QuantSpec(bits=3, group_size=4, scale_dtype="float32")  # 4 divides every tiny width (Llama MLP 172): packable
 

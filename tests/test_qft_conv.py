@@ -20,12 +20,13 @@ pytest.importorskip("monai")
 from safetensors.torch import save_file  # noqa: E402
 from test_unet import tiny_unet as unet_with  # noqa: E402
 
+from blockquant import quantize  # noqa: E402
 from blockquant.cli import main  # noqa: E402
-from blockquant.convnet import fold_batchnorm, layers_in_order, weight_matrix  # noqa: E402
+from blockquant.convnet import fold_batchnorm, layers_in_order  # noqa: E402
+from blockquant.layers import weight_matrix  # noqa: E402
 from blockquant.methods import qft_conv  # noqa: E402
 from blockquant.methods.qft import QFTLinear, QFTOptions  # noqa: E402
 from blockquant.recipe import ActSpec, QuantSpec, Recipe, make_step  # noqa: E402
-from blockquant.segmentation import SegConfig, quantize_network  # noqa: E402
 from blockquant.unet import load_network, save_network  # noqa: E402
 
 ARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=[4, 8, 16], strides=[2, 2], num_res_units=2, norm="batch")
@@ -41,6 +42,11 @@ def tiny_unet(seed: int = 0) -> nn.Module:
     return unet_with(seed, ARGS, prelu_slope=0.1)  # a visible negative slope: equalization must commute with it
 
 
+def grids_of(res) -> dict:
+    """Each layer's (scale, zero) from a QuantResult."""
+    return {n: (r.scale, r.zero) for n, r in res.layers.items()}
+
+
 def volume(seed: int = 0, shape=(16, 16, 16)) -> torch.Tensor:
     return torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(seed))
 
@@ -51,7 +57,7 @@ def _folded(act: ActSpec | None = None):
     fold_batchnorm(net, x)
     order = layers_in_order(net, x)
     if act is not None:
-        quantize_network(net, Recipe(QuantSpec(8, -1, scale_dtype="float32"), [make_step("rtn")], act), x, SegConfig(progress=False))
+        quantize(net, Recipe(QuantSpec(8, -1, scale_dtype="float32"), [make_step("rtn")], act), x, progress=False)
     return net, order, {n: SPEC for n in order}
 
 
@@ -155,10 +161,10 @@ def test_every_dof_at_once_survives_save_and_reload(tmp_path):
 def test_pow2_gives_power_of_two_scales():
     net, x = tiny_unet(), volume()
     recipe = Recipe(SPEC, [make_step("rtn"), make_step("qft", {"steps": 3, "hw": "pow2"})])
-    res = quantize_network(net, recipe, x, SegConfig(ends_bits=None, progress=False))
-    for scale, _ in res.grids.values():
+    res = quantize(net, recipe, x, progress=False, ends_bits=None)
+    for scale, _ in grids_of(res).values():
         assert torch.equal(scale, torch.exp2(torch.round(torch.log2(scale))))
-    _on_grid(net, res.grids, SPEC.bits)
+    _on_grid(net, grids_of(res), SPEC.bits)
 
 
 def test_admm_then_qft_lowers_the_held_out_loss_and_keeps_the_ends_at_8_bits():
@@ -166,18 +172,18 @@ def test_admm_then_qft_lowers_the_held_out_loss_and_keeps_the_ends_at_8_bits():
     fp = copy.deepcopy(net)
     recipe = Recipe(
         QuantSpec(2, -1, scale_dtype="float32"),
-        [make_step("admm", {"iters": 30, "rho_every": 10}), make_step("qft", {"steps": 40, "eval_every": 10})],
+        [make_step("admm", {"iters": 30, "rho_every": 10}), make_step("qft", {"steps": 40, "eval_every": 10, "tile_voxels": 4096})],
     )
-    res = quantize_network(net, recipe, x, SegConfig(progress=False, size_multiple=4, tile_voxels=4096))
+    res = quantize(net, recipe, x, progress=False)  # the U-Net's strides 2, 2: tiles are multiples of 4
     q = res.model_steps["qft"]
     assert q["tiles"] == [[16, 16, 16], 4, 1] and q["trained"]["equalize"] > 0
     assert q["held_out_loss"][-1][1] < q["held_out_loss"][0][1]
     assert min(v for _, v in q["held_out_loss"]) < 0.9 * q["held_out_loss"][0][1]
-    bits = {r.name: r.bits for r in res.layers}
+    bits = {n: r.bits for n, r in res.layers.items()}
     assert sorted(set(bits.values())) == [2, 8]
     for bit in (2, 8):
-        _on_grid(net, {n: g for n, g in res.grids.items() if bits[n] == bit}, bit)
-    assert res.record()["model_steps"]["qft"]["steps_run"] > 0 and fp is not net
+        _on_grid(net, {n: g for n, g in grids_of(res).items() if bits[n] == bit}, bit)
+    assert res.record()["qft"]["steps_run"] > 0 and fp is not net
 
 
 # ---------------------------------------------------------------- the command line
@@ -203,8 +209,8 @@ def test_cli_admm_qft_round_trip(tmp_path, capsys):
     assert main(argv + ["--output", str(out), "--quiet"]) == 0
     assert "qft: 5 steps" in capsys.readouterr().out
     record = json.loads((out / "blockquant.json").read_text())
-    assert record["method"] == "admm,qft" and record["recipe"]["steps"][1]["steps"] == 5
-    assert record["model_steps"]["qft"]["steps_run"] == 5
+    assert record["method"] == "admm,qft" and record["recipe"]["steps"][1]["train"]["steps"] == 5
+    assert record["qft"]["steps_run"] == 5
     assert main(["eval", str(out), "--data", vol, "--region", "8:", "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)["dice"]) == {"class1", "class2"}
 

@@ -18,12 +18,13 @@ pytest.importorskip("monai")
 from monai.networks.nets import UNet  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from blockquant import quantize  # noqa: E402
 from blockquant.cli import main  # noqa: E402
-from blockquant.convnet import fold_batchnorm, layer_stats, layers_in_order, set_weight_matrix, weight_matrix  # noqa: E402
+from blockquant.convnet import fold_batchnorm, layer_stats, layers_in_order  # noqa: E402
+from blockquant.layers import set_weight_matrix, weight_matrix  # noqa: E402
 from blockquant.methods.admm import ADMMOptions, admm, attention_map, pool_attention, project  # noqa: E402
 from blockquant.primitives import compute_qparams, fake_quantize  # noqa: E402
 from blockquant.recipe import ActSpec, QuantSpec, Recipe, make_step  # noqa: E402
-from blockquant.segmentation import quantize_network  # noqa: E402
 from blockquant.unet import size_problem  # noqa: E402
 
 ARGS = dict(spatial_dims=3, in_channels=1, out_channels=3, channels=[4, 8, 16], strides=[2, 2], num_res_units=1, norm="batch")
@@ -180,24 +181,25 @@ def test_quantize_network_weights_on_grid_ends_8_bit_and_admm_beats_rtn():
     for method in ("rtn", "gptq", "admm"):
         net = tiny_unet()
         opts = {"iters": 40, "rho_every": 10} if method == "admm" else {}
-        res = quantize_network(net, _recipe(method, 2, **opts), x)
-        by_name = {r.name: r for r in res.layers}
-        assert {n for n, r in by_name.items() if r.bits == 8} == {res.layers[0].name, res.layers[1].name, res.layers[-1].name}
-        for name, (scale, zero) in res.grids.items():  # every weight is s·(q − z) with integer q in range
+        res = quantize(net, _recipe(method, 2, **opts), x)
+        by_name, order = res.layers, list(res.layers)
+        assert {n for n, r in by_name.items() if r.bits == 8} == {order[0], order[1], order[-1]}
+        for name, r in by_name.items():  # every weight is s·(q − z) with integer q in range
+            scale, zero = r.scale, r.zero
             w = weight_matrix(net.get_submodule(name))
             q = w / scale + zero
             bits = by_name[name].bits
             assert torch.allclose(q, torch.round(q), atol=2e-3), name
             assert q.min() > -0.5 and q.max() < 2**bits - 0.5
-        errors[method] = sum(r.error for r in res.layers if r.bits == 2)
+        errors[method] = sum(r.error for r in res.layers.values() if r.bits == 2)
     assert errors["admm"] < errors["rtn"]
 
 
 def test_static_activation_quantization_is_attached_and_recorded():
     net = tiny_unet()
-    res = quantize_network(net, _recipe("rtn", 4, ActSpec(8, "tensor", sym=False)), volume(1))
+    res = quantize(net, _recipe("rtn", 4, ActSpec(8, "tensor", sym=False)), volume(1))
     ranges = res.record()["activations"]["static_ranges"]
-    assert set(ranges) == {r.name for r in res.layers}
+    assert set(ranges) == set(res.layers)
     assert all(hasattr(net.get_submodule(n), "input_quantizer") for n in ranges)
 
 
@@ -331,8 +333,15 @@ def test_cli_bad_volumes_expressions_and_options(tmp_path, capsys):
     _bad(q, capsys, "must be a string", out)
 
 
-def test_admm_refuses_transformer_blocks():
-    from blockquant.methods.admm import apply
+def test_admm_refuses_transformer_blocks_and_blockft_refuses_networks():
+    import transformers
 
-    with pytest.raises(ValueError, match="convolution networks"):
-        apply(None, None, None, None)
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    )
+    with pytest.raises(ValueError, match="admm quantizes convolution networks layer by layer"):
+        quantize(llama, _recipe("admm", 4), torch.zeros(2, 8, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="blockft works on transformer blocks only"):
+        quantize(tiny_unet(), Recipe(QuantSpec(4, -1), [make_step("rtn"), make_step("blockft")]), volume(), progress=False)
+    with pytest.raises(TypeError, match="calibration must be images"):
+        quantize(tiny_unet(), _recipe("rtn", 4), torch.zeros(2, 8, dtype=torch.long), progress=False)

@@ -23,7 +23,6 @@ from transformers.pytorch_utils import Conv1D
 
 from blockquant import activations
 from blockquant.activations import has_input_smoothing
-from blockquant.api import QuantResult
 from blockquant.arch import arch_for, block_linears, get_blocks, is_linear
 from blockquant.capture import LayerResult
 from blockquant.export import compressed_tensors, gptq
@@ -31,6 +30,7 @@ from blockquant.export.qlinear import ScaleRounding, pack_linear, triton_availab
 from blockquant.export.shards import MANIFEST_FILE, read_tensors, verify_manifest, write_manifest, write_safetensors
 from blockquant.files import RECORD_FILE, atomic_dir, check_output_dir, load_model, model_class_name, save_quantized
 from blockquant.recipe import QuantSpec
+from blockquant.report import QuantResult
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def load(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | 
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, e.g. torch.bfloat16, got {dtype!r}")
-    from blockquant.api import check_device
+    from blockquant.device import check_device
 
     device = check_device(device)
     path = Path(model_dir)

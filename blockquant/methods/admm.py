@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blockquant.convnet import layer_stats
+from blockquant.layers import weight_matrix
 from blockquant.primitives import compute_qparams, dequantize, quantize, round_scale
-from blockquant.recipe import QuantSpec
+from blockquant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ADMMOptions:
     iters: int = 200
     rho: float = 10.0  # ρ₀ = rho · r, r = mean diagonal of the layer's (weighted, centred) Gram matrix
@@ -51,14 +53,6 @@ class ADMMOptions:
             raise ValueError(f"admm eta must be >= 0 (0 turns the weight regulariser off), got {self.eta}")
         if self.max_positions < 1:
             raise ValueError(f"admm max_positions must be >= 1, got {self.max_positions}")
-
-
-def apply(*_args, **_kwargs):
-    """admm is a per-layer method of convolution networks; transformer blocks go through GPTQ."""
-    raise ValueError(
-        "admm (EfficientQ) quantizes convolution networks layer by layer: give a MONAI network directory "
-        "(unet_config.json + model.safetensors); for transformer blocks use gptq or blockft"
-    )
 
 
 # ---------------------------------------------------------------- self-adaptive attention
@@ -201,9 +195,8 @@ def admm(w0: Tensor, gram: Tensor, cross: Tensor, y_sq: float, spec: QuantSpec, 
     return ADMMResult(best_g, best_s, best_z, best, rtn, best_it)
 
 
-def quantize_layer(layer: nn.Module, x: Tensor, y: Tensor, attention: Tensor | None, spec: QuantSpec, opts: ADMMOptions, seed: int = 0):
+def apply_conv(layer: nn.Module, x: Tensor, y: Tensor, attention: Tensor | None, spec: QuantSpec, opts: ADMMOptions, seed: int = 0):
     """ADMM on one conv/linear layer; returns (Ŵ (out, K), scale, zero, new bias or None, info)."""
-    from blockquant.convnet import layer_stats, weight_matrix
 
     weight = None
     if opts.attention and attention is not None and not isinstance(layer, nn.Linear):

@@ -27,16 +27,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from blockquant.arch import set_weight_matrix, weight_matrix
 from blockquant.capture import BlockContext, LayerResult, collect_input_stats, relative_error
 from blockquant.fold import fold_problem, fold_scales
+from blockquant.layers import set_weight_matrix, weight_matrix
 from blockquant.primitives import compute_qparams, fake_quantize, group_width, n_groups
-from blockquant.recipe import QuantSpec
+from blockquant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AWQOptions:
     grid: int = 20  # α ∈ {0, 1/grid, …, (grid − 1)/grid}
     clip: bool = True  # per-group range search after scaling

@@ -14,54 +14,49 @@ embedding (``finetune.output_loss``, the loss QFT uses).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from blockquant.arch import block_linears, get_blocks, weight_matrix
+from blockquant.arch import block_linears, get_blocks
 from blockquant.capture import BlockInputs, LayerResult, WindowContext, block_output, collect_hessians, relative_error, run_block
 from blockquant.finetune import FakeQuantLinear, TrainConfig, default_groups, output_loss, swap_in, swap_out, train
+from blockquant.layers import weight_matrix
 from blockquant.primitives import compute_qparams, storage_ste
-from blockquant.recipe import QuantSpec
+from blockquant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlockFTOptions:
-    steps: int = 200  # optimizer steps per window, one calibration batch each
-    lr_scale: float = 0.02  # step sizes and zero points, relative to the window's mean initial step size
-    lr_weight: float = 2e-2  # master weights, in code units of the initial grid (AdaRound: offsets α)
+    # optimizer steps per window (one calibration batch each); lr_scale is relative to the window's mean initial step size
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, lr_scale=0.02, lr_weight=2e-2))
     rounding: str = "ste"  # "ste": train fp32 master weights; "adaround": train rounding offsets
     target: str = "fp-input"  # "fp-input": FP block on FP input; "quantized-input": on quantized input
     window: int = 1  # K consecutive blocks trained jointly
     stride: int = 1  # blocks the window slides by (1 … K)
     objective: str = "block"  # "block", "next:k" or "logits"
-    holdout: float = 0.1  # share of calibration batches held out for early stopping
-    eval_every: int = 25
-    accumulate: int = 1  # calibration batches per optimizer step (gradients summed; memory stays one batch's)
-    patience: int = 4
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
     train_float: bool = False  # also train the float tensors the checkpoint keeps: norm weights/biases, the linears' biases
     lr_float: float = 1e-3  # their learning rate (absolute)
     prox: float = 0.0  # pull of the master weights (STE) towards their start: prox · initial loss · mean squared move in code units
 
     def __post_init__(self) -> None:
+        if not isinstance(self.train, TrainConfig):
+            raise TypeError(f"train must be a TrainConfig, got {self.train!r}")
         if self.rounding not in ("ste", "adaround"):
             raise ValueError(f"rounding must be 'ste' or 'adaround', got {self.rounding!r}")
         if self.target not in ("fp-input", "quantized-input"):
             raise ValueError(f"target must be 'fp-input' or 'quantized-input', got {self.target!r}")
         if self.window < 1 or not 1 <= self.stride <= self.window:
             raise ValueError(f"need window >= 1 and 1 <= stride <= window, got window {self.window}, stride {self.stride}")
-        if not 0 <= self.holdout < 1:
-            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.lr_float <= 0:
             raise ValueError(f"lr_float must be > 0, got {self.lr_float}")
         if self.prox < 0:
@@ -69,21 +64,6 @@ class BlockFTOptions:
         if self.prox > 0 and self.rounding != "ste":
             raise ValueError("prox pulls the STE master weights towards their start; it does not apply to rounding 'adaround'")
         _ = self.downstream  # raises for a malformed objective
-        self.train_config()  # validates steps, learning rates, eval_every, accumulate
-
-    def train_config(self, scale_unit: float = 1.0, label: str = "blockft") -> TrainConfig:
-        """The training loop's settings; ``lr_scale`` is relative, so it is multiplied by the window's mean step size."""
-        return TrainConfig(
-            steps=self.steps,
-            lr_scale=self.lr_scale * scale_unit,
-            lr_weight=self.lr_weight,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            eval_every=self.eval_every,
-            accumulate=self.accumulate,
-            patience=self.patience,
-            label=label,
-        )
 
     @property
     def downstream(self) -> int | None:
@@ -182,7 +162,7 @@ def _proximal(modules: list[FakeQuantLinear], loss_on: Callable[[int], Tensor], 
     return penalty
 
 
-def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str, LayerResult]:
+def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefix: str = "blockft") -> dict[str, LayerResult]:
     """Fine-tune the window's quantization parameters and weights; leave them on the grid."""
     names = [list(block_linears(b, ctx.arch)) for b in ctx.blocks]
     for offset, block_names in enumerate(names):
@@ -235,13 +215,14 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions) -> dict[str
         return F.mse_loss(pred.float(), targets[i].float())
 
     n = len(ctx.q_inputs.hidden)
-    n_eval = max(1, round(opts.holdout * n)) if opts.holdout > 0 and n >= 2 else 0
+    n_eval = opts.train.held_out(n)
     items = list(range(n))
-    cfg = opts.train_config(mean_scale, label=f"blockft blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}")
+    cfg = dataclasses.replace(opts.train, lr_scale=opts.train.lr_scale * mean_scale)
+    label = f"{label_prefix} blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}"
     groups = default_groups(modules, cfg) + [(float_params, opts.lr_float)]
     try:
         penalty = _proximal(modules, loss_on, items[0], opts.prox) if opts.prox > 0 else None
-        log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress, groups=groups, penalty=penalty)
+        log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress, groups=groups, penalty=penalty, label=label)
     finally:
         for module, attr in floats:  # the (best) trained values, rounded as stored, become plain parameters again
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from blockquant.arch import set_weight_matrix, weight_matrix
 from blockquant.capture import BlockContext, LayerResult, collect_hessians, relative_error
+from blockquant.convnet import layer_stats
+from blockquant.layers import set_weight_matrix, weight_matrix
 from blockquant.primitives import clip_search, compute_qparams, group_width, n_groups, quantize_column
-from blockquant.recipe import QuantSpec
+from blockquant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTQOptions:
     damp: float = 0.01  # H += damp · mean(diag H) · I
     block_size: int = 128  # lazy-batch width (rounded to a multiple of the group size)
@@ -139,3 +140,17 @@ def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: GPTQOption
                 set_weight_matrix(layer, w_hat)
                 results[name] = LayerResult(scale.cpu(), zero.cpu(), g_idx, relative_error(w, w_hat, h))
     return results
+
+
+def apply_conv(layer: nn.Module, x: Tensor, y: Tensor, attention: Tensor | None, spec: QuantSpec, opts: GPTQOptions, seed: int = 0):
+    """GPTQ on the im2col rows of one layer of a convolution network: ``H = 2/N Σ x xᵀ`` over (sampled) output positions."""
+    stats = layer_stats(layer, x, seed=seed)
+    h, w = 2 * stats.gram, weight_matrix(layer)
+    tries = [True, False] if opts.clip_search == "auto" else [bool(opts.clip_search)]
+    best = None
+    for clip in tries:  # "auto": whichever range choice gives the lower calibration output error
+        w_hat, scale, zero, _ = gptq_quantize(w, h, spec, dataclasses.replace(opts, clip_search=clip))
+        err = relative_error(w, w_hat, h)
+        if best is None or err < best[0]:
+            best = (err, w_hat, scale, zero, clip)
+    return best[1], best[2], best[3], None, {"positions": stats.rows, "of_positions": stats.total, "clip_search": best[4]}

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -43,12 +43,13 @@ from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from blockquant import activations
-from blockquant.arch import LinearGroup, block_linears, get_blocks, weight_matrix
+from blockquant.arch import LinearGroup, block_linears, get_blocks
 from blockquant.capture import LayerResult, ModelContext, block_output
-from blockquant.finetune import FakeQuantLinear, TrainConfig, TrainLog, output_loss, relative_mse, run_layer, swap_in, swap_out, train
+from blockquant.finetune import FakeQuantLinear, TrainConfig, TrainLog, output_loss, relative_mse, swap_in, swap_out, train
 from blockquant.fold import channel_index, feeder_rows
+from blockquant.layers import run_with_weight, weight_matrix
 from blockquant.primitives import compute_qparams, round_scale_ste, round_ste, storage_ste
-from blockquant.recipe import ActSpec, QuantSpec
+from blockquant.spec import ActSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,11 @@ HW_PRESETS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class QFTOptions:
-    steps: int = 150  # optimizer steps, one calibration batch each, through the whole model
-    lr_scale: float = 5e-3  # log step sizes and zero points (code units)
-    lr_weight: float = 1e-2  # master weights, in code units of the initial grid
-    lr_equalize: float = 1e-3  # log equalization factors (5e-3 until session 11: from GPTQ 1e-3 won 4 of 4 cases in bench/results/qft.md)
+    # optimizer steps (one calibration batch each, through the whole model); lr_scale: log step sizes and zero points
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr_scale=5e-3, lr_weight=1e-2, patience=3, diverge=4.0))
+    lr_equalize: float = 1e-3  # log equalization factors
     lr_bias: float = 1e-3  # bias corrections (output units)
     lr_act: float = 5e-3  # log static activation scales
     hw: str | None = None  # int-per-channel | int-per-group | pow2; None: int-per-channel with --group-size -1, else int-per-group
@@ -75,41 +75,22 @@ class QFTOptions:
     act_ranges: bool = True  # ... static activation scales
     feature_weight: float = 0.0  # weight of a token-level MSE on the last hidden states (intermediate-feature term)
     checkpointing: bool = True  # recompute each block in the backward pass: memory ≈ inference + one block's activations
-    holdout: float = 0.1  # share of calibration batches held out for early stopping
-    eval_every: int = 25
-    accumulate: int = 1  # calibration batches per optimizer step (gradients summed; memory stays one batch's)
-    patience: int = 3
-    grad_clip: float = 1.0
-    diverge: float = 4.0  # stop (restoring the best state) when the held-out loss exceeds this multiple of the initial one
+    tile_voxels: int = 2**17  # convolution networks: the calibration volume is cut into tiles of at most this many voxels
 
     def __post_init__(self) -> None:
+        if not isinstance(self.train, TrainConfig):
+            raise TypeError(f"train must be a TrainConfig, got {self.train!r}")
         if self.hw is not None and self.hw not in HW_PRESETS:
             raise ValueError(f"unknown --hw {self.hw!r}; choose one of {', '.join(HW_PRESETS)}")
         for name in ("lr_equalize", "lr_bias", "lr_act"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"qft {name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.holdout < 1:
-            raise ValueError(f"qft holdout must be in [0, 1), got {self.holdout}")
         if self.feature_weight < 0:
             raise ValueError(f"qft feature_weight must be >= 0, got {self.feature_weight}")
         if not (self.step_sizes or self.equalize or self.bias or self.weights):
             raise ValueError("qft: step_sizes, equalize, bias and weights are all switched off; nothing to train")
-        if self.diverge <= 1:
-            raise ValueError(f"qft diverge must be > 1 (a multiple of the initial held-out loss), got {self.diverge}")
-        self.train_config()  # validates steps, the other learning rates, eval_every
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            steps=self.steps,
-            lr_scale=self.lr_scale,
-            lr_weight=self.lr_weight,
-            grad_clip=self.grad_clip,
-            eval_every=self.eval_every,
-            accumulate=self.accumulate,
-            patience=self.patience,
-            diverge=self.diverge,
-            label="qft",
-        )
+        if self.tile_voxels < 1:
+            raise ValueError(f"qft tile_voxels must be >= 1, got {self.tile_voxels}")
 
 
 def hw_preset(opts: QFTOptions, spec: QuantSpec) -> str:
@@ -223,7 +204,7 @@ class QFTLinear(FakeQuantLinear):
         if act_quant is not None:
             x = act_quant(x)
         b = self.folded_bias()
-        return run_layer(self.layer, x, self.dequantized().to(x.dtype), None if b is None else b.to(x.dtype))
+        return run_with_weight(self.layer, x, self.dequantized().to(x.dtype), None if b is None else b.to(x.dtype))
 
     @torch.no_grad()
     def commit(self) -> tuple[Tensor, Tensor]:
@@ -426,26 +407,21 @@ def fold(ctx: ModelContext, wrapped: list[dict[str, QFTLinear]], undo: list[Call
     return layers
 
 
-def held_out(n: int, holdout: float) -> int:
-    """How many of ``n`` training items early stopping holds out (none when there are fewer than 2)."""
-    return max(1, round(holdout * n)) if holdout > 0 and n >= 2 else 0
-
-
 def train_all(
     modules: list[nn.Module], kinds: dict[str, list[Tensor]], loss_on: Callable[[int], Tensor], n: int, opts: QFTOptions, progress: bool
 ) -> TrainLog:
     """One ``finetune.train`` run over items ``0 … n−1`` (the last ``holdout`` share held out), each DoF kind at its own rate."""
-    n_eval = held_out(n, opts.holdout)
+    n_eval = opts.train.held_out(n)
     items = list(range(n))
     groups = [
-        (kinds["scale"], opts.lr_scale),
-        (kinds["weight"], opts.lr_weight),
+        (kinds["scale"], opts.train.lr_scale),
+        (kinds["weight"], opts.train.lr_weight),
         (kinds["equalize"], opts.lr_equalize),
         (kinds["bias"], opts.lr_bias),
         (kinds["act"], opts.lr_act),
     ]
     # train() itself warns on a NaN loss or a diverging held-out loss (and keeps the best state)
-    return train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train_config(), progress, groups)
+    return train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train, progress, groups, label="qft")
 
 
 def train_notes(result: TrainLog, kinds: dict[str, list[Tensor]]) -> dict:

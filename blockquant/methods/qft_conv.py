@@ -26,13 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from blockquant import activations
-from blockquant.convnet import BATCHNORM, CONV, CONV_T
-from blockquant.finetune import layer_matrix, swap_in, swap_out
+from blockquant.convnet import BATCHNORM, NetworkContext
+from blockquant.finetune import swap_in, swap_out
+from blockquant.layers import CONV, CONV_T, weight_matrix
 from blockquant.methods.qft import (
     Equalizer,
     QFTLinear,
     QFTOptions,
-    held_out,
     hw_preset,
     share_act_range,
     train_all,
@@ -40,7 +40,7 @@ from blockquant.methods.qft import (
     trainable_kinds,
 )
 from blockquant.primitives import compute_qparams
-from blockquant.recipe import ActSpec, QuantSpec
+from blockquant.spec import ActSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def setup(
         log.warning("qft: no bias correction on %s: the network builds them without a bias", ", ".join(no_bias))
 
     def build(name: str, layer: nn.Module) -> QFTLinear:
-        scale, zero = grids[name] if name in grids else compute_qparams(layer_matrix(layer), specs[name])
+        scale, zero = grids[name] if name in grids else compute_qparams(weight_matrix(layer), specs[name])
         device = layer.weight.device
         return QFTLinear(layer, specs[name], scale.to(device), zero.to(device), pow2, opts.bias and layer.bias is not None)
 
@@ -192,24 +192,14 @@ def fold(model: nn.Module, wrapped: dict[str, QFTLinear], undo: list[Callable]) 
     return grids
 
 
-def apply(
-    model: nn.Module,
-    fp: nn.Module,
-    calibration: Tensor,
-    attention: Tensor,
-    grids: dict[str, tuple[Tensor, Tensor]],
-    specs: dict[str, QuantSpec],
-    opts: QFTOptions,
-    act: ActSpec | None = None,
-    multiple: int = 1,
-    tile_voxels: int = 2**17,
-    progress: bool = True,
-) -> tuple[dict[str, tuple[Tensor, Tensor]], dict]:
-    """Fine-tune every DoF of the quantized ``model`` jointly against ``fp`` on ``calibration``
-    ``(B, C, *S)``; leave it folded on its grids. Returns the grids (name -> (scale, zero)) and notes."""
+def apply(ctx: NetworkContext, spec: QuantSpec, opts: QFTOptions) -> dict[str, tuple[Tensor, Tensor]]:
+    """Fine-tune every DoF of the quantized ``ctx.model`` jointly against ``ctx.fp_model`` on the
+    calibration images ``(B, C, *S)``; leave it folded on its grids. Returns the grids (name ->
+    (scale, zero)); what it did goes into ``ctx.notes``."""
+    model, fp, calibration, attention, grids, specs = ctx.model, ctx.fp_model, ctx.calibration, ctx.attention, ctx.grids, ctx.specs
     check(opts)
     layers = list(specs)
-    parts = tiles(tuple(calibration.shape[2:]), multiple, tile_voxels)
+    parts = tiles(tuple(calibration.shape[2:]), ctx.size_multiple, opts.tile_voxels)
     inputs = [calibration[(slice(None), slice(None), *t)] for t in parts]
     weights = [attention[(slice(None), *t)] for t in parts]
     with torch.no_grad():
@@ -217,7 +207,7 @@ def apply(
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    wrapped, kinds, undo, notes = setup(model, layers, grids, specs, opts, act)
+    wrapped, kinds, undo, notes = setup(model, layers, grids, specs, opts, ctx.act)
     for p in kinds["equalize"] + kinds["act"]:
         p.requires_grad_(True)
 
@@ -226,14 +216,15 @@ def apply(
 
     n = len(inputs)
     try:
-        result = train_all(list(wrapped.values()), kinds, loss_on, n, opts, progress)
+        result = train_all(list(wrapped.values()), kinds, loss_on, n, opts, ctx.progress)
         out = fold(model, wrapped, undo)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
-    notes.update(
+    ctx.notes.update(notes)
+    ctx.notes.update(
         hw=hw_preset(opts, next(iter(specs.values()))),
-        tiles=[[s.stop - s.start for s in parts[0]], n, held_out(n, opts.holdout)],
+        tiles=[[s.stop - s.start for s in parts[0]], n, opts.train.held_out(n)],
         **train_notes(result, kinds),
     )
-    return out, notes
+    return out

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from blockquant.arch import set_weight_matrix, weight_matrix
 from blockquant.capture import BlockContext, LayerResult, collect_hessians, relative_error
+from blockquant.convnet import layer_stats
+from blockquant.layers import set_weight_matrix, weight_matrix
 from blockquant.primitives import clip_search, compute_qparams, fake_quantize
-from blockquant.recipe import QuantSpec
+from blockquant.spec import QuantSpec
 
 
-@dataclass
+@dataclass(frozen=True)
 class RTNOptions:
     clip_search: bool = False  # search a per-group range shrink minimising the error
     input_weighted: bool = True  # with clip_search: weight each column's error by E[x²]
@@ -42,3 +43,12 @@ def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: RTNOptions
             set_weight_matrix(layer, w_hat)
             results[name] = LayerResult(scale.cpu(), zero.cpu(), None, relative_error(w, w_hat, h))
     return results
+
+
+def apply_conv(layer: nn.Module, x: Tensor, y: Tensor, attention: Tensor | None, spec: QuantSpec, opts: RTNOptions, seed: int = 0):
+    """RTN on one layer of a convolution network (its im2col matrix); the weighted search reads E[x²] per im2col column."""
+    col_weight = None
+    if opts.clip_search and opts.input_weighted:
+        col_weight = torch.diag(layer_stats(layer, x, seed=seed).gram)
+    w_hat, scale, zero = rtn_quantize(weight_matrix(layer), spec, opts.clip_search, col_weight)
+    return w_hat, scale, zero, None, {}

@@ -31,16 +31,16 @@ import torch
 from torch import Tensor, nn
 
 from blockquant import activations
-from blockquant.arch import set_weight_matrix, weight_matrix
 from blockquant.capture import BlockContext, BlockInputs, LayerResult, collect_input_stats, run_block
 from blockquant.fold import fold_problem, fold_scales
+from blockquant.layers import set_weight_matrix, weight_matrix
 from blockquant.methods import rtn
-from blockquant.recipe import QuantSpec
+from blockquant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SmoothQuantOptions:
     alpha: float | str = 0.5  # migration strength in [0, 1] (0.8–0.9 for Llama-like models), or "auto"
     alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the "auto" sweep
@@ -53,7 +53,7 @@ class SmoothQuantOptions:
             raise ValueError(
                 f"smoothquant alpha must be in [0, 1] (0.5 default, 0.8-0.9 for Llama-like models) or 'auto', got {self.alpha!r}"
             )
-        self.alphas = tuple(float(a) for a in self.alphas)
+        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))  # YAML gives a list
         if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
             raise ValueError(f"smoothquant alphas (the auto sweep) must be values in [0, 1], got {self.alphas}")
         if not 0 < self.holdout < 1:
