@@ -26,7 +26,7 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "joint K=3": [("blockft", {"window": 3, "stride": 3})],
     "next:1": [("blockft", {"objective": "next:1"})],
     "logits": [("blockft", {"objective": "logits"})],
-    # the method's other options, measured on request (not in the default set: the question is about windows and objectives)
+    # the method's other options, measured on request (not in the default set, which compares windows and objectives)
     "adaround": [("blockft", {"rounding": "adaround"})],
     "quantized-input": [("blockft", {"target": "quantized-input"})],
     "train-float": [("blockft", {"train_float": True})],  # norms and biases train too

@@ -128,12 +128,9 @@ def generate_calibration(
     held-out batches at the end hold prompts that no training window starts with.
 
     Why: a calibration file is often training text, where the full-precision model's outputs carry
-    what it memorised (llama-code's FP perplexity: 10.6 on calib.txt, 12.1 on eval.txt, first 100
-    windows each); its own samples are what it actually predicts. On llama-code W2 g64, block-wise FT on them scored 10.05 / 10.02 / 10.03 against
-    10.15 / 10.14 / 10.11 on the file's windows (three draws; bench/results/blockft.md, session 20).
-    More windows than the file holds: with R = 8 (1024 windows; the file yields 335) block-wise FT
-    scored 9.9878 and ``gptq,blockft,qft`` 9.9510, against 10.0466 and 10.0210 with R = 1 (one draw;
-    bench/results/qft.md, session 22). Fine-tuning then reads each window once or twice, not over ten times.
+    what it memorised; its own samples are what it actually predicts (docs/results.md measures
+    both). With R > 1 there can be more windows than the file holds, so fine-tuning reads each
+    window once or twice, not over ten times.
     Tokens are drawn on the CPU from one generator seeded with ``seed``, batch after batch, so the
     result depends on ``seed`` and ``batch_size`` but not on ``device``. The whole model sits on
     ``device`` while it generates (it goes back where it was afterwards).
@@ -181,7 +178,7 @@ def calibration_paragraphs(
     A sentence encoder is called on sentences and paragraphs, not on fixed-length cuts of a
     token stream: in a short input ``[CLS]``/``[SEP]`` weigh more in the mean-pooled embedding
     and attention spreads over few positions. Calibrating on the same shape of input is what
-    the quantizer should see (measured on all-MiniLM-L6-v2: bench/results/blockft.md).
+    the quantizer should see (docs/results.md measures both on all-MiniLM-L6-v2).
     """
     if ntokens < 1 or max_len < 2:
         raise ValueError(f"need a token budget >= 1 and a paragraph length >= 2, got {ntokens} and {max_len}")

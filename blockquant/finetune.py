@@ -10,9 +10,8 @@ The fp32 master weights are kept in code units of the initial grid, ``v = w/s₀
 learning rate means the same whatever the scale), the codes are ``⌊v⌉`` and the learned step
 size multiplies them: ``ŵ = s·(q − z)``. Plain LSQ (``s·⌊w/s⌉``) gives the step
 size the gradient ``⌊w/s⌉ − w/s``, which is zero when the master weights start on the grid
-(after GPTQ): it cannot see that changing s rescales every code. Measured on llama-code block
-0 (GPTQ W2 g64 init), a step along LSQ's scale gradient *raised* the loss; along this one it
-falls.
+(after GPTQ): it cannot see that changing s rescales every code, and a step along it can
+raise the loss where a step along this one lowers it.
 ``train`` is the one optimisation loop: AdamW, cosine schedule, gradient clipping, early stop
 on held-out data keeping the best state, NaN guard.
 """
@@ -48,8 +47,7 @@ class FakeQuantLinear(nn.Module):
         earlier step (GPTQ) left on the grid. Each offset then chooses between that code and its
         neighbour towards the FP weight, starting at the code: the start is the earlier step's
         result, and a code may move down as well as up. (Rounding the FP weight afresh would throw
-        GPTQ's error compensation away: on llama-code W2 g64 block 0 the held-out block loss started
-        at 0.256 instead of GPTQ's 0.057 and ended at 0.134, against 0.039 from GPTQ's codes.)"""
+        GPTQ's error compensation away: training would start, and end, well above GPTQ's loss.)"""
         super().__init__()
         w = weight_matrix(layer)  # (out, in) fp32; (out, in·∏kernel) for a convolution
         self.spec, self.rounding, self.layer = spec, rounding, layer
@@ -179,9 +177,8 @@ class TrainConfig:
     diverge: float | None = None  # stop when a held-out loss exceeds this multiple of the initial one (None: off)
     reg_weight: float = 0.01  # AdaRound regulariser λ
     # Adam's ε, far below any gradient a calibration loss gives: a step then moves a parameter by about its
-    # learning rate whatever the scale of the model's activations. torch's 1e-8 is not: llama-code W4 g128
-    # weight gradients have a median √v of 3.5e-8–2e-7 per block, so it cut their steps by 5–22 % at the median
-    # and by up to 3× for the smallest tenth; a wider model's smaller gradients would be damped more.
+    # learning rate whatever the scale of the model's activations. torch's 1e-8 is not: weight gradients of a
+    # small LLM's blocks are of that order, so it would shorten their steps, and a wider model's smaller ones more.
     adam_eps: float = 1e-15
 
     def __post_init__(self) -> None:
@@ -244,11 +241,9 @@ def train(
     Early stopping judges only the annealing part of the schedule (after ``cfg.settle`` of the
     steps): it stops when the held-out loss has not fallen below its best *of that part* for
     ``cfg.patience`` evaluations. While the cosine rate is high the held-out loss plateaus or
-    wanders (weights hop between grid points) and only falls as the rate anneals — measured on
-    llama-code W2 g64 block 0: 0.040 at step 25, 0.042–0.044 to step 125, 0.031 at step 200. A
-    patience counted from the start stopped that run at 125; one counted against the best of the
-    whole run stopped a 400-step schedule at 300 of 400, before the fall. The best held-out state
-    of the whole run is kept either way.
+    wanders (weights hop between grid points) and only falls as the rate anneals, so a patience
+    counted from the start, or against the best of the whole run, stops before that fall. The best
+    held-out state of the whole run is kept either way.
     ``groups`` — (parameters, learning rate) — replaces ``default_groups`` (QFT and block-wise FT
     with float parameters train more kinds of tensors, some shared by several modules).
     ``penalty()`` is added to the training loss only: early stopping judges the data loss.
