@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from blockquant import quantize
-from blockquant.finetune import TrainConfig
 from blockquant.methods import METHODS
 from blockquant.primitives import compute_qparams, fake_quantize, n_groups
 from blockquant.recipe import Recipe, make_step, parse_recipe, step_options, with_options
