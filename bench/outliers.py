@@ -168,7 +168,7 @@ def _lkd_steps(rows: dict[str, dict[str, dict]]) -> str:
     """The LKD steps each subject's rows used (from their recipes)."""
     out = []
     for subject, by_label in rows.items():
-        steps = {st["steps"] for r in by_label.values() for st in (r.get("recipe") or {}).get("steps", []) if st["method"] == "lkd"}
+        steps = {st.get("train", st)["steps"] for r in by_label.values() for st in (r.get("recipe") or {}).get("steps", []) if st["method"] == "lkd"}
         if steps:
             out.append(f"{subject}: {', '.join(map(str, sorted(steps)))}")
     return "; ".join(out) or "-"

@@ -193,10 +193,9 @@ def unet_one(label: str, bits: int) -> dict:
     import torch
 
     from bench.unet import CLASSES, SUBJECT, load_subject
+    from blockquant import quantize
     from blockquant.evaluate import dice_per_class, segment
     from blockquant.recipe import QuantSpec, Recipe, make_step
-    from blockquant.segmentation import SegConfig, quantize_network
-    from blockquant.unet import load_network, size_multiple
 
     torch.manual_seed(0)
     model, config, x_cal, x_eval, lab_eval = load_subject()
@@ -206,13 +205,13 @@ def unet_one(label: str, bits: int) -> dict:
         steps = [make_step("admm")] + ([] if qft is None else [make_step("qft", qft)])
         recipe = Recipe(QuantSpec(bits, -1, scale_dtype="float32"), steps)
         wall, cpu = time.perf_counter(), time.process_time()
-        result = quantize_network(model, recipe, x_cal, SegConfig(ends_bits=8, progress=False, size_multiple=size_multiple(config)))
+        result = quantize(model, recipe, x_cal, progress=False, ends_bits=8)
         row |= {
             "seconds": time.perf_counter() - wall,
             "cpu_seconds": time.process_time() - cpu,
             "peak_rss_mb": result.peak_rss_mb,
             "qft_record": result.model_steps.get("qft"),
-            "eight_bit": [r.name for r in result.layers if r.bits == 8],
+            "eight_bit": [n for n, r in result.layers.items() if r.bits == 8],
         }
     row["load_after"] = os.getloadavg()[0]
     pred = segment(model, x_eval)

@@ -116,7 +116,7 @@ def main() -> None:
     if args.variant.endswith("+qft"):  # QFT from the named start: GPTQ alone, or GPTQ then block-wise FT
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # only the tokenizer: measure() loads the model itself
         ids = files.tokenize_stream(tokenizer, files.read_text(evaluation, "evaluation"))
-        apply_qft = METHODS["qft"].apply
+        apply_qft = METHODS["qft"].model
 
         def qft_after_measuring_start(ctx, *a, **k):  # the start's score, same windows and process
             start = perplexity(ctx.model, ids, job.seqlen, job.max_windows, job.device, job.batch_size, progress=False)
@@ -124,7 +124,7 @@ def main() -> None:
             starts.append(start)
             return apply_qft(ctx, *a, **k)
 
-        METHODS["qft"] = dataclasses.replace(METHODS["qft"], apply=qft_after_measuring_start)
+        METHODS["qft"] = dataclasses.replace(METHODS["qft"], model=qft_after_measuring_start)
         qft = {} if args.qft_steps is None else {"steps": args.qft_steps}
         steps = variant_steps(args.variant.removesuffix("+qft"), job) + [("qft", qft)]
     else:
@@ -140,7 +140,7 @@ def main() -> None:
         f"{args.variant}: {out['metric']} {out['value']:.4f}, {out['seconds']:.0f} s, peak RSS {out['peak_rss_mb']:.0f} MB",
         flush=True,
     )
-    qft = out.get("model_steps", {}).get("qft")
+    qft = out.get("model_steps", {}).get("qft")  # compare.measure's own key: QuantResult.model_steps
     if qft:  # the held-out curve tells a fit that did not carry over from one that did not happen
         print(f"  qft {qft['steps_run']} steps, stopped: {qft['stopped']}, held-out loss (step, value): {qft['held_out_loss']}")
     print(f"  seconds per recipe step: {out.get('step_seconds')}", flush=True)

@@ -72,9 +72,9 @@ def load_subject():
 def one(label: str) -> dict:
     import torch
 
+    from blockquant import quantize
     from blockquant.evaluate import dice_per_class, segment
     from blockquant.recipe import ActSpec, QuantSpec, Recipe, make_step
-    from blockquant.segmentation import SegConfig, quantize_network
 
     torch.manual_seed(0)
     bits, abits, method, opts = ROWS[label]
@@ -85,14 +85,14 @@ def one(label: str) -> dict:
         recipe = Recipe(QuantSpec(bits, -1, scale_dtype="float32"), [make_step(method, opts)], act)
         wall, cpu = time.perf_counter(), time.process_time()
         ends = None if label in ALL_LAYERS else 8
-        result = quantize_network(model, recipe, x_cal, SegConfig(ends_bits=ends, progress=False))
+        result = quantize(model, recipe, x_cal, progress=False, ends_bits=ends)
         row.update(
             seconds=time.perf_counter() - wall,
             cpu_seconds=time.process_time() - cpu,
             peak_rss_mb=result.peak_rss_mb,
-            eight_bit=[r.name for r in result.layers if r.bits == 8 and bits != 8],
+            eight_bit=[n for n, r in result.layers.items() if r.bits == 8 and bits != 8],
             ends_bits=ends,
-            layer_errors={r.name: r.error for r in result.layers},
+            layer_errors={n: r.error for n, r in result.layers.items()},
         )
     row["load_after"] = os.getloadavg()[0]
     row["dice"] = dice_per_class(segment(model, x_eval), lab_eval, CLASSES)

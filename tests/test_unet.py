@@ -345,3 +345,16 @@ def test_admm_refuses_transformer_blocks_and_blockft_refuses_networks():
         quantize(tiny_unet(), Recipe(QuantSpec(4, -1), [make_step("rtn"), make_step("blockft")]), volume(), progress=False)
     with pytest.raises(TypeError, match="calibration must be images"):
         quantize(tiny_unet(), _recipe("rtn", 4), torch.zeros(2, 8, dtype=torch.long), progress=False)
+
+
+def test_the_one_driver_quantizes_a_monai_unet_from_python():
+    from blockquant import parse_recipe
+
+    net, images = tiny_unet(), torch.cat([volume(1), volume(2)])  # (N, C, *spatial)
+    result = quantize(net, parse_recipe("admm", QuantSpec(bits=4, group_size=-1)), images, progress=False)
+    assert result.recipe.spec.scale_dtype == "float32" and len(result.layers) == len(layers_in_order(net, images))
+    record = result.record()
+    assert record["method"] == "admm" and record["granularity"] == "channel" and record["batchnorm_folded"]
+    assert {r["bits"] for r in record["layers"].values()} == {4, 8}  # the first and last layers stay at 8 bits
+    listed = quantize(tiny_unet(), parse_recipe("admm", QuantSpec(bits=4, group_size=-1)), [volume(1), volume(2)], progress=False)
+    assert all(torch.equal(listed.layers[n].scale, r.scale) for n, r in result.layers.items())  # a list of images is one batch
