@@ -196,6 +196,7 @@ def unet_one(label: str, bits: int) -> dict:
     from blockquant import quantize
     from blockquant.evaluate import dice_per_class, segment
     from blockquant.recipe import QuantSpec, Recipe, make_step
+    from blockquant.unet import load_network
 
     torch.manual_seed(0)
     model, config, x_cal, x_eval, lab_eval = load_subject()
