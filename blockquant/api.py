@@ -15,6 +15,8 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,9 +25,10 @@ from tqdm.auto import tqdm
 
 from blockquant import activations, layerwise
 from blockquant.arch import ARCHITECTURES, ArchSpec, arch_for, block_linears, get_blocks
-from blockquant.capture import BlockContext, BlockInputs, ModelContext, WindowContext, capture_block_inputs, run_block
+from blockquant.capture import BlockContext, BlockInputs, LayerResult, ModelContext, WindowContext, capture_block_inputs, run_block
 from blockquant.device import check_device, peak_rss_mb
 from blockquant.layers import is_conv
+from blockquant.lazy import LazyCheckpoint
 from blockquant.methods import METHODS
 from blockquant.recipe import Recipe
 from blockquant.report import BlockReport, QuantResult
@@ -63,9 +66,9 @@ def calibration_batches(calibration: Tensor | list[Tensor], batch_size: int, enc
     return batches
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
+    for name, p in model.named_parameters(prefix=prefix):
+        if not p.is_meta and not torch.isfinite(p).all():  # a block on meta is checked when it is loaded
             raise ValueError(f"weight {name} contains NaN or Inf; the model is corrupt, nothing to quantize")
 
 
@@ -156,6 +159,30 @@ def is_convolution_network(model: nn.Module) -> bool:
     return type(model).__name__ not in ARCHITECTURES and any(is_conv(m) for m in model.modules())
 
 
+@dataclass
+class BlockStream:
+    """An out-of-core run: the model's blocks stay on ``meta`` until the driver reads each one
+    from ``checkpoint`` (just before it is processed); once a block is final, ``write`` receives
+    it with its layers' results and the block is released. ``restore`` (resuming an interrupted
+    run) returns a block's results as written before, with its quantized weights put back, or
+    None for a block still to do."""
+
+    checkpoint: LazyCheckpoint
+    write: Callable[[int, nn.Module, dict[str, LayerResult]], None] | None = None
+    restore: Callable[[int, nn.Module], dict[str, LayerResult] | None] | None = None
+
+
+def needs_whole_model(recipe: Recipe) -> str | None:
+    """Which step of the recipe reads more than a window of blocks at a time (QFT, a downstream
+    objective), or None when the blocks can be loaded one at a time."""
+    for step in recipe.steps:
+        if METHODS[step.method].stage == 2:
+            return step.method
+        if getattr(step.options, "objective", "block") != "block":
+            return f"{step.method} objective {step.options.objective}"
+    return None
+
+
 def check_mapping(model: nn.Module, recipe: Recipe) -> ArchSpec:
     """The model's table; methods that fold scales also need a known feeder for some group."""
     folding = [s.method for s in recipe.steps if METHODS[s.method].folds]
@@ -220,6 +247,7 @@ def quantize(
     progress: bool = True,
     seed: int = 0,
     ends_bits: int | None = 8,
+    stream: BlockStream | None = None,
 ) -> QuantResult:
     """Quantize ``model`` in place with ``recipe``; the pipeline follows the model's structure.
 
@@ -230,7 +258,8 @@ def quantize(
       ``calibration`` is images ``(N, C, *spatial)`` or a list of them, and every layer is quantized
       in forward order (``layerwise.quantize_layers``). ``ends_bits``: bits of the layers that read
       the input and of the last layer (None: the recipe's); ``seed``: which output positions
-      the per-layer statistics sample.
+      the per-layer statistics sample. ``stream``: an out-of-core run (``BlockStream``), whose
+      blocks are read from a checkpoint one at a time and handed on as soon as they are final.
 
     A spec without ``scale_dtype`` gets the model's parameter dtype (what ``save_packed``
     stores scales in by default); ``result.recipe`` holds the spec actually used.
@@ -239,6 +268,8 @@ def quantize(
     device = check_device(device)
     conv = is_convolution_network(model)
     if conv:
+        if stream is not None:
+            raise ValueError("out-of-core runs read transformer blocks one at a time; a convolution network is loaded whole")
         images = _images(calibration)
         layerwise.check_recipe(recipe)
     else:
@@ -250,6 +281,8 @@ def quantize(
                 f"{', '.join(missing)} quantizes convolution networks layer by layer (e.g. a MONAI U-Net); "
                 "for transformer blocks use gptq or blockft"
             )
+        if stream is not None and (whole := needs_whole_model(recipe)):
+            raise ValueError(f"{whole} needs the whole model in memory, not one block at a time: load it whole (no out-of-core run)")
     recipe = with_scale_dtype(recipe, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
     check_finite_weights(model)
     if device.type == "cuda":
@@ -264,7 +297,7 @@ def quantize(
         finally:
             model.to(home)
     else:
-        _quantize_blocks(model, recipe, calibration, device, batch_size, progress, result)
+        _quantize_blocks(model, recipe, calibration, device, batch_size, progress, result, stream)
     result.activations = activations.record(model, recipe.act)
     result.seconds = time.perf_counter() - start_time
     result.cpu_seconds = time.process_time() - start_cpu
@@ -275,7 +308,14 @@ def quantize(
 
 
 def _quantize_blocks(
-    model: nn.Module, recipe: Recipe, calibration: Tensor | list[Tensor], device: torch.device, batch_size: int, progress: bool, result: QuantResult
+    model: nn.Module,
+    recipe: Recipe,
+    calibration: Tensor | list[Tensor],
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+    result: QuantResult,
+    stream: BlockStream | None = None,
 ) -> None:
     """The block-sequential pipeline of a transformer stack.
 
@@ -297,6 +337,7 @@ def _quantize_blocks(
     fp_copies: dict[int, nn.Module] = {}  # full-precision copies of the blocks in the window
     homes: dict[int, torch.device] = {}
     t_block: dict[int, float] = {}
+    done: set[int] = set()  # blocks an earlier, interrupted run wrote (stream.restore)
 
     bar = tqdm(total=len(blocks), desc=f"{recipe.name} {recipe.describe()}", unit="block", disable=not progress)
     first = 0
@@ -308,12 +349,19 @@ def _quantize_blocks(
             t0 = time.perf_counter()
             if j not in fp_copies:
                 homes[j] = next(blocks[j].parameters()).device
+                if stream is not None:
+                    stream.checkpoint.load(blocks[j], f"{arch.blocks}.{j}", device)
+                    check_finite_weights(blocks[j], f"{arch.blocks}.{j}")
                 blocks[j].to(device)
                 block_linears(blocks[j], arch)  # checks that the table covers every linear
                 fp_copies[j] = copy.deepcopy(blocks[j]) if window_steps else blocks[j]
                 fp_out = run_block(blocks[j], x_fp)  # targets, before any method touches it
                 _check_finite_outputs(blocks[j], x_fp, fp_out, f"block {j} (full precision)")
-                for i, step in enumerate(block_steps):
+                restored = stream.restore(j, blocks[j]) if stream is not None and stream.restore is not None else None
+                if restored is not None:  # resumed: the block was written by an earlier run
+                    result.layers.update(restored)
+                    done.add(j)
+                for i, step in enumerate(block_steps if restored is None else []):
                     final = i == len(block_steps) - 1 and not window_steps and not model_steps  # no later step quantizes the weights
                     ctx = BlockContext(j, x_q, arch.groups, device, recipe.act, final)
                     with result.timing(step.method):
@@ -330,7 +378,7 @@ def _quantize_blocks(
             x_fp = x_fp.with_hidden(fp_out)
         # 2. the window step (block-wise fine-tuning) trains the whole window jointly
         t0 = time.perf_counter()
-        for step in window_steps:
+        for step in window_steps if not set(window) <= done else []:
             wctx = WindowContext(
                 first,
                 [blocks[j] for j in window],
@@ -355,7 +403,13 @@ def _quantize_blocks(
             _check_finite_outputs(blocks[j], q_stream, q_out, f"block {j} (quantized)")
             report = BlockReport(j, _relative_mse(q_stream.hidden, fp_stream.hidden), _relative_mse(q_out, fp_outs[j]), t_block.pop(j))
             result.blocks.append(report)
-            blocks[j].to(homes.pop(j))
+            if stream is not None:
+                if stream.write is not None and j not in done:
+                    stream.write(j, blocks[j], {n: r for n, r in result.layers.items() if n.startswith(f"{arch.blocks}.{j}.")})
+                stream.checkpoint.release(blocks[j])
+                homes.pop(j)
+            else:
+                blocks[j].to(homes.pop(j))
             del fp_copies[j]
             q_stream, fp_stream = q_stream.with_hidden(q_out), fp_stream.with_hidden(fp_outs[j])
             bar.update(1)

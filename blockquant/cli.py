@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -187,6 +189,20 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-continuations", type=int, default=1, metavar="R", help=CONTINUATIONS_HELP)
     q.add_argument("--output", metavar="OUT_DIR", help="where to write the quantized model")
     q.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    q.add_argument(
+        "--load",
+        choices=["auto", "blocks", "whole"],
+        default="auto",
+        help="blocks: read each transformer block from the safetensors shards just before it is quantized and write it to "
+        "OUT_DIR's shards as soon as it is final, so memory does not grow with depth (qft, downstream objectives and "
+        "--calib-generate need the whole model); whole: load the model into memory; auto: blocks when the checkpoint "
+        "is larger than a quarter of the free memory [auto]",
+    )
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted --load blocks run into the same OUT_DIR from its first block not written (same settings)",
+    )
     q.add_argument(
         "--format",
         choices=["compressed-tensors", "gptq", "dequantized"],
@@ -425,7 +441,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite, inputs=(args.model_dir, args.calib))
     read_text(args.calib, "calibration")  # fail before a long model load
     _check_generate(args, model_class_name(args.model_dir))
-    model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
+    blocks = _loads_blocks(args, recipe)
+    if blocks:
+        from blockquant.lazy import open_model
+
+        model, checkpoint, tokenizer = open_model(args.model_dir, DTYPES[args.dtype])
+    else:
+        model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
     export_dtype = stored_dtype(args.model_dir)  # the checkpoint's dtype: scales are rounded to it before any code is computed
     recipe = with_scale_dtype(recipe, export_dtype or DTYPES[args.dtype])
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -440,8 +462,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     if args.format and (problem := export_problem(args.format, model, recipe.spec)):
         raise ValueError(f"cannot write --format {args.format}: {problem}")  # before the work, not after
+    stream = writer = None
+    if blocks:  # the format is chosen before the work: shards are written as blocks finish
+        from blockquant.api import BlockStream
+        from blockquant.export.streaming import StreamingWriter
+
+        fmt = resolve_format(args.format, model, recipe.spec)
+        if fmt != "dequantized" and _act_order_groups(recipe):
+            fmt = resolve_format(args.format or "dequantized", model, recipe.spec)  # packed formats cannot hold act-order g_idx
+        setup = {"source": str(Path(args.model_dir).resolve()), "recipe": recipe.to_dict(), "calib": str(Path(args.calib).resolve())}
+        setup |= {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "method": recipe.name}
+        writer = StreamingWriter(
+            args.output, fmt, model, recipe.spec, export_dtype or DTYPES[args.dtype], setup, resume=args.resume, overwrite=args.overwrite
+        )
+        stream = BlockStream(checkpoint, writer.write, writer.restore if args.resume else None)
     torch.manual_seed(args.seed)
-    result = quantize(model, recipe, calibration, device=device, batch_size=args.batch_size, progress=args.progress)
+    try:
+        result = quantize(model, recipe, calibration, device=device, batch_size=args.batch_size, progress=args.progress, stream=stream)
+    except KeyboardInterrupt:
+        if writer is not None:
+            print(f"blockquant: interrupted; the finished blocks are kept in {writer.tmp}: add --resume to go on", file=sys.stderr)
+            return 130
+        raise
+    except BaseException:
+        if writer is not None and writer.tmp.exists():
+            shutil.rmtree(writer.tmp, ignore_errors=True)
+        raise
     record = result.record() | {
         "source": str(Path(args.model_dir).resolve()),  # absolute: the record outlives the cwd
         "calibration": {
@@ -456,8 +502,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             else {"prompt_tokens": args.calib_generate, "temperature": GENERATION_TEMPERATURE, "continuations": args.calib_continuations},
         },
     }
-    fmt = resolve_format(args.format, model, recipe.spec, result.layers)
-    save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, export_dtype)
+    if writer is not None:
+        writer.finish(tokenizer, record | {"loaded": "block by block"})
+    else:
+        fmt = resolve_format(args.format, model, recipe.spec, result.layers)
+        save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, export_dtype)
     if "qft" in result.model_steps:  # the block errors are from before QFT: report what QFT did instead
         held = [v for _, v in result.model_steps["qft"]["held_out_loss"]]
         detail = (
@@ -481,6 +530,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "its compressed mode rejects packed asymmetric zero points (README, Export)"
         )
     return 0
+
+
+def _act_order_groups(recipe: Recipe) -> bool:
+    """Whether a step writes act-order group indices (g_idx), which compressed-tensors cannot hold."""
+    return any(getattr(st.options, "act_order", False) and not getattr(st.options, "static_groups", True) for st in recipe.steps)
+
+
+def _loads_blocks(args: argparse.Namespace, recipe: Recipe) -> bool:
+    """Whether this run reads the model one block at a time (``--load``), checked before any work."""
+    from blockquant.api import needs_whole_model
+
+    whole = needs_whole_model(recipe)
+    whole = whole or ("--calib-generate (generation runs the whole model)" if args.calib_generate is not None else None)
+    if any(st.method == "smoothquant" and st.options.fold == "quantizer" for st in recipe.steps):
+        whole = whole or "smoothquant fold: quantizer"
+    if args.resume and args.load == "whole":
+        raise ValueError("--resume continues a run that loaded the model block by block: drop --load whole")
+    if args.load == "blocks" or args.resume:
+        if whole:
+            raise ValueError(f"--load blocks reads one block at a time, but {whole} needs the whole model in memory; use --load whole")
+        return True
+    if args.load == "whole" or whole:
+        return False
+    size = sum(p.stat().st_size for p in Path(args.model_dir).glob("*.safetensors"))
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return size > free / 4  # auto: a checkpoint that would crowd memory once in compute dtype with its activations
 
 
 def _demo(args: argparse.Namespace, device: torch.device) -> int:
@@ -684,6 +759,8 @@ LLM_ONLY = (
     "seqlen",
     "batch_size",
     "calib_continuations",
+    "load",
+    "resume",
 )
 QFT_FLAGS = ("hw", "steps", "lr_scale", "lr_weight")  # honoured when the recipe ends in qft
 

@@ -57,11 +57,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tup
         model = cls.from_pretrained(str(model_dir), dtype=dtype)
     except Exception as e:  # transformers raises many types for a broken checkpoint
         raise ValueError(f"cannot load the model in {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    return model.eval(), load_tokenizer(model_dir)
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+        return transformers.AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
         raise ValueError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    return model.eval(), tokenizer
 
 
 def windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:

@@ -1,0 +1,163 @@
+"""A Hugging Face checkpoint opened without materialising it: quantize models larger than memory.
+
+The model is built on the ``meta`` device (accelerate's ``init_empty_weights``; buffers such as
+rotary frequencies stay real), its (sharded) safetensors files are checked before any work —
+every file the index names exists and holds every byte its header promises — and tensors are
+read with safetensors' ``safe_open`` only when a module needs them: the modules outside the
+blocks (embeddings, final norm, head) at open, each block just before the driver processes it;
+``release`` puts a block back on ``meta`` once it is written. Peak host memory is then that of
+the modules outside the blocks, one block in the compute dtype and the calibration activations,
+whatever the number of blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from blockquant.files import load_tokenizer, model_class_name
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def _check_shard(path: Path) -> list[str]:
+    """The tensor names of one safetensors file, after checking it holds every byte its header promises."""
+    if not path.is_file():
+        raise ValueError(f"checkpoint shard {path} is missing")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise ValueError(f"checkpoint shard {path} is not a safetensors file (or its header is cut off)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"checkpoint shard {path} is truncated: {size} bytes, its header describes {8 + n + end}")
+    return [k for k in header if k != "__metadata__"]
+
+
+class LazyCheckpoint:
+    """Where each tensor of a checkpoint lives, and loading / releasing modules of its meta model."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype) -> None:
+        self.dir, self.dtype = Path(model_dir), dtype
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise ValueError(f"{index} is not a safetensors index (it needs a 'weight_map')") from None
+        elif (self.dir / SINGLE_FILE).is_file():
+            files = [SINGLE_FILE]
+        else:
+            raise ValueError(f"{self.dir} holds no {SINGLE_FILE} or {INDEX_FILE}: out-of-core loading reads safetensors checkpoints")
+        self.where: dict[str, Path] = {}
+        for file in files:
+            for name in _check_shard(self.dir / file):
+                self.where[name] = self.dir / file
+
+    def check_covers(self, model: nn.Module) -> None:
+        """Every tensor of ``model``'s state dict that is not tied to another must be in the checkpoint."""
+        missing = [n for n in _own_tensors(model) if n not in self.where]
+        if missing:
+            raise ValueError(f"checkpoint {self.dir} lacks {len(missing)} tensor(s) the model needs, e.g. {', '.join(missing[:3])}")
+
+    def load(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu") -> None:
+        """Read every parameter and persistent buffer of ``module`` (named ``prefix`` in the model)
+        from the shards, floating ones in the checkpoint's compute dtype, onto ``device``."""
+        by_file: dict[Path, list[tuple[nn.Module, str, str]]] = {}
+        for owner, leaf, full in _slots(module, prefix):
+            if full in self.where:
+                by_file.setdefault(self.where[full], []).append((owner, leaf, full))
+        for file, slots in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for owner, leaf, full in slots:
+                    t = f.get_tensor(full)
+                    t = t.to(device=device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+                    _assign(owner, leaf, t)
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """Put ``module``'s parameters back on ``meta`` (shapes and dtypes kept): their memory is freed."""
+        for owner, leaf, _ in _slots(module, ""):
+            old = getattr(owner, leaf)
+            _assign(owner, leaf, torch.empty_like(old, device="meta"))
+
+
+def _slots(module: nn.Module, prefix: str) -> list[tuple[nn.Module, str, str]]:
+    """(owning module, attribute, full name) of every parameter and persistent buffer below ``module``."""
+    out = []
+    for name, sub in module.named_modules():
+        for leaf in list(sub._parameters) + [b for b in sub._buffers if b not in sub._non_persistent_buffers_set]:
+            if getattr(sub, leaf) is not None:
+                out.append((sub, leaf, ".".join(p for p in (prefix, name, leaf) if p)))
+    return out
+
+
+def _assign(owner: nn.Module, leaf: str, t: torch.Tensor) -> None:
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    else:
+        owner._buffers[leaf] = t
+
+
+def _own_tensors(model: nn.Module) -> list[str]:
+    """State-dict names of tensors not tied to another (a tied head is written once, as the embedding)."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return [n for n in model.state_dict() if n not in tied]
+
+
+def open_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, LazyCheckpoint, object]:
+    """The model of a local directory with its blocks on ``meta``, the ``LazyCheckpoint`` that loads
+    them, and the tokenizer. The modules outside the blocks are loaded (in ``dtype``, on CPU)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    from blockquant.arch import arch_for
+
+    cls = getattr(transformers, model_class_name(model_dir))
+    checkpoint = LazyCheckpoint(model_dir, dtype)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(model_dir))
+        with init_empty_weights(include_buffers=False):
+            model = cls(config).to(dtype)
+    except Exception as e:  # transformers raises many types for a broken config
+        raise ValueError(f"cannot build the model in {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    checkpoint.check_covers(model)
+    blocks = arch_for(model).blocks
+    for name, child in model.named_children():
+        _load_outside(checkpoint, child, name, blocks)
+    model.tie_weights()
+    return model.eval(), checkpoint, load_tokenizer(model_dir)
+
+
+def _load_outside(checkpoint: LazyCheckpoint, module: nn.Module, prefix: str, blocks: str) -> None:
+    """Load ``module`` except the ModuleList of blocks at ``blocks`` (a dotted path)."""
+    if prefix == blocks:
+        return
+    if not blocks.startswith(prefix + "."):
+        checkpoint.load(module, prefix)
+        return
+    for owner, leaf, full in _slots_here(module, prefix):
+        if full not in checkpoint.where:
+            continue  # tied to a tensor the checkpoint holds under another name
+        with safe_open(str(checkpoint.where[full]), framework="pt", device="cpu") as f:
+            t = f.get_tensor(full)
+            _assign(owner, leaf, t.to(checkpoint.dtype) if t.is_floating_point() else t)
+    for name, child in module.named_children():
+        _load_outside(checkpoint, child, f"{prefix}.{name}", blocks)
+
+
+def _slots_here(module: nn.Module, prefix: str) -> list[tuple[nn.Module, str, str]]:
+    """The module's own parameters and persistent buffers (not its children's) that the checkpoint holds."""
+    leaves = list(module._parameters) + [b for b in module._buffers if b not in module._non_persistent_buffers_set]
+    return [(module, leaf, f"{prefix}.{leaf}") for leaf in leaves if getattr(module, leaf) is not None]
