@@ -503,6 +503,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         },
     }
     if writer is not None:
+        from blockquant.lazy import load_outside
+
+        load_outside(checkpoint, model)  # the embeddings, final norm and head, read back to be written
         writer.finish(tokenizer, record | {"loaded": "block by block"})
     else:
         fmt = resolve_format(args.format, model, recipe.spec, result.layers)

@@ -133,28 +133,51 @@ def open_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tup
     except Exception as e:  # transformers raises many types for a broken config
         raise ValueError(f"cannot build the model in {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
     checkpoint.check_covers(model)
-    blocks = arch_for(model).blocks
-    for name, child in model.named_children():
-        _load_outside(checkpoint, child, name, blocks)
-    model.tie_weights()
+    arch_for(model)  # a supported family, before any tensor is read
+    load_outside(checkpoint, model)
     return model.eval(), checkpoint, load_tokenizer(model_dir)
 
 
-def _load_outside(checkpoint: LazyCheckpoint, module: nn.Module, prefix: str, blocks: str) -> None:
-    """Load ``module`` except the ModuleList of blocks at ``blocks`` (a dotted path)."""
+def load_outside(checkpoint: LazyCheckpoint, model: nn.Module) -> None:
+    """(Re)load every module of ``model`` outside its blocks: embeddings, final norm, head."""
+    blocks = _blocks_path(model)
+    for name, child in model.named_children():
+        _outside(checkpoint, child, name, blocks, release=False)
+    model.tie_weights()
+
+
+def release_outside(model: nn.Module) -> None:
+    """Put the modules outside the blocks back on ``meta`` (once block 0's inputs are captured, a run
+    that needs neither the embeddings nor the head again frees them; ``load_outside`` reads them back)."""
+    blocks = _blocks_path(model)
+    for name, child in model.named_children():
+        _outside(None, child, name, blocks, release=True)
+
+
+def _blocks_path(model: nn.Module) -> str:
+    from blockquant.arch import arch_for
+
+    return arch_for(model).blocks
+
+
+def _outside(checkpoint: LazyCheckpoint | None, module: nn.Module, prefix: str, blocks: str, release: bool) -> None:
+    """Load (or release) ``module`` except the ModuleList of blocks at ``blocks`` (a dotted path)."""
     if prefix == blocks:
         return
     if not blocks.startswith(prefix + "."):
-        checkpoint.load(module, prefix)
+        LazyCheckpoint.release(module) if release else checkpoint.load(module, prefix)
         return
     for owner, leaf, full in _slots_here(module, prefix):
+        if release:
+            _assign(owner, leaf, torch.empty_like(getattr(owner, leaf), device="meta"))
+            continue
         if full not in checkpoint.where:
             continue  # tied to a tensor the checkpoint holds under another name
         with safe_open(str(checkpoint.where[full]), framework="pt", device="cpu") as f:
             t = f.get_tensor(full)
             _assign(owner, leaf, t.to(checkpoint.dtype) if t.is_floating_point() else t)
     for name, child in module.named_children():
-        _load_outside(checkpoint, child, f"{prefix}.{name}", blocks)
+        _outside(checkpoint, child, f"{prefix}.{name}", blocks, release)
 
 
 def _slots_here(module: nn.Module, prefix: str) -> list[tuple[nn.Module, str, str]]:
