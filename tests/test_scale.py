@@ -16,6 +16,7 @@ from blockquant.api import BlockStream
 from blockquant.cli import main
 from blockquant.export.shards import read_tensors
 from blockquant.lazy import LazyCheckpoint, open_model
+from blockquant.recipe import Recipe, make_step
 
 ARGS = ["--wbits", "4", "--group-size", "4", "--nsamples", "8", "--seqlen", "16", "--quiet"]  # g4 divides every width: packed
 
@@ -157,3 +158,20 @@ def test_a_full_disk_gives_one_line_and_no_partial_directory(sharded_dir, calib_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is full" in err[0] and "nothing was written" in err[0]
     assert list(tmp_path.iterdir()) == [calib_file] or not any(p.name.startswith(".out") or p.name == "out" for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_offloaded_activations_give_the_same_model(where, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    recipe = Recipe(QuantSpec(bits=3, group_size=32), [make_step("gptq"), make_step("blockft", {"steps": 4, "eval_every": 2})])
+    runs = {}
+    for mode in ("none", where):
+        model = build_tiny("llama")
+        torch.manual_seed(0)
+        quantize(model, recipe, _calib(), batch_size=4, progress=False, offload_activations=mode)
+        runs[mode] = model.state_dict()
+    assert all(torch.equal(runs["none"][k], runs[where][k]) for k in runs["none"])
+    assert not any(tmp_path.glob("blockquant-act-*"))  # the activation files went with their lists
