@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from blockquant.capture import BlockInputs, InputStats, collect_input_stats
+from blockquant.capture import BlockInputs, InputStats, collect_input_stats, whole_sample
 from blockquant.layers import set_weight_matrix, weight_matrix
 from blockquant.primitives import round_ste
 from blockquant.spec import ActSpec
@@ -62,7 +62,7 @@ def static_range(stats: InputStats, spec: ActSpec) -> tuple[float, float]:
     """(lo, hi) of a per-tensor static quantizer from calibration statistics."""
     if spec.range == "minmax":
         return stats.lo, stats.hi
-    values = stats.sample.flatten()
+    values = whole_sample(stats).flatten()  # under several processes: assembled from every process's rows
     if values.numel() > 2**24:  # torch.quantile's limit
         values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[: 2**24]]
     p = spec.percentile / 100

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from blockquant import activations, layerwise
+from blockquant import activations, dist, layerwise
 from blockquant.arch import ARCHITECTURES, ArchSpec, arch_for, block_linears, get_blocks
-from blockquant.capture import BlockContext, BlockInputs, LayerResult, ModelContext, WindowContext, capture_block_inputs, run_block
+from blockquant.capture import BlockContext, BlockInputs, LayerResult, ModelContext, Split, WindowContext, capture_block_inputs, run_block
 from blockquant.device import check_device, peak_rss_mb
 from blockquant.layers import is_conv
 from blockquant.lazy import LazyCheckpoint
@@ -66,6 +66,30 @@ def calibration_batches(calibration: Tensor | list[Tensor], batch_size: int, enc
     return batches
 
 
+def shard_batches(batches: list[dict[str, Tensor]]) -> tuple[list[dict[str, Tensor]], Split]:
+    """This process's part of every calibration batch, when several processes share the run.
+
+    Each process takes a contiguous run of samples of each batch (a batch of 8 on 2 processes:
+    4 + 4), so that every statistic is a sum over the same samples as in one process and every
+    fine-tuning step sees the same batch. Where a batch does not divide evenly, the longer parts
+    go to the next processes in turn; a process may hold no part of a small batch.
+    """
+    held, index, starts, sizes, totals, lengths = [], [], [], [], [], []
+    turn = 0
+    for b, batch in enumerate(batches):
+        n, length = batch["input_ids"].shape
+        start, stop = dist.parts(n, turn)[dist.rank()]
+        turn = (turn + n) % dist.world_size()
+        totals.append(n)
+        lengths.append(length)
+        if stop > start:
+            held.append({k: v[start:stop] for k, v in batch.items()})
+            index.append(b)
+            starts.append(start)
+            sizes.append(stop - start)
+    return held, Split(tuple(index), tuple(starts), tuple(sizes), tuple(totals), tuple(lengths))
+
+
 def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
     for name, p in model.named_parameters(prefix=prefix):
         if not p.is_meta and not torch.isfinite(p).all():  # a block on meta is checked when it is loaded
@@ -75,12 +99,17 @@ def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
 def _relative_mse(a: list[Tensor], b: list[Tensor]) -> float:
     num = sum(float(torch.sum((x.float() - y.float()) ** 2)) for x, y in zip(a, b))
     den = sum(float(torch.sum(y.float() ** 2)) for y in b)
+    if dist.world_size() > 1:  # sums over every process's samples
+        num, den = dist.all_reduce_sum(torch.tensor([num, den], dtype=torch.float64)).tolist()
     return num / max(den, 1e-30)
 
 
 def _check_finite_outputs(block: nn.Module, inputs: BlockInputs, outputs: list[Tensor], where: str) -> None:
-    """Raise naming the first module of the block whose output is NaN/Inf."""
+    """Raise naming the first module of the block whose output is NaN/Inf (under several processes,
+    every process raises: the one that found it names the layer)."""
     bad = next((i for i, y in enumerate(outputs) if not torch.isfinite(y).all()), None)
+    if dist.world_size() > 1 and dist.any_rank(bad is not None) and bad is None:
+        raise ValueError(f"{where}: NaN/Inf output on another process's calibration samples (its error names the layer)")
     if bad is None:
         return
     culprit: list[str] = []
@@ -267,6 +296,12 @@ def quantize(
     _check_common(model, recipe, batch_size)
     device = check_device(device)
     conv = is_convolution_network(model)
+    if conv and dist.world_size() > 1:
+        raise ValueError(
+            f"a convolution network is quantized layer by layer in one process; run it without torchrun (this run has {dist.world_size()})"
+        )
+    if stream is not None and dist.world_size() > 1:
+        raise ValueError("an out-of-core run writes its blocks from one process; run it without torchrun")
     if conv:
         if stream is not None:
             raise ValueError("out-of-core runs read transformer blocks one at a time; a convolution network is loaded whole")
@@ -275,6 +310,12 @@ def quantize(
     else:
         check_mapping(model, recipe)  # an unsupported model is named before its calibration is checked
         _check_token_ids(model, calibration)
+        n_samples = calibration.shape[0] if isinstance(calibration, Tensor) else len(calibration)
+        if dist.world_size() > n_samples:
+            raise ValueError(
+                f"{dist.world_size()} processes share {n_samples} calibration samples: each needs at least one; "
+                f"start at most {n_samples} processes or give more samples (--nsamples)"
+            )
         missing = [s.method for s in recipe.steps if not (METHODS[s.method].block or METHODS[s.method].window or METHODS[s.method].model)]
         if missing:
             raise ValueError(
@@ -332,7 +373,11 @@ def _quantize_blocks(
         model.config.use_cache = False  # restored below, so a saved checkpoint keeps the user's setting
     blocks = get_blocks(model, arch)
     block_steps, window_steps, model_steps, k, stride = _window_shape(recipe, len(blocks))
-    fp_stream = capture_block_inputs(model, blocks, calibration_batches(calibration, batch_size, arch.kind == "encoder"), device)
+    batches = calibration_batches(calibration, batch_size, arch.kind == "encoder")
+    split = None
+    if dist.world_size() > 1:  # each process holds its part of every batch
+        batches, split = shard_batches(batches)
+    fp_stream = dataclasses.replace(capture_block_inputs(model, blocks, batches, device), split=split)
     q_stream = inputs0 = fp_stream
     fp_copies: dict[int, nn.Module] = {}  # full-precision copies of the blocks in the window
     homes: dict[int, torch.device] = {}

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from blockquant import dist
 from blockquant.arch import ArchSpec, LinearGroup
+from blockquant.layers import weight_matrix
 from blockquant.spec import ActSpec
 
 
@@ -23,16 +25,74 @@ class _StopForward(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Split:
+    """This process's part of the calibration when several processes share a run (``dist``): a
+    contiguous run of samples of each batch it holds. Batches are numbered as in a one-process run."""
+
+    batches: tuple[int, ...]  # the batches of which this process holds a part, in order
+    starts: tuple[int, ...]  # the part's first sample within its batch
+    sizes: tuple[int, ...]  # the part's samples (>= 1)
+    totals: tuple[int, ...]  # samples of every batch of the run, held here or not
+    lengths: tuple[int, ...]  # tokens per sample of every batch of the run
+
+    def subset(self, batches: list[int]) -> Split:
+        """The split of the run made of ``batches`` alone, renumbered 0, 1, …"""
+        held = {b: i for i, b in enumerate(self.batches)}
+        keep = [(new, held[b]) for new, b in enumerate(batches) if b in held]
+        return Split(
+            tuple(new for new, _ in keep),
+            tuple(self.starts[i] for _, i in keep),
+            tuple(self.sizes[i] for _, i in keep),
+            tuple(self.totals[b] for b in batches),
+            tuple(self.lengths[b] for b in batches),
+        )
+
+
 @dataclass
 class BlockInputs:
-    """Hidden states of each calibration batch and the other arguments a block is called with."""
+    """Hidden states of each calibration batch and the other arguments a block is called with.
+
+    Under several processes each entry is this process's part of one batch (``split``); the
+    methods then address batches by their number in the run (``n_batches``, ``entry``, ``share``).
+    """
 
     hidden: list[Tensor]  # one (B, T, C) tensor per batch
     args: list[tuple[Any, ...]]  # positional arguments after the hidden states, per batch
     kwargs: list[dict[str, Any]]  # keyword arguments, per batch
+    split: Split | None = None  # None: entry i is batch i, whole (one process)
 
     def with_hidden(self, hidden: list[Tensor]) -> BlockInputs:
-        return BlockInputs(hidden, self.args, self.kwargs)
+        return BlockInputs(hidden, self.args, self.kwargs, self.split)
+
+    @property
+    def n_batches(self) -> int:
+        """Calibration batches of the run, all processes together."""
+        return len(self.hidden) if self.split is None else len(self.split.totals)
+
+    def entry(self, batch: int) -> int | None:
+        """Which entry holds (this process's part of) batch ``batch``; None when none does."""
+        if self.split is None:
+            return batch
+        try:
+            return self.split.batches.index(batch)
+        except ValueError:
+            return None
+
+    def share(self, batch: int) -> float:
+        """The part of batch ``batch``'s samples this process holds (1 with one process)."""
+        j = self.entry(batch)
+        if self.split is None or j is None:
+            return 1.0 if j is not None else 0.0
+        return self.split.sizes[j] / self.split.totals[batch]
+
+    def subset(self, batches: list[int]) -> BlockInputs:
+        """Batches ``batches`` of the run (renumbered 0, 1, …), as far as this process holds them."""
+        if self.split is None:
+            return BlockInputs([self.hidden[i] for i in batches], [self.args[i] for i in batches], [self.kwargs[i] for i in batches])
+        split = self.split.subset(batches)
+        held = [self.split.batches.index(batches[b]) for b in split.batches]
+        return BlockInputs([self.hidden[j] for j in held], [self.args[j] for j in held], [self.kwargs[j] for j in held], split)
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -141,9 +201,16 @@ class LayerResult:
     info: dict[str, Any] = field(default_factory=dict)  # what the method reports of this layer (e.g. ADMM's objective)
 
 
-def _feed(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], make_hook: Callable[[str], Callable]) -> None:
+def _feed(
+    block: nn.Module,
+    inputs: BlockInputs,
+    layers: dict[str, nn.Module],
+    make_hook: Callable[[str], Callable],
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
     """Run ``block`` on every batch with ``make_hook(name)`` as each named layer's input hook;
-    a batch's forward stops as soon as every named layer has seen it."""
+    a batch's forward stops as soon as every named layer has seen it. ``on_batch(entry)`` is
+    called before each batch's forward."""
     seen: set[str] = set()
 
     def wrap(name: str) -> Callable:
@@ -159,8 +226,10 @@ def _feed(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], m
 
     handles = [m.register_forward_pre_hook(wrap(n)) for n, m in layers.items()]
     try:
-        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        for j, (h, a, k) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
             seen.clear()
+            if on_batch is not None:
+                on_batch(j)
             try:
                 block(h, *a, **k)
             except _StopForward:
@@ -175,8 +244,12 @@ def collect_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
     """``H = 2/N Σ x xᵀ`` (fp32) of each named layer's input over all calibration tokens.
 
     Each batch's forward stops as soon as every named layer has seen its input, so the
-    Hessians of a block's first linears cost almost nothing.
+    Hessians of a block's first linears cost almost nothing. Under several processes each sums
+    ``2 x xᵀ`` over its own tokens; the sums and the token counts are added up over the
+    processes, then divided.
     """
+    if dist.world_size() > 1:
+        return _summed_hessians(block, inputs, layers)
     hessians: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -196,6 +269,37 @@ def collect_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
     return hessians
 
 
+def _in_features(layer: nn.Module) -> int:
+    return weight_matrix(layer).shape[1]
+
+
+def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """``collect_hessians`` under several processes: every process reduces every layer, in one
+    order, whether or not it holds any of the batches."""
+    sums: dict[str, Tensor] = {}
+    counts = dict.fromkeys(layers, 0)
+
+    def make_hook(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            sums[name].addmm_(x.t(), x, alpha=2.0)
+            counts[name] += x.shape[0]
+
+        return hook
+
+    _feed(block, inputs, layers, make_hook)
+    n = dist.all_reduce_sum(torch.tensor([counts[name] for name in layers], dtype=torch.float64)).tolist()
+    hessians = {}
+    for (name, layer), count in zip(layers.items(), n):
+        s = sums.get(name)
+        if s is None:  # none of the batches is here: this process adds zeros
+            s = torch.zeros(_in_features(layer), _in_features(layer), device=layer.weight.device)
+        hessians[name] = dist.all_reduce_sum(s).div_(max(count, 1.0))
+    return hessians
+
+
 @dataclass
 class InputStats:
     """What AWQ, SmoothQuant and static activation ranges need of a linear's input (fp32)."""
@@ -205,6 +309,10 @@ class InputStats:
     lo: float  # min over every value
     hi: float  # max over every value
     sample: Tensor  # (n, C) rows drawn at random from the calibration tokens (n <= max_tokens)
+    # Several processes: the sample is the one-process sample's rows whose tokens this process
+    # holds; ``positions`` (n,) says where each sits in it, ``sample_size`` how many rows it has.
+    positions: Tensor | None = None
+    sample_size: int | None = None
 
 
 @torch.no_grad()
@@ -214,9 +322,13 @@ def collect_input_stats(
     """Per-channel |x| max / mean, the value range and a token sample of each named layer's input.
 
     Like ``collect_hessians``, each batch's forward stops once every named layer has seen it.
-    The sample takes an equal share of random tokens from each batch.
+    The sample takes an equal share of random tokens from each batch. Under several processes the
+    maxima, sums, counts and ranges are reduced over the processes, and each keeps the rows of the
+    one-process sample that fall among its own tokens (``InputStats.positions``).
     """
     gen = torch.Generator().manual_seed(seed)
+    if dist.world_size() > 1:
+        return _reduced_input_stats(block, inputs, layers, max_tokens, gen)
     per_batch = max(1, -(-max_tokens // max(1, len(inputs.hidden))))
     acc: dict[str, dict[str, Any]] = {}
 
@@ -235,6 +347,84 @@ def collect_input_stats(
 
     _feed(block, inputs, layers, make_hook)
     return {n: InputStats(a["absmax"], a["abssum"] / a["n"], a["lo"], a["hi"], torch.cat(a["rows"])[:max_tokens]) for n, a in acc.items()}
+
+
+def _reduced_input_stats(
+    block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], max_tokens: int, gen: torch.Generator
+) -> dict[str, InputStats]:
+    """``collect_input_stats`` under several processes.
+
+    The one-process run draws, batch after batch, one random permutation of the batch's tokens
+    per hooked layer (in the order the hooks fire) from one generator. Every process makes the
+    same draws up front, so that its hooks keep exactly the drawn rows that are its own.
+    """
+    split = inputs.split
+    per_batch = max(1, -(-max_tokens // max(1, inputs.n_batches)))
+    draws, offsets, size = [], [], 0
+    for total, length in zip(split.totals, split.lengths):
+        rows = total * length
+        draws.append([torch.randperm(rows, generator=gen)[:per_batch] for _ in layers])
+        offsets.append(size)
+        size += min(per_batch, rows)
+    at = {"entry": 0, "fired": 0}
+
+    def on_batch(j: int) -> None:
+        at["entry"], at["fired"] = j, 0
+
+    acc = {name: {"absmax": None, "abssum": 0.0, "n": 0, "lo": math.inf, "hi": -math.inf, "rows": [], "at": []} for name in layers}
+
+    def make_hook(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, C): this process's rows of the batch
+            j = at["entry"]
+            b = split.batches[j]
+            perm, first = draws[b][at["fired"]], split.starts[j] * split.lengths[b]
+            at["fired"] += 1
+            mine = (perm >= first) & (perm < first + x.shape[0])
+            a, ax = acc[name], x.abs()
+            a["absmax"] = ax.amax(0) if a["absmax"] is None else torch.maximum(a["absmax"], ax.amax(0))
+            a["abssum"] = a["abssum"] + ax.sum(0)
+            a["n"] += x.shape[0]
+            a["lo"], a["hi"] = min(a["lo"], float(x.min())), max(a["hi"], float(x.max()))
+            a["rows"].append(x[(perm[mine] - first).to(x.device)])
+            a["at"].append(offsets[b] + torch.nonzero(mine).flatten())
+
+        return hook
+
+    _feed(block, inputs, layers, make_hook, on_batch)
+    widths = {name: _in_features(layer) for name, layer in layers.items()}
+    device = next(iter(layers.values())).weight.device
+    highs, sums = [], []  # maxima: |x| per channel, −lo, hi; sums (float64, exact counts): |x| per channel, tokens
+    for name, a in acc.items():
+        seen = a["n"] > 0  # a process that holds none of the batches adds zeros
+        highs += [a["absmax"] if seen else torch.zeros(widths[name], device=device), torch.tensor([-a["lo"], a["hi"]], device=device)]
+        sums += [
+            (a["abssum"] if seen else torch.zeros(widths[name], device=device)).double(),
+            torch.tensor([a["n"]], dtype=torch.float64, device=device),
+        ]
+    highs, sums = dist.all_reduce_max(torch.cat(highs)), dist.all_reduce_sum(torch.cat(sums))
+    out, i, k = {}, 0, 0
+    for name, a in acc.items():
+        c = widths[name]
+        absmax, (neg_lo, hi) = highs[i : i + c], highs[i + c : i + c + 2].tolist()
+        count = float(sums[k + c])
+        absmean = (sums[k : k + c] / max(count, 1.0)).float()
+        i, k = i + c + 2, k + c + 1
+        rows = torch.cat(a["rows"]) if a["rows"] else torch.zeros(0, c, device=device)
+        positions = torch.cat(a["at"]) if a["at"] else torch.zeros(0, dtype=torch.long)
+        keep = positions < max_tokens
+        out[name] = InputStats(absmax, absmean, -neg_lo, hi, rows[keep.to(rows.device)], positions[keep], min(size, max_tokens))
+    return out
+
+
+def whole_sample(stats: InputStats) -> Tensor:
+    """The one-process token sample, on every process (``stats.sample`` itself with one process):
+    each process puts its rows at their positions and the rest is added from the others."""
+    if stats.positions is None:
+        return stats.sample
+    full = stats.sample.new_zeros(stats.sample_size, stats.sample.shape[1])
+    full[stats.positions.to(full.device)] = stats.sample
+    return dist.all_reduce_sum(full)
 
 
 def relative_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:

@@ -1,6 +1,9 @@
 """The command line: ``blockquant quantize`` and ``blockquant eval``.
 
 A user mistake prints one ``blockquant: error: …`` line and exits 2; nothing is written.
+Started by ``torchrun`` (``WORLD_SIZE`` > 1), the processes share the calibration (``dist``):
+rank 0 prints and writes OUT_DIR while the others wait for it, and an error on any of them
+gives one such line per process, prefixed with its rank.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from blockquant import dist
 from blockquant.compare import DEFAULT_VARIANTS, INITS
 from blockquant.compare import VARIANTS as COMPARE_VARIANTS
 from blockquant.methods import METHODS
@@ -442,6 +446,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     read_text(args.calib, "calibration")  # fail before a long model load
     _check_generate(args, model_class_name(args.model_dir))
     blocks = _loads_blocks(args, recipe)
+    if blocks and dist.world_size() > 1:
+        raise ValueError(
+            "reading the model block by block (--load blocks, --resume, or automatic for a checkpoint this large) writes from "
+            "one process: run it without torchrun, or pass --load whole"
+        )
     if blocks:
         from blockquant.lazy import open_model
 
@@ -488,6 +497,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if writer is not None and writer.tmp.exists():
             shutil.rmtree(writer.tmp, ignore_errors=True)
         raise
+    if not dist.is_main():  # rank 0 writes OUT_DIR and prints; the others wait until it has written
+        dist.barrier()
+        return 0
     record = result.record() | {
         "source": str(Path(args.model_dir).resolve()),  # absolute: the record outlives the cwd
         "calibration": {
@@ -502,6 +514,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             else {"prompt_tokens": args.calib_generate, "temperature": GENERATION_TEMPERATURE, "continuations": args.calib_continuations},
         },
     }
+    if dist.world_size() > 1:
+        record["processes"] = dist.world_size()  # the calibration samples were split over them
     if writer is not None:
         from blockquant.lazy import load_outside
 
@@ -510,6 +524,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         fmt = resolve_format(args.format, model, recipe.spec, result.layers)
         save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, export_dtype)
+    dist.barrier()
     if "qft" in result.model_steps:  # the block errors are from before QFT: report what QFT did instead
         held = [v for _, v in result.model_steps["qft"]["held_out_loss"]]
         detail = (
@@ -625,6 +640,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if reference is not None and not encoder:
         out["reference_perplexity"] = text_metric(reference, tokenizer, text, kind, **kw)[0]
         out["delta_percent"] = 100 * (out["perplexity"] / out["reference_perplexity"] - 1)
+    if not dist.is_main():  # every process has the same numbers: rank 0 prints them
+        return 0
     if args.json:
         print(json.dumps(out))
     elif encoder:
@@ -784,6 +801,8 @@ def _refuse_llm_options(args: argparse.Namespace, qft: bool = False) -> None:
 def _quantize_network(args: argparse.Namespace) -> int:
     """``blockquant quantize NET_DIR``: checks everything before the work, writes atomically."""
     from blockquant import unet
+
+    _one_process("a MONAI network is quantized layer by layer")
     from blockquant.api import quantize
     from blockquant.files import check_output_dir
     from blockquant.layerwise import check_recipe
@@ -863,6 +882,8 @@ def _eval_network(args: argparse.Namespace) -> int:
     """``blockquant eval NET_DIR --data VOLUME``: Dice per class (and against --reference)."""
     from blockquant import unet
 
+    _one_process("a MONAI network is evaluated")
+
     if args.device != "cpu" or args.dtype != "float32":
         raise ValueError("MONAI networks are evaluated on CPU in float32 here; drop --device / --dtype")
     text_only = (["max_windows"] if args.max_windows is not None else []) + changed_from_default(args, ("seqlen", "batch_size"))
@@ -887,13 +908,47 @@ def _eval_network(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_process(what: str) -> None:
+    if dist.world_size() > 1:
+        raise ValueError(f"{what} in one process: run it without torchrun")
+
+
+def _join_processes(args: argparse.Namespace) -> bool:
+    """Under torchrun (``WORLD_SIZE`` > 1): join its process group, each process on its own device
+    (``--device cuda``: the GPU of its ``LOCAL_RANK``). Whether this call joined one."""
+    if dist.env_world_size() <= 1 or dist.world_size() > 1:
+        return False
+    if args.command == "compare":
+        raise ValueError("blockquant compare runs its variants in one process: run it without torchrun")
+    if args.command == "quantize" and args.model_dir is None:
+        raise ValueError("the built-in demo runs in one process: run it without torchrun")
+    args.device = str(dist.init_from_env(_check_device(args.device)))
+    return True
+
+
+def _error_line(e: Exception) -> str:
+    """The error, prefixed with this process's rank when several share the run."""
+    text = str(e)
+    if dist.world_size() > 1 and not text.startswith(f"rank {dist.rank()}: "):
+        text = f"rank {dist.rank()}: {text}"
+    return f"blockquant: error: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="blockquant: %(levelname)s: %(message)s")
     args = _parser().parse_args(argv)
+    try:
+        joined = _join_processes(args)
+    except ValueError as e:
+        print(_error_line(e), file=sys.stderr)
+        return 2
     # Progress bars only on a terminal: in a log file their redraws are noise. There, unless
     # --quiet, each block / layer writes one plain line instead (the driver's INFO log).
-    args.progress = not args.quiet and sys.stderr.isatty()
-    if not args.quiet and not args.progress:
+    # Several processes: only rank 0 shows progress and warnings (the others compute the same).
+    args.progress = not args.quiet and sys.stderr.isatty() and dist.is_main()
+    if not dist.is_main():
+        log.setLevel(logging.ERROR)
+    elif not args.quiet and not args.progress:
         log.setLevel(logging.INFO)
     # transformers' own bars (loading / writing weights) follow the same rule
     from transformers.utils import logging as hf_logging
@@ -904,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
     except (ValueError, OSError) as e:
-        print(f"blockquant: error: {e}", file=sys.stderr)
+        print(_error_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("blockquant: interrupted; nothing was written", file=sys.stderr)
@@ -913,6 +968,8 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.NOTSET)
         if hf_bars:
             hf_logging.enable_progress_bar()
+        if joined:  # peers still waiting for this process are released with an error
+            dist.close()
 
 
 if __name__ == "__main__":

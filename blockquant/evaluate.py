@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from blockquant import dist
 from blockquant.files import split_paragraphs, tokenize_stream, windows
 
 METRICS = {"causal-lm": "perplexity", "encoder": "cosine", "network": "dice"}  # what each kind of model is judged by
@@ -26,18 +27,24 @@ def perplexity(
     batch_size: int = 8,
     progress: bool = True,
 ) -> float:
-    """``exp`` of the mean next-token NLL over non-overlapping windows (shared/README.md)."""
+    """``exp`` of the mean next-token NLL over non-overlapping windows (shared/README.md).
+
+    Under several processes each takes its share of the windows; the NLL sums and token counts
+    are added up over the processes, and every process returns the same perplexity.
+    """
     chunks = windows(ids, seqlen, max_windows)
     if chunks.shape[0] == 0:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     model.eval().to(device)
     total, count = 0.0, 0
-    for batch in tqdm(chunks.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+    for batch in tqdm(dist.shard(chunks).split(batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)
         count += batch[:, 1:].numel()
+    if dist.world_size() > 1:
+        total, count = dist.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return math.exp(total / count)
 
 

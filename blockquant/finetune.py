@@ -13,7 +13,10 @@ size the gradient ``⌊w/s⌉ − w/s``, which is zero when the master weights s
 (after GPTQ): it cannot see that changing s rescales every code, and a step along it can
 raise the loss where a step along this one lowers it.
 ``train`` is the one optimisation loop: AdamW, cosine schedule, gradient clipping, early stop
-on held-out data keeping the best state, NaN guard.
+on held-out data keeping the best state, NaN guard. Under several processes (``dist``) each
+holds a part of every calibration batch: a step's gradients and every loss it reports or judges
+are the sums of the parts, weighted by their share of the batch, so all processes take the same
+steps as one process would.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from blockquant import dist
+from blockquant.capture import BlockInputs
 from blockquant.layers import run_with_weight, set_weight_matrix, weight_matrix
 from blockquant.primitives import expand, group_width, round_scale_ste, round_ste
 from blockquant.spec import QuantSpec
@@ -134,22 +139,41 @@ def swap_out(block: nn.Module, wrapped: dict[str, FakeQuantLinear]) -> None:
         block.set_submodule(name, fq.layer)
 
 
-def relative_mse(pred: Tensor, target: Tensor) -> Tensor:
-    """MSE relative to the target's mean square (in fp32): comparable across layers and models."""
+def relative_mse(pred: Tensor, target: Tensor, mean_square: Tensor | None = None) -> Tensor:
+    """MSE relative to the target's mean square (in fp32): comparable across layers and models.
+
+    ``mean_square``: the target's mean square over the whole batch, where this process holds a
+    part of it (``batch_mean_squares``); the loss is then a mean over the part's elements, which
+    the parts' shares add up to the whole batch's loss.
+    """
     pred, target = pred.float(), target.float()
-    return F.mse_loss(pred, target) / target.pow(2).mean().clamp(min=1e-12)
+    den = target.pow(2).mean() if mean_square is None else mean_square
+    return F.mse_loss(pred, target) / den.clamp(min=1e-12)
 
 
-def output_loss(head: nn.Module | None, pred: Tensor, target: Tensor) -> Tensor:
+def batch_mean_squares(values: list[Tensor], inputs: BlockInputs) -> list[Tensor] | None:
+    """The mean square of each batch's ``values`` (one tensor per entry of ``inputs``), over every
+    process's part of the batch; None with one process (``relative_mse`` then takes its own)."""
+    if inputs.split is None or dist.world_size() == 1:
+        return None
+    sums = torch.zeros(inputs.n_batches, 2, dtype=torch.float64)
+    for b, v in zip(inputs.split.batches, values):
+        sums[b] = torch.tensor([float(v.float().pow(2).sum()), v.numel()], dtype=torch.float64)
+    dist.all_reduce_sum(sums)
+    return [(sums[b, 0] / sums[b, 1].clamp(min=1)).float().to(v.device) for b, v in zip(inputs.split.batches, values)]
+
+
+def output_loss(head: nn.Module | None, pred: Tensor, target: Tensor, mean_square: Tensor | None = None) -> Tensor:
     """Distillation loss at a model's output, given the final normalised hidden states (B, T, C).
 
     Language models: KL(p_fp ‖ p_q) per token through the LM head. Encoders (no head): the
     MSE of the mean-pooled embeddings relative to their mean square, since a sentence embedding
     is what an encoder's user compares (calibration samples are full, unpadded windows, so
-    the mean runs over real tokens only).
+    the mean runs over real tokens only). ``mean_square``: that of the pooled target over the
+    whole batch (``relative_mse``).
     """
     if head is None:
-        return relative_mse(pred.float().mean(1), target.float().mean(1))
+        return relative_mse(pred.float().mean(1), target.float().mean(1), mean_square)
     with torch.no_grad():
         t = head(target).float().log_softmax(-1).flatten(0, -2)
     p = head(pred).float().log_softmax(-1).flatten(0, -2)
@@ -216,6 +240,36 @@ def _snapshot(params: list[Tensor]) -> list[Tensor]:
     return [p.detach().clone() for p in params]
 
 
+def mean_loss(loss_on: Callable[[int], Tensor], items: list[int], share: Callable[[int], float] | None = None) -> float:
+    """The mean over ``items`` of each calibration batch's loss (no gradient is taken).
+
+    ``share(item)``: the part of the batch this process holds, under several processes; a
+    batch's loss is then the sum over the processes of each part's loss times its share.
+    """
+    if share is None:
+        return sum(float(loss_on(i)) for i in items) / len(items)
+    local = sum(share(i) * float(loss_on(i)) for i in items if share(i) > 0)
+    return dist.total(local) / len(items)
+
+
+def _sum_over_processes(params: list[Tensor], loss: Tensor) -> Tensor:
+    """Add up every process's gradients and step loss (one all-reduce); returns the summed loss.
+
+    A parameter keeps no gradient only where no process gave it one, as in one process (AdamW
+    skips it then; a zero gradient would still move it).
+    """
+    device = params[0].device
+    flags = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().to(device) for p in params]
+    buf = dist.all_reduce_sum(torch.cat([flags, loss.detach().reshape(1).float().to(device), *grads]))
+    at = len(params) + 1
+    for p, has in zip(params, buf[: len(params)].tolist()):
+        g = buf[at : at + p.numel()].view(p.shape).to(p.dtype)
+        at += p.numel()
+        p.grad = g.to(p.device).clone() if has else None
+    return buf[len(params)]
+
+
 def default_groups(modules: list[FakeQuantLinear], cfg: TrainConfig) -> list[tuple[list[Tensor], float]]:
     """(parameters, learning rate): the modules' step sizes and zero points at ``cfg.lr_scale``,
     their weights (STE) or rounding offsets (AdaRound) at ``cfg.lr_weight``."""
@@ -234,6 +288,7 @@ def train(
     groups: list[tuple[list[Tensor], float]] | None = None,
     penalty: Callable[[], Tensor] | None = None,
     label: str = "train",
+    share: Callable[[int], float] | None = None,
 ) -> TrainLog:
     """Minimise ``loss_on(item)`` over ``train_items``; keep the state best on ``eval_items``.
 
@@ -248,6 +303,11 @@ def train(
     with float parameters train more kinds of tensors, some shared by several modules).
     ``penalty()`` is added to the training loss only: early stopping judges the data loss.
     ``label`` names the run in the progress bar and in warnings.
+    ``share(item)``, under several processes: the part of batch ``item`` this process holds
+    (0: none; ``loss_on`` is then not called for it). The loss functions are means over a batch's
+    samples (or ``relative_mse`` with the batch's ``mean_square``), so the parts' losses weighted
+    by their shares add up to the batch's: each step sums those gradients over the processes before
+    clipping, and the regulariser and ``penalty`` (the same on every process) are added once after.
     """
     if groups is None:
         groups = default_groups(modules, cfg)
@@ -261,7 +321,7 @@ def train(
         for m in modules:
             m.eval()
         with torch.no_grad():
-            value = sum(float(loss_on(i)) for i in eval_items) / len(eval_items)
+            value = mean_loss(loss_on, eval_items, share)
         for m in modules:
             m.train()
         return value
@@ -278,10 +338,19 @@ def train(
             opt.zero_grad(set_to_none=True)
             parts = []
             for k in range(cfg.accumulate):  # one backward per batch: the graph of only one batch is alive at a time
-                part = loss_on(train_items[((step - 1) * cfg.accumulate + k) % len(train_items)]) / cfg.accumulate
+                item = train_items[((step - 1) * cfg.accumulate + k) % len(train_items)]
+                if share is None:
+                    part = loss_on(item) / cfg.accumulate
+                elif share(item) > 0:  # this process's part of the batch, weighted by its share
+                    part = loss_on(item) * (share(item) / cfg.accumulate)
+                else:
+                    continue
                 part.backward()
                 parts.append(part.detach())
-            loss = torch.stack(parts).sum()
+            if share is None:
+                loss = torch.stack(parts).sum()
+            else:
+                loss = _sum_over_processes(params, torch.stack(parts).sum() if parts else torch.zeros(()))
             reg = sum(m.regularizer(beta) for m in modules) * cfg.reg_weight if modules[0].rounding == "adaround" else 0.0
             if penalty is not None:
                 reg = reg + penalty()

@@ -88,7 +88,7 @@ def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids
     model = make_tiny(family)
     seen = []
 
-    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True, groups=None, penalty=None, label="train"):
+    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True, groups=None, penalty=None, label="train", share=None):
         trainable = {id(p) for ps, _ in groups for p in ps}
         with torch.enable_grad():
             loss = loss_on(train_items[0])

@@ -16,6 +16,10 @@ precision and passes the searched grid on (blockft starts from it; GPTQ runs its
 last, it rounds. It does not clamp the weights it hands on: the clipped-away part would be lost to
 the next step's error compensation (clamping here leaves awq,gptq with block output errors above
 GPTQ's alone).
+
+Under several processes each holds the rows of the token sample that fall among its own tokens;
+the searches add their errors up over the processes, so every process chooses the same α and
+ranges as one process would.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from blockquant import dist
 from blockquant.capture import BlockContext, LayerResult, collect_input_stats, relative_error
 from blockquant.fold import fold_problem, fold_scales
 from blockquant.layers import set_weight_matrix, weight_matrix
@@ -61,9 +66,10 @@ def awq_scales(absmean: Tensor, alpha: float) -> Tensor:
 
 @torch.no_grad()
 def search_scales(ws: list[Tensor], x: Tensor, absmean: Tensor, spec: QuantSpec, grid: int = 20) -> tuple[Tensor, float]:
-    """The scales (C,) and α minimising the group's output error on token sample ``x`` (n, C)."""
+    """The scales (C,) and α minimising the group's output error on token sample ``x`` (n, C)
+    (under several processes: on every process's rows together)."""
     targets = [x @ w.t() for w in ws]  # (n, out) per linear
-    best, best_err = (torch.ones_like(absmean), 0.0), float("inf")
+    candidates, errors = [], []
     for i in range(grid):
         alpha = i / grid
         s = awq_scales(absmean, alpha)
@@ -73,8 +79,14 @@ def search_scales(ws: list[Tensor], x: Tensor, absmean: Tensor, spec: QuantSpec,
             ws_ = w * s
             w_hat = fake_quantize(ws_, *compute_qparams(ws_, spec), spec)
             err += float(torch.sum((xs @ w_hat.t() - y) ** 2))
+        candidates.append((s, alpha))
+        errors.append(err)
+    if dist.world_size() > 1:
+        errors = dist.all_reduce_sum(torch.tensor(errors, dtype=torch.float64)).tolist()
+    best, best_err = (torch.ones_like(absmean), 0.0), float("inf")
+    for candidate, err in zip(candidates, errors):
         if err < best_err:
-            best, best_err = (s, alpha), err
+            best, best_err = candidate, err
     return best
 
 
@@ -90,16 +102,20 @@ def _grouped(t: Tensor, spec: QuantSpec) -> Tensor:
 def clip_ranges(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20, max_shrink: float = 0.5) -> tuple[Tensor, Tensor]:
     """Per-group (scale, zero) whose shrunk range minimises each group's output error on ``x``.
 
-    Error of group j of output row o: ``mean_t (Σ_{c∈j} (ŵ − w)[o, c] · x[t, c])²``.
+    Error of group j of output row o: ``mean_t (Σ_{c∈j} (ŵ − w)[o, c] · x[t, c])²`` (under
+    several processes, over every process's rows of the sample).
     """
     if spec.per_tensor:
         return compute_qparams(w, spec)
+    several = dist.world_size() > 1
+    rows = dist.total(x.shape[0]) if several else x.shape[0]
     xg = _grouped(x, spec)  # (n, G, g)
     best_err = best_scale = best_zero = None
     for i in range(int(max_shrink * grid)):
         scale, zero = compute_qparams(w, spec, 1 - i / grid)
         dg = _grouped(fake_quantize(w, scale, zero, spec) - w, spec)  # (out, G, g)
-        err = torch.einsum("ogc,ngc->ogn", dg, xg).pow(2).mean(-1)  # (out, G)
+        err = torch.einsum("ogc,ngc->ogn", dg, xg).pow(2)  # (out, G, n)
+        err = dist.all_reduce_sum(err.sum(-1)) / max(rows, 1) if several else err.mean(-1)  # (out, G)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
             continue
@@ -109,11 +125,19 @@ def clip_ranges(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20, max_shrin
     return best_scale, best_zero
 
 
+def _sample_hessian(x: Tensor) -> Tensor:
+    """``2 xᵀx / n`` of the token sample (n, C), over every process's rows."""
+    if dist.world_size() == 1:
+        return 2 * x.t() @ x / x.shape[0]
+    return dist.all_reduce_sum(2 * x.t() @ x) / max(dist.total(x.shape[0]), 1)
+
+
 @torch.no_grad()
 def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: AWQOptions) -> dict[str, LayerResult]:
     firsts = {g.linears[0]: ctx.linear(block, g.linears[0]) for g in ctx.groups}
     stats = collect_input_stats(block, ctx.inputs, firsts, max_tokens=opts.search_tokens)
     samples = {name: st.sample for name, st in stats.items()}  # (n, C), divided by s as scales fold
+    positions = {name: st.positions for name, st in stats.items()}  # several processes: each row's place in the whole sample
     # 1. per group: search α, fold s⁻¹ into the feeder (the block's FP function is unchanged)
     for group in ctx.groups:
         first = group.linears[0]
@@ -130,13 +154,14 @@ def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: AWQOptions
     # 2. per linear: clip search, then round (last step) or hand the scaled weights and the grid on
     results = {}
     for group in ctx.groups:
-        x = samples[group.linears[0]]
-        h = 2 * x.t() @ x / x.shape[0]  # (C, C): the sample's Hessian, for the error record
+        x, at = samples[group.linears[0]], positions[group.linears[0]]
+        h = _sample_hessian(x)  # (C, C): the sample's Hessian, for the error record
+        clip_rows = x[: opts.clip_tokens] if at is None else x[(at < opts.clip_tokens).to(x.device)]  # the sample's first rows
         for name in group.linears:
             layer = ctx.linear(block, name)
             w = weight_matrix(layer)
             if opts.clip:
-                scale, zero = clip_ranges(w, x[: opts.clip_tokens], spec, opts.clip_grid, opts.max_shrink)
+                scale, zero = clip_ranges(w, clip_rows, spec, opts.clip_grid, opts.max_shrink)
             else:
                 scale, zero = compute_qparams(w, spec)
             w_hat = fake_quantize(w, scale, zero, spec)

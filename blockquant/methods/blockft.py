@@ -27,7 +27,17 @@ from torch.nn.utils import parametrize
 
 from blockquant.arch import block_linears, get_blocks
 from blockquant.capture import BlockInputs, LayerResult, WindowContext, block_output, collect_hessians, relative_error, run_block
-from blockquant.finetune import FakeQuantLinear, TrainConfig, default_groups, output_loss, swap_in, swap_out, train
+from blockquant.finetune import (
+    FakeQuantLinear,
+    TrainConfig,
+    batch_mean_squares,
+    default_groups,
+    mean_loss,
+    output_loss,
+    swap_in,
+    swap_out,
+    train,
+)
 from blockquant.layers import weight_matrix
 from blockquant.primitives import compute_qparams, storage_ste
 from blockquant.spec import QuantSpec
@@ -143,18 +153,17 @@ def _window_forward(blocks: list[nn.Module], inputs: BlockInputs, batch: int) ->
     return h
 
 
-def _proximal(modules: list[FakeQuantLinear], loss_on: Callable[[int], Tensor], item: int, strength: float) -> Callable[[], Tensor]:
+def _proximal(modules: list[FakeQuantLinear], start_loss: float, strength: float) -> Callable[[], Tensor]:
     """A penalty on how far the master weights move from their start (GPTQ's codes, say).
 
     ``strength · L₀ · mean((v − v₀)²)``, v in code units of the initial grid and L₀ the window's
-    loss at the start on calibration batch ``item``: scaled by L₀, one strength is comparable across
-    blocks and models. It damps code flips that only a few calibration batches ask for, a
+    loss at the start on the first calibration batch: scaled by L₀, one strength is comparable
+    across blocks and models. It damps code flips that only a few calibration batches ask for, a
     restoring force where a lower weight learning rate would only slow every move.
     """
     starts = [fq.weight.detach().clone() for fq in modules]
     count = sum(s.numel() for s in starts)
-    with torch.no_grad():
-        scale = strength * float(loss_on(item))
+    scale = strength * start_loss
 
     def penalty() -> Tensor:
         return scale * sum(torch.sum((fq.weight - s) ** 2) for fq, s in zip(modules, starts)) / count
@@ -208,21 +217,32 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefi
         fq.layer.weight.requires_grad_(False)
         fq.train()
 
-    def loss_on(i: int) -> Tensor:
-        pred = path(_window_forward(ctx.blocks, ctx.q_inputs, i), i)
-        if opts.downstream is None:  # the model's output, from the cached FP final hidden state
-            return output_loss(head, pred, targets[i])
-        return F.mse_loss(pred.float(), targets[i].float())
+    # Several processes: an encoder's pooled loss is relative to the whole batch's mean square
+    pooled = batch_mean_squares([t.float().mean(1) for t in targets], ctx.q_inputs) if opts.downstream is None and head is None else None
 
-    n = len(ctx.q_inputs.hidden)
+    def loss_on(i: int) -> Tensor:  # i: a calibration batch of the run; j: the entry holding it here
+        j = ctx.q_inputs.entry(i)
+        pred = path(_window_forward(ctx.blocks, ctx.q_inputs, j), j)
+        if opts.downstream is None:  # the model's output, from the cached FP final hidden state
+            return output_loss(head, pred, targets[j], None if pooled is None else pooled[j])
+        return F.mse_loss(pred.float(), targets[j].float())
+
+    n = ctx.q_inputs.n_batches
+    share = ctx.q_inputs.share if ctx.q_inputs.split is not None else None
     n_eval = opts.train.held_out(n)
     items = list(range(n))
     cfg = dataclasses.replace(opts.train, lr_scale=opts.train.lr_scale * mean_scale)
     label = f"{label_prefix} blocks {ctx.first}-{ctx.first + len(ctx.blocks) - 1}"
     groups = default_groups(modules, cfg) + [(float_params, opts.lr_float)]
     try:
-        penalty = _proximal(modules, loss_on, items[0], opts.prox) if opts.prox > 0 else None
-        log_ = train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress, groups=groups, penalty=penalty, label=label)
+        if opts.prox > 0:
+            with torch.no_grad():
+                penalty = _proximal(modules, mean_loss(loss_on, items[:1], share), opts.prox)
+        else:
+            penalty = None
+        log_ = train(
+            modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress, groups=groups, penalty=penalty, label=label, share=share
+        )
     finally:
         for module, attr in floats:  # the (best) trained values, rounded as stored, become plain parameters again
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)

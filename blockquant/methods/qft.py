@@ -45,7 +45,17 @@ from torch.utils.checkpoint import checkpoint
 from blockquant import activations
 from blockquant.arch import LinearGroup, block_linears, get_blocks
 from blockquant.capture import LayerResult, ModelContext, block_output
-from blockquant.finetune import FakeQuantLinear, TrainConfig, TrainLog, output_loss, relative_mse, swap_in, swap_out, train
+from blockquant.finetune import (
+    FakeQuantLinear,
+    TrainConfig,
+    TrainLog,
+    batch_mean_squares,
+    output_loss,
+    relative_mse,
+    swap_in,
+    swap_out,
+    train,
+)
 from blockquant.fold import channel_index, feeder_rows
 from blockquant.layers import run_with_weight, weight_matrix
 from blockquant.primitives import compute_qparams, round_scale_ste, round_ste, storage_ste
@@ -375,17 +385,23 @@ def _body(blocks: nn.ModuleList, inputs, i: int, ckpt: bool) -> Tensor:
     return h
 
 
-def _loss_fn(ctx: ModelContext, opts: QFTOptions) -> Callable[[Tensor, Tensor], Tensor]:
-    """Distillation loss of the student's and the teacher's last hidden states (B, T, C)."""
+def _loss_fn(ctx: ModelContext, opts: QFTOptions) -> Callable[[Tensor, Tensor, int], Tensor]:
+    """Distillation loss of the student's and the teacher's last hidden states (B, T, C) on the
+    calibration batch held in entry ``j`` of ``ctx.inputs``."""
     model, arch = ctx.model, ctx.arch
     head = model.get_submodule(arch.head) if arch.head else None
     norm = model.get_submodule(arch.final_norm) if arch.final_norm else nn.Identity()
+    # Several processes: the relative losses divide by the whole batch's mean square (None: one process)
+    with torch.no_grad():
+        split = ctx.inputs.split is not None
+        pooled = batch_mean_squares([norm(t).float().mean(1) for t in ctx.targets], ctx.inputs) if head is None and split else None
+    feature = batch_mean_squares(ctx.targets, ctx.inputs) if opts.feature_weight else None
 
-    def loss(h: Tensor, t: Tensor) -> Tensor:
+    def loss(h: Tensor, t: Tensor, j: int) -> Tensor:
         with torch.no_grad():
             t_out = norm(t)
-        value = output_loss(head, norm(h), t_out)  # KL on logits; encoders: pooled embeddings
-        return value + opts.feature_weight * relative_mse(h, t) if opts.feature_weight else value
+        value = output_loss(head, norm(h), t_out, None if pooled is None else pooled[j])  # KL on logits; encoders: pooled embeddings
+        return value + opts.feature_weight * relative_mse(h, t, None if feature is None else feature[j]) if opts.feature_weight else value
 
     return loss
 
@@ -408,9 +424,16 @@ def fold(ctx: ModelContext, wrapped: list[dict[str, QFTLinear]], undo: list[Call
 
 
 def train_all(
-    modules: list[nn.Module], kinds: dict[str, list[Tensor]], loss_on: Callable[[int], Tensor], n: int, opts: QFTOptions, progress: bool
+    modules: list[nn.Module],
+    kinds: dict[str, list[Tensor]],
+    loss_on: Callable[[int], Tensor],
+    n: int,
+    opts: QFTOptions,
+    progress: bool,
+    share: Callable[[int], float] | None = None,
 ) -> TrainLog:
-    """One ``finetune.train`` run over items ``0 … n−1`` (the last ``holdout`` share held out), each DoF kind at its own rate."""
+    """One ``finetune.train`` run over items ``0 … n−1`` (the last ``holdout`` share held out), each DoF kind at its own rate
+    (``share``: this process's part of each item, under several processes)."""
     n_eval = opts.train.held_out(n)
     items = list(range(n))
     groups = [
@@ -421,7 +444,7 @@ def train_all(
         (kinds["act"], opts.lr_act),
     ]
     # train() itself warns on a NaN loss or a diverging held-out loss (and keeps the best state)
-    return train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train, progress, groups, label="qft")
+    return train(modules, loss_on, items[: n - n_eval], items[n - n_eval :], opts.train, progress, groups, label="qft", share=share)
 
 
 def train_notes(result: TrainLog, kinds: dict[str, list[Tensor]]) -> dict:
@@ -455,14 +478,16 @@ def apply(ctx: ModelContext, spec: QuantSpec, opts: QFTOptions) -> dict[str, Lay
     loss_of = _loss_fn(ctx, opts)
     ckpt = opts.checkpointing
 
-    def loss_on(i: int) -> Tensor:
-        h = _body(blocks, ctx.inputs, i, ckpt and torch.is_grad_enabled())
+    def loss_on(i: int) -> Tensor:  # i: a calibration batch of the run; j: the entry holding it here
+        j = ctx.inputs.entry(i)
+        h = _body(blocks, ctx.inputs, j, ckpt and torch.is_grad_enabled())
         if ckpt and torch.is_grad_enabled():
-            return checkpoint(loss_of, h, ctx.targets[i], use_reentrant=False)
-        return loss_of(h, ctx.targets[i])
+            return checkpoint(loss_of, h, ctx.targets[j], j, use_reentrant=False)
+        return loss_of(h, ctx.targets[j], j)
 
+    share = ctx.inputs.share if ctx.inputs.split is not None else None
     try:
-        result = train_all(modules, kinds, loss_on, len(ctx.inputs.hidden), opts, ctx.progress)
+        result = train_all(modules, kinds, loss_on, ctx.inputs.n_batches, opts, ctx.progress, share)
         layers = fold(ctx, wrapped, undo)
     finally:
         for p, flag in frozen:

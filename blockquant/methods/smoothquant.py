@@ -19,6 +19,8 @@ stores it beside the weights (``activations.SMOOTHING_FILE``).
 ``alpha: auto`` sweeps ``alphas`` per block: each candidate is smoothed, quantized (weights and
 activations) on a copy, fitted on the first calibration batches and scored by the block's output
 error against the full-precision block on held-out calibration batches; the best is applied.
+Under several processes the statistics are reduced over the processes and the sweep adds up its
+errors over them, so every process applies the same α as one process would.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from blockquant import activations
+from blockquant import activations, dist
 from blockquant.capture import BlockContext, BlockInputs, LayerResult, collect_input_stats, run_block
 from blockquant.fold import fold_problem, fold_scales
 from blockquant.layers import set_weight_matrix, weight_matrix
@@ -96,21 +98,17 @@ def smooth(block: nn.Module, ctx: BlockContext, inputs: BlockInputs, alpha: floa
     return [n for g in groups for n in g.linears]
 
 
-def _subset(inputs: BlockInputs, items: list[int]) -> BlockInputs:
-    return BlockInputs([inputs.hidden[i] for i in items], [inputs.args[i] for i in items], [inputs.kwargs[i] for i in items])
-
-
 @torch.no_grad()
 def sweep(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: SmoothQuantOptions) -> float:
     """The α of ``opts.alphas`` with the lowest held-out W·A-quantized block output error."""
-    n = len(ctx.inputs.hidden)
+    n = ctx.inputs.n_batches
     if n < 2:
         raise ValueError(
             "smoothquant alpha: auto needs at least 2 calibration batches (one to fit, one held out); add samples or lower --batch-size"
         )
     n_eval = max(1, round(opts.holdout * n))
-    fit = _subset(ctx.inputs, list(range(min(opts.fit_batches, n - n_eval))))
-    held = _subset(ctx.inputs, list(range(n - n_eval, n)))
+    fit = ctx.inputs.subset(list(range(min(opts.fit_batches, n - n_eval))))
+    held = ctx.inputs.subset(list(range(n - n_eval, n)))
     target = run_block(block, held)
     fit_ctx = BlockContext(ctx.index, fit, ctx.groups, ctx.device, ctx.act, True)
     errors = {}
@@ -121,7 +119,10 @@ def sweep(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: SmoothQuan
         if ctx.act is not None:
             activations.attach(trial, [g.linears for g in ctx.groups], ctx.act, fit)
         out = run_block(trial, held)
-        errors[alpha] = sum(float(torch.sum((y - t) ** 2)) for y, t in zip(out, target)) / sum(float(torch.sum(t**2)) for t in target)
+        num, den = sum(float(torch.sum((y - t) ** 2)) for y, t in zip(out, target)), sum(float(torch.sum(t**2)) for t in target)
+        if dist.world_size() > 1:  # sums over every process's part of the held-out batches
+            num, den = dist.all_reduce_sum(torch.tensor([num, den], dtype=torch.float64)).tolist()
+        errors[alpha] = num / den
     best = min(errors, key=errors.get)
     log.info("smoothquant block %d: held-out error by alpha %s -> %.2f", ctx.index, {a: f"{e:.3e}" for a, e in errors.items()}, best)
     return best
