@@ -28,8 +28,9 @@ from blockquant.arch import ARCHITECTURES, ArchSpec, arch_for, block_linears, ge
 from blockquant.capture import BlockContext, BlockInputs, LayerResult, ModelContext, Split, WindowContext, capture_block_inputs, run_block
 from blockquant.device import check_device, peak_rss_mb
 from blockquant.layers import is_conv
-from blockquant.lazy import LazyCheckpoint
+from blockquant.lazy import LazyCheckpoint, release_outside
 from blockquant.methods import METHODS
+from blockquant.offload import MODES, offload
 from blockquant.recipe import Recipe
 from blockquant.report import BlockReport, QuantResult
 from blockquant.spec import SCALE_DTYPES
@@ -91,8 +92,10 @@ def shard_batches(batches: list[dict[str, Tensor]]) -> tuple[list[dict[str, Tens
 
 
 def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
+    """Refuse NaN/Inf weights; a block on ``meta`` is checked when it is loaded. Large tensors are
+    checked in chunks, so that the check costs no memory next to an embedding of 32 000 rows."""
     for name, p in model.named_parameters(prefix=prefix):
-        if not p.is_meta and not torch.isfinite(p).all():  # a block on meta is checked when it is loaded
+        if not p.is_meta and not all(bool(torch.isfinite(c).all()) for c in p.detach().reshape(-1).split(1 << 20)):
             raise ValueError(f"weight {name} contains NaN or Inf; the model is corrupt, nothing to quantize")
 
 
@@ -277,6 +280,7 @@ def quantize(
     seed: int = 0,
     ends_bits: int | None = 8,
     stream: BlockStream | None = None,
+    offload_activations: str = "none",
 ) -> QuantResult:
     """Quantize ``model`` in place with ``recipe``; the pipeline follows the model's structure.
 
@@ -289,12 +293,16 @@ def quantize(
       the input and of the last layer (None: the recipe's); ``seed``: which output positions
       the per-layer statistics sample. ``stream``: an out-of-core run (``BlockStream``), whose
       blocks are read from a checkpoint one at a time and handed on as soon as they are final.
+      ``offload_activations``: ``cpu`` or ``disk`` keeps the calibration activations off the
+      compute device, each batch moved there when it is read (``offload``).
 
     A spec without ``scale_dtype`` gets the model's parameter dtype (what ``save_packed``
     stores scales in by default); ``result.recipe`` holds the spec actually used.
     """
     _check_common(model, recipe, batch_size)
     device = check_device(device)
+    if offload_activations not in MODES:
+        raise ValueError(f"offload_activations must be one of {', '.join(MODES)}, got {offload_activations!r}")
     conv = is_convolution_network(model)
     if conv and dist.world_size() > 1:
         raise ValueError(
@@ -338,7 +346,7 @@ def quantize(
         finally:
             model.to(home)
     else:
-        _quantize_blocks(model, recipe, calibration, device, batch_size, progress, result, stream)
+        _quantize_blocks(model, recipe, calibration, device, batch_size, progress, result, stream, offload_activations)
     result.activations = activations.record(model, recipe.act)
     result.seconds = time.perf_counter() - start_time
     result.cpu_seconds = time.process_time() - start_cpu
@@ -357,6 +365,7 @@ def _quantize_blocks(
     progress: bool,
     result: QuantResult,
     stream: BlockStream | None = None,
+    offload_activations: str = "none",
 ) -> None:
     """The block-sequential pipeline of a transformer stack.
 
@@ -378,6 +387,12 @@ def _quantize_blocks(
     if dist.world_size() > 1:  # each process holds its part of every batch
         batches, split = shard_batches(batches)
     fp_stream = dataclasses.replace(capture_block_inputs(model, blocks, batches, device), split=split)
+    if stream is not None:
+        release_outside(model)  # block by block, nothing reads the embeddings or the head again
+    fp_stream = fp_stream.with_hidden(offload(fp_stream.hidden, offload_activations, device))
+
+    def run(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:  # a stream's next hidden states, kept where the others are
+        return run_block(block, inputs, out=offload([], offload_activations, device))
     q_stream = inputs0 = fp_stream
     fp_copies: dict[int, nn.Module] = {}  # full-precision copies of the blocks in the window
     homes: dict[int, torch.device] = {}
@@ -400,7 +415,7 @@ def _quantize_blocks(
                 blocks[j].to(device)
                 block_linears(blocks[j], arch)  # checks that the table covers every linear
                 fp_copies[j] = copy.deepcopy(blocks[j]) if window_steps else blocks[j]
-                fp_out = run_block(blocks[j], x_fp)  # targets, before any method touches it
+                fp_out = run(blocks[j], x_fp)  # targets, before any method touches it
                 _check_finite_outputs(blocks[j], x_fp, fp_out, f"block {j} (full precision)")
                 restored = stream.restore(j, blocks[j]) if stream is not None and stream.restore is not None else None
                 if restored is not None:  # resumed: the block was written by an earlier run
@@ -415,11 +430,11 @@ def _quantize_blocks(
                 if recipe.act is not None:  # static ranges from the quantized stream, weights already quantized
                     activations.attach(blocks[j], [g.linears for g in arch.groups], recipe.act, x_q)
             else:
-                fp_out = run_block(fp_copies[j], x_fp)
+                fp_out = run(fp_copies[j], x_fp)
             fp_outs[j] = fp_out
             t_block[j] = t_block.get(j, 0.0) + time.perf_counter() - t0
             if j != window[-1] or window_steps:
-                x_q = x_q.with_hidden(run_block(blocks[j], x_q))
+                x_q = x_q.with_hidden(run(blocks[j], x_q))
             x_fp = x_fp.with_hidden(fp_out)
         # 2. the window step (block-wise fine-tuning) trains the whole window jointly
         t0 = time.perf_counter()
@@ -444,7 +459,7 @@ def _quantize_blocks(
         # 3. the first S blocks (all, at the end) are final: advance both streams past them
         advance = stride if window[-1] < len(blocks) - 1 else len(window)
         for j in range(first, first + advance):
-            q_out = run_block(blocks[j], q_stream)
+            q_out = run(blocks[j], q_stream)
             _check_finite_outputs(blocks[j], q_stream, q_out, f"block {j} (quantized)")
             report = BlockReport(j, _relative_mse(q_stream.hidden, fp_stream.hidden), _relative_mse(q_out, fp_outs[j]), t_block.pop(j))
             result.blocks.append(report)

@@ -107,14 +107,15 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
 
 
 def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> None:
-    """Move every parameter and buffer that is not inside a block (embeddings, norms, head)."""
+    """Move every parameter and buffer that is not inside a block (embeddings, norms, head); those
+    on ``meta`` (not loaded in an out-of-core run) stay there."""
     inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
     for module in model.modules():
         for p in list(module.parameters(recurse=False)):
-            if id(p) not in inside:
+            if id(p) not in inside and not p.is_meta:
                 p.data = p.data.to(device)
         for name, b in list(module.named_buffers(recurse=False)):
-            if id(b) not in inside:
+            if id(b) not in inside and not b.is_meta:
                 module._buffers[name] = b.to(device)
 
 
@@ -164,9 +165,12 @@ def block_output(out: Any) -> Tensor:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, transform: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
-    """Outputs of ``block`` on every captured batch (optionally transformed, e.g. to CPU)."""
-    outs = []
+def run_block(
+    block: nn.Module, inputs: BlockInputs, transform: Callable[[Tensor], Tensor] | None = None, out: list[Tensor] | None = None
+) -> list[Tensor]:
+    """Outputs of ``block`` on every captured batch (optionally transformed, e.g. to CPU), appended
+    to ``out`` (e.g. an ``offload.Offloaded`` list that moves each batch off the device at once)."""
+    outs = [] if out is None else out
     for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
         y = block_output(block(h, *a, **k))
         outs.append(transform(y) if transform else y)

@@ -203,6 +203,14 @@ def _parser() -> argparse.ArgumentParser:
         "is larger than a quarter of the free memory [auto]",
     )
     q.add_argument(
+        "--offload-activations",
+        choices=["none", "cpu", "disk"],
+        default="none",
+        help="where the calibration activations (each block's inputs and full-precision targets) wait between blocks: "
+        "none = on the compute device; cpu = host memory (pinned for a GPU); disk = files in the temporary folder "
+        "($TMPDIR), for calibration sets whose activations do not fit in memory; each batch is moved to the device when read [none]",
+    )
+    q.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted --load blocks run into the same OUT_DIR from its first block not written (same settings)",
@@ -487,7 +495,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         stream = BlockStream(checkpoint, writer.write, writer.restore if args.resume else None)
     torch.manual_seed(args.seed)
     try:
-        result = quantize(model, recipe, calibration, device=device, batch_size=args.batch_size, progress=args.progress, stream=stream)
+        result = quantize(
+            model,
+            recipe,
+            calibration,
+            device=device,
+            batch_size=args.batch_size,
+            progress=args.progress,
+            stream=stream,
+            offload_activations=args.offload_activations,
+        )
     except KeyboardInterrupt:
         if writer is not None:
             print(f"blockquant: interrupted; the finished blocks are kept in {writer.tmp}: add --resume to go on", file=sys.stderr)
@@ -781,6 +798,7 @@ LLM_ONLY = (
     "calib_continuations",
     "load",
     "resume",
+    "offload_activations",
 )
 QFT_FLAGS = ("hw", "steps", "lr_scale", "lr_weight")  # honoured when the recipe ends in qft
 

@@ -12,6 +12,7 @@ whatever the number of blocks.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
 from pathlib import Path
@@ -91,6 +92,16 @@ class LazyCheckpoint:
         for owner, leaf, _ in _slots(module, ""):
             old = getattr(owner, leaf)
             _assign(owner, leaf, torch.empty_like(old, device="meta"))
+        give_back_memory()
+
+
+def give_back_memory() -> None:
+    """Hand freed heap memory back to the system. glibc keeps what a process frees for its next
+    allocations, so without this a run that frees a block per block would still grow as if it kept them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator returns memory its own way
+        pass
 
 
 def _slots(module: nn.Module, prefix: str) -> list[tuple[nn.Module, str, str]]:
@@ -118,7 +129,8 @@ def _own_tensors(model: nn.Module) -> list[str]:
 
 def open_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, LazyCheckpoint, object]:
     """The model of a local directory with its blocks on ``meta``, the ``LazyCheckpoint`` that loads
-    them, and the tokenizer. The modules outside the blocks are loaded (in ``dtype``, on CPU)."""
+    them, and the tokenizer. The modules before the blocks (embeddings) are loaded, in ``dtype`` on
+    CPU; the final norm and the head stay on ``meta`` until ``load_outside`` reads them."""
     import transformers
     from accelerate import init_empty_weights
 
@@ -134,16 +146,29 @@ def open_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tup
         raise ValueError(f"cannot build the model in {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
     checkpoint.check_covers(model)
     arch_for(model)  # a supported family, before any tensor is read
-    load_outside(checkpoint, model)
+    load_outside(checkpoint, model, ends=False)
     return model.eval(), checkpoint, load_tokenizer(model_dir)
 
 
-def load_outside(checkpoint: LazyCheckpoint, model: nn.Module) -> None:
-    """(Re)load every module of ``model`` outside its blocks: embeddings, final norm, head."""
-    blocks = _blocks_path(model)
+def load_outside(checkpoint: LazyCheckpoint, model: nn.Module, ends: bool = True) -> None:
+    """(Re)load every module of ``model`` outside its blocks: embeddings, and with ``ends`` the final
+    norm and the head (what runs after the blocks; capturing block 0's inputs does not need them)."""
+    from blockquant.arch import arch_for
+
+    arch = arch_for(model)
     for name, child in model.named_children():
-        _outside(checkpoint, child, name, blocks, release=False)
+        _outside(checkpoint, child, name, arch.blocks, release=False)
+    if not ends:
+        for end in (arch.final_norm, arch.head):
+            if end is not None and not _tied_to_loaded(model, end):
+                LazyCheckpoint.release(model.get_submodule(end))
     model.tie_weights()
+
+
+def _tied_to_loaded(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` shares its weight with another module (a tied head): freeing it frees nothing."""
+    weight = getattr(model.get_submodule(name), "weight", None)
+    return weight is not None and any(p is weight for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(name + "."))
 
 
 def release_outside(model: nn.Module) -> None:
@@ -152,6 +177,7 @@ def release_outside(model: nn.Module) -> None:
     blocks = _blocks_path(model)
     for name, child in model.named_children():
         _outside(None, child, name, blocks, release=True)
+    give_back_memory()
 
 
 def _blocks_path(model: nn.Module) -> str:

@@ -114,7 +114,7 @@ class StreamingWriter:
             if name in packed_layers:
                 r = packed_layers[name]
                 weight = module.weight.detach().t() if isinstance(module, Conv1D) else module.weight.detach()
-                exact, _ = pack_linear(f"{prefix}.{name}", weight, r.scale, r.zero, r.g_idx, self.spec, None, torch.float32)
+                exact = _pack_rows(f"{prefix}.{name}", weight, r, self.spec, None, torch.float32)
                 restore |= {f"{name}.{k}": v for k, v in exact.state_dict().items() if v is not None}
                 tensors |= self._layer_tensors(f"{prefix}.{name}", module, weight, r)
             else:
@@ -134,7 +134,7 @@ class StreamingWriter:
         if self.fmt == DEQUANTIZED:
             out = {f"{full}.weight": _cast(module.weight, self.dtype)}
             return out | ({f"{full}.bias": bias} if bias is not None else {})
-        q, _ = pack_linear(full, weight, r.scale, r.zero, r.g_idx, self.spec, bias, self.dtype)
+        q = _pack_rows(full, weight, r, self.spec, bias, self.dtype)
         return {f"{full}.{k}": v for k, v in FORMATS[self.fmt].layer_tensors(q).items()}
 
     def _save(self, tensors: dict[str, Tensor], path: Path) -> None:
@@ -223,6 +223,22 @@ class StreamingWriter:
             shutil.rmtree(self.out)  # check_output_dir allowed it (--overwrite)
         os.replace(self.tmp, self.out)
         return self.out
+
+
+ROWS = 512  # rows packed at a time: packing makes a few full-size temporaries of what it packs
+
+
+def _pack_rows(name: str, weight: Tensor, r: LayerResult, spec: QuantSpec, bias: Tensor | None, dtype: torch.dtype) -> QuantLinear:
+    """``pack_linear`` over chunks of rows (each row's grid is its own), joined into one layer."""
+    out = weight.shape[0]
+    parts = []
+    for i in range(0, out, ROWS):
+        rows = slice(i, min(i + ROWS, out))
+        scale, zero = (r.scale, r.zero) if r.scale.shape[0] == 1 else (r.scale[rows], r.zero[rows])
+        parts.append(pack_linear(name, weight[rows], scale, zero, r.g_idx, spec, None, dtype)[0])
+    q = parts[0]
+    cat = lambda key: torch.cat([getattr(p, key) for p in parts])  # noqa: E731
+    return QuantLinear(q.in_features, out, q.bits, q.group_size, q.sym, cat("qweight"), cat("scales"), cat("zeros"), r.g_idx, bias)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
