@@ -533,11 +533,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     }
     if dist.world_size() > 1:
         record["processes"] = dist.world_size()  # the calibration samples were split over them
-    if writer is not None:
-        from blockquant.lazy import load_outside
-
-        load_outside(checkpoint, model)  # the embeddings, final norm and head, read back to be written
-        writer.finish(tokenizer, record | {"loaded": "block by block"})
+    if writer is not None:  # the embeddings, final norm and head are copied from the source, one shard at a time
+        writer.finish(tokenizer, record | {"loaded": "block by block"}, source=checkpoint)
     else:
         fmt = resolve_format(args.format, model, recipe.spec, result.layers)
         save_checkpoint(fmt, model, tokenizer, args.output, record, result, args.overwrite, export_dtype)

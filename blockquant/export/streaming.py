@@ -175,23 +175,37 @@ class StreamingWriter:
             out[f"{prefix}.{name}"] = LayerResult(q.scales.float(), zero, None if g_idx is None else g_idx.long(), error)
         return out
 
-    def finish(self, tokenizer: Any, record: dict[str, Any]) -> Path:
-        """The tensors outside the blocks, the index, config, tokenizer, record and manifest; then rename into place."""
+    def finish(self, tokenizer: Any, record: dict[str, Any], source: Any = None) -> Path:
+        """The tensors outside the blocks, the index, config, tokenizer, record and manifest; then rename
+        into place. ``source`` (a ``lazy.LazyCheckpoint``) reads the tensors outside the blocks one
+        shard at a time from the source checkpoint instead of the model (which then needs none of them)."""
         missing = [j for j in range(self.n_blocks) if str(j) not in self.progress["blocks"]]
         if missing:
             raise ValueError(f"blocks {missing[:5]} of {self.out} were never written")
         try:
-            return self._finish(tokenizer, record)
+            return self._finish(tokenizer, record, source)
         except OSError as e:
             self._fail_on_full_disk(e)
             raise
 
-    def _finish(self, tokenizer: Any, record: dict[str, Any]) -> Path:
+    def _finish(self, tokenizer: Any, record: dict[str, Any], source: Any) -> Path:
         blocks = self.arch.blocks + "."
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
-        outside = {k: _cast(t, self.dtype) for k, t in self.model.state_dict().items() if not k.startswith(blocks) and k not in tied}
-        last = self.tmp / f"model-{self.n_blocks + 1:05d}-of-{self.n_blocks + 1:05d}.safetensors"
-        self._save(outside, last)
+        state = self.model.state_dict()
+        names = [k for k in state if not k.startswith(blocks) and k not in tied]
+        groups: list[list[str]] = [[]]  # shards of at most OUTSIDE_BYTES (an embedding of its own), read and written one at a time
+        for k in names:
+            size = state[k].numel() * self.dtype.itemsize
+            if groups[-1] and sum(state[n].numel() for n in groups[-1]) * self.dtype.itemsize + size > OUTSIDE_BYTES:
+                groups.append([])
+            groups[-1].append(k)
+        total_shards = self.n_blocks + len(groups)
+        for j in range(self.n_blocks):  # the block shards were named before the count was known
+            os.replace(self.tmp / self.shard(j), self.tmp / f"model-{j + 1:05d}-of-{total_shards:05d}.safetensors")
+        for i, group in enumerate(groups):
+            tensors = {k: _cast(_read(source, k) if source is not None else state[k], self.dtype) for k in group}
+            self._save(tensors, self.tmp / f"model-{self.n_blocks + i + 1:05d}-of-{total_shards:05d}.safetensors")
+            del tensors
         weight_map, total = {}, 0
         for path in sorted(self.tmp.glob("model-*.safetensors")):
             with open(path, "rb") as f:
@@ -223,6 +237,17 @@ class StreamingWriter:
             shutil.rmtree(self.out)  # check_output_dir allowed it (--overwrite)
         os.replace(self.tmp, self.out)
         return self.out
+
+
+OUTSIDE_BYTES = 256 * 2**20  # the shards of the tensors outside the blocks: at most this much, or one tensor each
+
+
+def _read(source: Any, name: str) -> Tensor:
+    """One tensor of the source checkpoint (``lazy.LazyCheckpoint``), as stored."""
+    from safetensors import safe_open
+
+    with safe_open(str(source.where[name]), framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
 
 
 ROWS = 512  # rows packed at a time: packing makes a few full-size temporaries of what it packs
