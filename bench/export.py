@@ -12,8 +12,12 @@ tokens/s (batch 1, bf16 activations) compare the bf16 subject with the packed W4
 a fresh process. The scales are rounded to bf16 before any code is computed
 (``QuantSpec(scale_dtype="bfloat16")``), so the in-memory model and the export are the same
 weights. With a CUDA device, ``bench/w4a16.py`` adds the Triton kernel's batch-1 bandwidth and
-speed-up (else one "skipped: no CUDA device" line). Writes ``bench/results/export.md``; the
-llama-code part skips cleanly without ``../shared``.
+speed-up (else one "skipped: no CUDA device" line). Writes ``bench/results/export.md``, replaced
+on every run; the llama-code part skips cleanly without ``../shared``.
+
+W4 g128 is the command line's default grid (symmetric), which plain
+``AutoModelForCausalLM.from_pretrained`` loads; W3 g128 is asymmetric, which transformers loads
+with ``CompressedTensorsConfig(dequantize=True)`` (docs/formats.md).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -85,9 +90,9 @@ def quantize_and_export(name: str, out: str, recipe: str, nsamples: int, max_win
 
 
 def client_perplexity(out: str, sym: bool, max_windows: int) -> dict:
-    """transformers + compressed-tensors only. Asymmetric checkpoints need dequantize=True:
-    transformers 5.23 + compressed-tensors 0.20 refuse any asymmetric pack-quantized checkpoint
-    in compressed mode (they expect an unpacked zero point)."""
+    """transformers + compressed-tensors only. Asymmetric checkpoints need dequantize=True: in
+    compressed mode transformers allocates the zero points unpacked and refuses the packed ones."""
+    import compressed_tensors
     import torch
     import transformers
 
@@ -100,7 +105,8 @@ def client_perplexity(out: str, sym: bool, max_windows: int) -> dict:
     ppl = _perplexity_plain(model, ids, 512, max_windows)
     if any(m == "blockquant" or m.startswith("blockquant.") for m in sys.modules):
         raise RuntimeError("the client process imported blockquant")
-    return {"client_ppl": ppl, "client_load_s": load_s}
+    versions = f"transformers {transformers.__version__} + compressed-tensors {compressed_tensors.__version__}"
+    return {"client_ppl": ppl, "client_load_s": load_s, "client_versions": versions}
 
 
 def measure(kind: str, path: str, threads: int) -> dict:
@@ -114,6 +120,7 @@ def measure(kind: str, path: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    load_avg = os.getloadavg()[0]  # the machine's 1-minute load: other jobs slow the speeds below
     # warm up the code paths a load touches (lazy imports, allocator) so the RSS delta is the model
     tiny = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
     transformers.LlamaForCausalLM(tiny)(torch.arange(8)[None])
@@ -148,6 +155,7 @@ def measure(kind: str, path: str, threads: int) -> dict:
         "tensor_mb": tensor_mb,
         "decode_tok_s": decode,
         "prefill_tok_s": prefill,
+        "load_avg": load_avg,
     }
 
 
@@ -299,9 +307,10 @@ def report(rows: list[dict], speed: dict, kernel: dict, args: argparse.Namespace
             f"Subject `llama-code`; recipe `{args.recipe}`, {args.nsamples} calibration windows of 512; perplexity on the first "
             f"{args.max_windows} of 501 eval windows (512 tokens), fp32 compute everywhere. Export: compressed-tensors "
             "pack-quantized, scales and unquantized tensors in bf16 (the subject's dtype). *fake-quant*: blockquant's model in "
-            "memory right after `quantize()`; *packed*: `blockquant.load` of the export; *client*: transformers 5.23 + "
-            "compressed-tensors in a process that never imports blockquant (asym with `CompressedTensorsConfig(dequantize=True)`, "
-            "which rounds the dequantized weights to bf16, hence its small gap to *packed*; see below). The grids are bf16 from "
+            f"memory right after `quantize()`; *packed*: `blockquant.load` of the export; *client*: {rows[0]['client_versions']} "
+            "in a process that never imports blockquant: plain `from_pretrained` for sym (the default grid), "
+            "`CompressedTensorsConfig(dequantize=True)` for asym, which rounds the dequantized weights to bf16, hence its small "
+            "gap to *packed* (see below). The grids are bf16 from "
             "the start (`QuantSpec(scale_dtype='bfloat16')`: every scale is rounded to bf16 before its codes are computed), so "
             "*packed* is the fake-quant model bit for bit: *weights equal* = every quantized layer's reloaded weight is "
             "`torch.equal` to the in-memory one (and how many weights storing the scales in bf16 moved: 0).",
@@ -324,8 +333,9 @@ def report(rows: list[dict], speed: dict, kernel: dict, args: argparse.Namespace
                 ["scheme", "quantized layers bf16 (MiB)", "packed (MiB)", "ratio", "export files (MiB)", "bf16 subject file (MiB)"],
                 size_rows,
             ),
-            f"Load time, memory and speed, each in a fresh process ({args.threads} torch thread(s); the 2-core machine may be "
-            "shared with other jobs, so speeds are indicative): *RSS load* = resident memory the load added (after a warm-up "
+            f"Load time, memory and speed, each in a fresh process ({args.threads} torch thread(s); the machine may be "
+            f"shared with other jobs, so speeds are indicative: 1-minute load average {s['bf16']['load_avg']:.1f} and "
+            f"{s['packed']['load_avg']:.1f} when the two runs started, on {os.cpu_count()} cores): *RSS load* = resident memory the load added (after a warm-up "
             "that pays lazy imports; transformers maps the bf16 file lazily, so little of it is resident yet); *RSS used* = the "
             "same after one 64-token forward has touched every weight; *peak* = rise of the process's peak RSS during the load; *tensors* = bytes of all "
             "parameters and buffers; *decode* = greedy generation of 64 tokens after a 64-token prompt, batch 1, KV cache; "
@@ -346,9 +356,9 @@ def report(rows: list[dict], speed: dict, kernel: dict, args: argparse.Namespace
             ),
             "Checks:\n" + "\n".join(checks),
             w4a16.report(kernel),
-            "Client note: in compressed mode, transformers 5.23 + compressed-tensors 0.20 reject every asymmetric pack-quantized checkpoint "
-            "(checkpoints written by compressed-tensors' own `ModelCompressor` included: they size `weight_zero_point` unpacked); "
-            "`dequantize=True` loads them.",
+            f"Client note: in compressed mode, {rows[0]['client_versions']} refuse every asymmetric pack-quantized checkpoint "
+            "(those compressed-tensors' own `ModelCompressor` writes included: they size `weight_zero_point` unpacked); "
+            "`dequantize=True` loads them (docs/formats.md).",
         ]
     )
 
