@@ -469,7 +469,7 @@ def checks(rows: list[dict], footprint: float) -> list[str]:
         bound = 0.25 * r["checkpoint_bytes"] / 2**20 + footprint
         over = r["peak_rss_mb"] - bound
         verdict = "met" if over <= 0 else f"NOT met (over by {over:.0f} MiB)"
-        partial = f" ({r['status']}: the peak of those blocks)" if r.get("status", "ok") != "ok" else ""
+        partial = f" ({r['status']}: the peak until then)" if r.get("status", "ok") != "ok" else ""
         out.append(
             f"- {r['layers']} layers, {r['method']}, {r['dtype']}{partial}: peak RSS {r['peak_rss_mb']:.0f} MiB against 25 % of the "
             f"{r['checkpoint_bytes'] / 2**20:.0f} MiB checkpoint + the {footprint:.0f} MiB import footprint = {bound:.0f} MiB — "
@@ -484,7 +484,7 @@ def checks(rows: list[dict], footprint: float) -> list[str]:
             out.append(
                 f"- {method}, {dtype}: 24 layers peak at {peak:.0f} MiB, 6 layers at {low:.0f} MiB: ratio {peak / low:.3f} "
                 f"against ≤ 1.1 — {'met' if peak <= 1.1 * low else 'NOT met'}"
-                + (" (runs stopped at the cap: over the blocks each finished)." if partial else ".")
+                + (" (a run stopped before its end: the peaks until then)." if partial else ".")
             )
     return out
 
