@@ -100,7 +100,7 @@ def _stop_on_rank_1(rank: int) -> dict:
         def fail(*_a, **_k):
             raise ValueError("this process stops here")
 
-        gptq.gptq_quantize = fail
+        gptq.gptq_quantize_group = fail
     start = time.perf_counter()
     try:
         _run("gptq")

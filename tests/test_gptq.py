@@ -308,3 +308,30 @@ def test_auto_clip_search_keeps_the_lower_output_error(seed, bits, group):
     assert (errors[True] < errors[False]) == (bits < 4)  # the cases above cover both winners
     with pytest.raises(ValueError, match="clip_search"):
         GPTQOptions(clip_search="sometimes")
+
+
+@pytest.mark.parametrize("elements", [1 << 22, 700, 64], ids=["one-sweep", "chunks", "row-pieces"])
+@pytest.mark.parametrize(
+    "spec, opts",
+    [
+        (QuantSpec(bits=3, group_size=16), {}),
+        (QuantSpec(bits=4, group_size=16, sym=False), {"act_order": True, "static_groups": False, "clip_search": "auto"}),
+        (QuantSpec(bits=4, group_size=-1), {"clip_search": True}),
+        (QuantSpec(bits=4, group_size=-1, per_tensor=True), {"act_order": False}),
+    ],
+    ids=["static-auto", "act-order-groups", "channel-clip", "tensor"],
+)
+def test_weights_sharing_an_input_quantize_as_they_do_alone(monkeypatch, elements, spec, opts):
+    """q/k/v (or gate/up) are swept together, in chunks of rows: each weight as if quantized alone."""
+    from blockquant.methods import gptq
+
+    g = torch.Generator().manual_seed(7)
+    ws = [torch.randn(rows, 48, generator=g) for rows in (24, 8, 8)]
+    h = correlated_hessian(48, seed=3)
+    options = GPTQOptions(**opts)
+    alone = [gptq_quantize(w, h, spec, options) for w in ws]
+    monkeypatch.setattr(gptq, "SWEEP_ELEMENTS", elements)
+    together = gptq.gptq_quantize_group(ws, h, spec, options)
+    for a, b in zip(alone, together, strict=True):
+        for x, y in zip(a, b[:4], strict=True):
+            assert (x is None and y is None) or torch.allclose(x.float(), y.float(), atol=1e-6, rtol=0)

@@ -54,8 +54,15 @@ def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:
     raise ValueError("GPTQ: the Hessian is not positive definite even with 10⁵× damping")
 
 
-def _params(w: Tensor, spec: QuantSpec, clip: bool, col_weight: Tensor) -> tuple[Tensor, Tensor]:
-    return clip_search(w, spec, col_weight) if clip else compute_qparams(w, spec)
+def _params(w: Tensor, spec: QuantSpec, rows: list[tuple[int, int, bool]], col_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale and zero of ``w``'s groups, each run of rows ``(start, stop, clip)`` with its own range choice."""
+    parts = [clip_search(w[a:b], spec, col_weight) if clip else compute_qparams(w[a:b], spec) for a, b, clip in rows]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# Rows swept at once: stacking bounds the Python loop over columns; the cap bounds the memory
+# (the sweep holds about four fp32 copies of its rows).
+SWEEP_ELEMENTS = 1 << 22
 
 
 @torch.no_grad()
@@ -65,30 +72,101 @@ def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, opts: GPTQOptions | Non
     ``g_idx`` maps each input column to its group; it is None unless act-order without
     static groups made groups of permuted columns.
     """
+    return gptq_quantize_group([w], h, spec, opts)[0][:4]
+
+
+@torch.no_grad()
+def gptq_quantize_group(
+    ws: list[Tensor], h: Tensor, spec: QuantSpec, opts: GPTQOptions | None = None
+) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None, bool]]:
+    """GPTQ of weights that read the same inputs (q/k/v; gate/up) against their shared ``H``;
+    per weight (ŵ, scale, zero, g_idx, whether the range search was used).
+
+    The error feedback acts on each row alone, through the ``H⁻¹`` every row of the group shares.
+    So the rows of all the weights, and under ``clip_search="auto"`` both range choices, are
+    stacked and swept over the columns together: the arithmetic of one weight at a time, with
+    one Python loop for them all instead of one per weight and choice. A per-tensor grid has one
+    scale for all of a weight's rows: its weights are swept one at a time.
+    """
     opts = opts or GPTQOptions()
-    if opts.clip_search == "auto":  # both grids through the whole error feedback; keep the lower tr(ΔW H ΔWᵀ)
-        tries = [gptq_quantize(w, h, spec, dataclasses.replace(opts, clip_search=c)) for c in (True, False)]
-        return min(tries, key=lambda t: float(relative_error(w, t[0], h)))
-    out_f, cols = w.shape
-    W, H = w.clone().float(), h.clone().float()
+    clips = (True, False) if opts.clip_search == "auto" else (bool(opts.clip_search),)
+    ws = [w.float() for w in ws]
+    candidates = [(i, clip) for i in range(len(ws)) for clip in clips]  # auto: both through the whole error feedback
+    cols = ws[0].shape[1]
+    step = max(1, SWEEP_ELEMENTS // cols)
+    pieces = [(i, clip, a, min(a + step, len(ws[i]))) for i, clip in candidates for a in range(0, len(ws[i]), step)]
+    if spec.per_tensor:
+        pieces = [(i, clip, 0, len(ws[i])) for i, clip in candidates]
+        chunks = [[p] for p in pieces]
+    else:  # consecutive pieces, up to SWEEP_ELEMENTS per sweep
+        chunks, rows = [[]], 0
+        for p in pieces:
+            if rows and rows + p[3] - p[2] > step:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(p)
+            rows += p[3] - p[2]
+    hinv, perm, dead, diag_h = _prepare(h, opts)
+    parts: dict[tuple[int, bool], list[tuple[Tensor, Tensor, Tensor]]] = {c: [] for c in candidates}
+    g_idx = None
+    for chunk in chunks:
+        w = torch.cat([ws[i][a:b] for i, _, a, b in chunk])
+        runs, at = [], 0
+        for _, clip, a, b in chunk:
+            runs.append((at, at + b - a, clip))
+            at += b - a
+        w_hat, scale, zero, g_idx = _sweep(w, hinv, perm, dead, diag_h, spec, opts, runs)
+        for (i, clip, _, _), (a, b, _) in zip(chunk, runs):
+            parts[(i, clip)].append((w_hat[a:b], scale[a:b] if not spec.per_tensor else scale, zero[a:b] if not spec.per_tensor else zero))
+    out = []
+    for i, w in enumerate(ws):
+        best = None
+        for clip in clips:  # the lower tr(ΔW H ΔWᵀ) wins; the search on a tie
+            w_hat, scale, zero = (torch.cat([p[k] for p in parts[(i, clip)]]) for k in range(3))
+            err = float(relative_error(w, w_hat, h)) if len(clips) > 1 else 0.0
+            if best is None or err < best[0]:
+                best = (err, w_hat, scale, zero, clip)
+        out.append((best[1], best[2], best[3], g_idx, best[4]))
+    return out
+
+
+def _prepare(h: Tensor, opts: GPTQOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What every row's sweep shares: the upper Cholesky factor of the permuted (H + λI)⁻¹, the
+    column order, the never-excited columns and diag(H) (unpermuted)."""
+    H = h.clone().float()
     dead = torch.diag(H) == 0  # columns never excited: any value is free, zero it
     H[dead, dead] = 1
-    W[:, dead] = 0
     diag_h = torch.diag(H).clone()
+    perm = torch.argsort(diag_h, descending=True) if opts.act_order else torch.arange(H.shape[0])
+    return _inverse_cholesky(H[perm][:, perm], opts.damp), perm, dead, diag_h
+
+
+def _sweep(
+    w: Tensor,
+    hinv: Tensor,
+    perm: Tensor,
+    dead: Tensor,
+    diag_h: Tensor,
+    spec: QuantSpec,
+    opts: GPTQOptions,
+    runs: list[tuple[int, int, bool]],
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """GPTQ's column sweep (Alg. 1) over the rows of ``w``; ``runs``: row ranges and their range choice."""
+    out_f, cols = w.shape
+    W = w.clone()
+    W[:, dead] = 0
 
     width = group_width(spec, cols)
     grouped = not spec.per_tensor and spec.group_size != -1
     slice_spec = dataclasses.replace(spec, group_size=-1)  # params of one column slice
     upfront = not grouped or opts.static_groups
     if upfront:  # per-tensor / per-channel, or static groups: from the unpermuted weight
-        scale, zero = _params(W, spec, opts.clip_search, diag_h)
+        scale, zero = _params(W, spec, runs, diag_h)
     else:
         scale = W.new_zeros(out_f, n_groups(spec, cols))
         zero = W.new_zeros(out_f, n_groups(spec, cols))
 
-    perm = torch.argsort(diag_h, descending=True) if opts.act_order else torch.arange(cols)
-    W, H, diag_h = W[:, perm], H[perm][:, perm], diag_h[perm]
-    hinv = _inverse_cholesky(H, opts.damp)
+    W, diag_h = W[:, perm], diag_h[perm]
     group_of = torch.zeros(cols, dtype=torch.long)
 
     bs = opts.block_size if not grouped else max(1, opts.block_size // width) * width
@@ -106,7 +184,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, opts: GPTQOptions | Non
             else:
                 j = c // width
                 if c % width == 0:  # groups start at lazy-block starts, so W1 is up to date
-                    s, z = _params(W1[:, i : i + width], slice_spec, opts.clip_search, diag_h[c : c + width])
+                    s, z = _params(W1[:, i : i + width], slice_spec, runs, diag_h[c : c + width])
                     scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
             group_of[orig] = j
             # 2. quantize the column and spread its scaled error over the columns to its right
@@ -133,10 +211,9 @@ def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: GPTQOption
         hessians = collect_hessians(block, ctx.inputs, {g.linears[0]: ctx.linear(block, g.linears[0]) for g in stage})
         for group in stage:
             h = hessians[group.linears[0]]
-            for name in group.linears:
-                layer = ctx.linear(block, name)
-                w = weight_matrix(layer)
-                w_hat, scale, zero, g_idx = gptq_quantize(w, h, spec, opts)
+            layers = [ctx.linear(block, name) for name in group.linears]
+            ws = [weight_matrix(layer) for layer in layers]
+            for name, layer, w, (w_hat, scale, zero, g_idx, _) in zip(group.linears, layers, ws, gptq_quantize_group(ws, h, spec, opts)):
                 set_weight_matrix(layer, w_hat)
                 results[name] = LayerResult(scale.cpu(), zero.cpu(), g_idx, relative_error(w, w_hat, h))
     return results
@@ -145,12 +222,6 @@ def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: GPTQOption
 def apply_conv(layer: nn.Module, x: Tensor, y: Tensor, attention: Tensor | None, spec: QuantSpec, opts: GPTQOptions, seed: int = 0):
     """GPTQ on the im2col rows of one layer of a convolution network: ``H = 2/N Σ x xᵀ`` over (sampled) output positions."""
     stats = layer_stats(layer, x, seed=seed)
-    h, w = 2 * stats.gram, weight_matrix(layer)
-    tries = [True, False] if opts.clip_search == "auto" else [bool(opts.clip_search)]
-    best = None
-    for clip in tries:  # "auto": whichever range choice gives the lower calibration output error
-        w_hat, scale, zero, _ = gptq_quantize(w, h, spec, dataclasses.replace(opts, clip_search=clip))
-        err = relative_error(w, w_hat, h)
-        if best is None or err < best[0]:
-            best = (err, w_hat, scale, zero, clip)
-    return best[1], best[2], best[3], None, {"positions": stats.rows, "of_positions": stats.total, "clip_search": best[4]}
+    h = 2 * stats.gram
+    w_hat, scale, zero, _, clip = gptq_quantize_group([weight_matrix(layer)], h, spec, opts)[0]  # "auto": the lower output error
+    return w_hat, scale, zero, None, {"positions": stats.rows, "of_positions": stats.total, "clip_search": clip}
