@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ from blockquant.report import BlockReport, QuantResult
 from blockquant.spec import SCALE_DTYPES
 
 log = logging.getLogger(__name__)
+
+# Block errors are reported on this many calibration samples when no step trains against the
+# full-precision stream: that stream then serves the report alone, and this bounds its cost.
+REPORT_SAMPLES = 16
 
 
 def calibration_batches(calibration: Tensor | list[Tensor], batch_size: int, encoder: bool) -> list[dict[str, Tensor]]:
@@ -175,9 +180,7 @@ def _images(calibration: Any) -> Tensor:
     concatenated along N), finite."""
     samples = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration]
     if not samples or not all(isinstance(x, Tensor) and x.is_floating_point() and x.ndim >= 3 for x in samples):
-        raise TypeError(
-            "a convolution network's calibration must be images: a float tensor (N, C, *spatial) or a non-empty list of them"
-        )
+        raise TypeError("a convolution network's calibration must be images: a float tensor (N, C, *spatial) or a non-empty list of them")
     if len({tuple(x.shape[1:]) for x in samples}) > 1:
         raise ValueError(f"calibration images must share channels and size to form one batch, got {[tuple(x.shape) for x in samples]}")
     images = torch.cat(samples).float() if len(samples) > 1 else samples[0].float()
@@ -213,6 +216,17 @@ def needs_whole_model(recipe: Recipe) -> str | None:
         if getattr(step.options, "objective", "block") != "block":
             return f"{step.method} objective {step.options.objective}"
     return None
+
+
+def check_data_free(recipe: Recipe) -> None:
+    """Refuse a run without calibration for a recipe that needs calibration data."""
+    needs = [s.method for s in recipe.steps if not (METHODS[s.method].data_free and METHODS[s.method].data_free(s.options))]
+    if recipe.act is not None:
+        needs.append("static or dynamic activation quantization")
+    if needs:
+        raise ValueError(
+            f"{', '.join(needs)} need(s) calibration data (--calib FILE); only rtn without the input-weighted clip search runs without"
+        )
 
 
 def check_mapping(model: nn.Module, recipe: Recipe) -> ArchSpec:
@@ -272,7 +286,7 @@ def with_scale_dtype(recipe: Recipe, dtype: torch.dtype) -> Recipe:
 def quantize(
     model: nn.Module,
     recipe: Recipe,
-    calibration: Tensor | list[Tensor],
+    calibration: Tensor | list[Tensor] | None,
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 8,
@@ -287,6 +301,8 @@ def quantize(
     - A transformer of ``arch.ARCHITECTURES`` (causal LM or encoder): ``calibration`` is token ids
       ``(N, T)`` or a list of 1-D samples of varying length (see ``calibration_batches``), and the
       blocks are quantized one after another (``_quantize_blocks``), ``batch_size`` sequences a call.
+      ``calibration`` None: a recipe that needs no data (RTN without the input-weighted search)
+      quantizes each block's weights alone, without running the model.
     - A convolution network (a MONAI U-Net, any network with Conv / ConvTranspose layers):
       ``calibration`` is images ``(N, C, *spatial)`` or a list of them, and every layer is quantized
       in forward order (``layerwise.quantize_layers``). ``ends_bits``: bits of the layers that read
@@ -313,8 +329,15 @@ def quantize(
     if conv:
         if stream is not None:
             raise ValueError("out-of-core runs read transformer blocks one at a time; a convolution network is loaded whole")
+        if calibration is None:
+            raise ValueError(
+                "a convolution network is quantized layer by layer from calibration images: give at least one (N, C, *spatial) tensor"
+            )
         images = _images(calibration)
         layerwise.check_recipe(recipe)
+    elif calibration is None:
+        check_mapping(model, recipe)
+        check_data_free(recipe)
     else:
         check_mapping(model, recipe)  # an unsupported model is named before its calibration is checked
         _check_token_ids(model, calibration)
@@ -345,6 +368,8 @@ def quantize(
             layerwise.quantize_layers(model, recipe, images.to(device), result, ends_bits, seed, progress)
         finally:
             model.to(home)
+    elif calibration is None:
+        _quantize_weights_only(model, recipe, device, progress, result, stream)
     else:
         _quantize_blocks(model, recipe, calibration, device, batch_size, progress, result, stream, offload_activations)
     result.activations = activations.record(model, recipe.act)
@@ -383,6 +408,7 @@ def _quantize_blocks(
     blocks = get_blocks(model, arch)
     block_steps, window_steps, model_steps, k, stride = _window_shape(recipe, len(blocks))
     batches = calibration_batches(calibration, batch_size, arch.kind == "encoder")
+    sizes = [b["input_ids"].shape[0] for b in batches]  # samples of every batch of the run
     split = None
     if dist.world_size() > 1:  # each process holds its part of every batch
         batches, split = shard_batches(batches)
@@ -393,7 +419,20 @@ def _quantize_blocks(
 
     def run(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:  # a stream's next hidden states, kept where the others are
         return run_block(block, inputs, out=offload([], offload_activations, device))
-    q_stream = inputs0 = fp_stream
+
+    q_stream = fp_stream
+    inputs0 = fp_stream if model_steps else None  # QFT trains from block 0's inputs; nothing else reads them again
+    reported = None  # the batches the block errors are measured on; None: all of them
+    if not window_steps and not model_steps:  # the FP stream serves the report alone: follow a few samples only
+        n = next((i + 1 for i in range(len(sizes)) if sum(sizes[: i + 1]) >= REPORT_SAMPLES), len(sizes))
+        if n < len(sizes):
+            reported = list(range(n))
+            fp_stream = fp_stream.subset(reported)
+            result.error_samples = sum(sizes[:n])
+
+    def measured(s: BlockInputs) -> BlockInputs:  # the part of the quantized stream the report compares
+        return s if reported is None else s.subset(reported)
+
     fp_copies: dict[int, nn.Module] = {}  # full-precision copies of the blocks in the window
     homes: dict[int, torch.device] = {}
     t_block: dict[int, float] = {}
@@ -461,7 +500,9 @@ def _quantize_blocks(
         for j in range(first, first + advance):
             q_out = run(blocks[j], q_stream)
             _check_finite_outputs(blocks[j], q_stream, q_out, f"block {j} (quantized)")
-            report = BlockReport(j, _relative_mse(q_stream.hidden, fp_stream.hidden), _relative_mse(q_out, fp_outs[j]), t_block.pop(j))
+            error_in = _relative_mse(measured(q_stream).hidden, fp_stream.hidden)
+            error_out = _relative_mse(measured(q_stream.with_hidden(q_out)).hidden, fp_outs[j])
+            report = BlockReport(j, error_in, error_out, t_block.pop(j))
             result.blocks.append(report)
             if stream is not None:
                 if stream.write is not None and j not in done:
@@ -490,3 +531,41 @@ def _quantize_blocks(
         result.model_steps[step.method] = mctx.notes
     if use_cache:
         model.config.use_cache = use_cache
+
+
+def _quantize_weights_only(
+    model: nn.Module, recipe: Recipe, device: torch.device, progress: bool, result: QuantResult, stream: BlockStream | None
+) -> None:
+    """A recipe that needs no calibration (``check_data_free``): each block's weights are quantized
+    alone, the model never runs. Out of core, each block is read, quantized, written and released."""
+    arch = arch_for(model)
+    blocks = get_blocks(model, arch)
+    if stream is not None:
+        release_outside(model)
+    bar = tqdm(total=len(blocks), desc=f"{recipe.name} {recipe.describe()}", unit="block", disable=not progress)
+    for j, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        home = next(block.parameters()).device
+        if stream is not None:
+            stream.checkpoint.load(block, f"{arch.blocks}.{j}", device)
+            check_finite_weights(block, f"{arch.blocks}.{j}")
+        block.to(device)
+        block_linears(block, arch)  # checks that the table covers every linear
+        restored = stream.restore(j, block) if stream is not None and stream.restore is not None else None
+        if restored is not None:
+            result.layers.update(restored)
+        for step in recipe.steps if restored is None else []:
+            ctx = BlockContext(j, None, arch.groups, device, None, step is recipe.steps[-1])
+            with result.timing(step.method):
+                layer_results = METHODS[step.method].block(block, ctx, recipe.spec, step.options)
+            result.layers.update({f"{arch.blocks}.{j}.{n}": r for n, r in layer_results.items()})
+        if stream is not None:
+            if stream.write is not None and restored is None:
+                stream.write(j, block, {n: r for n, r in result.layers.items() if n.startswith(f"{arch.blocks}.{j}.")})
+            stream.checkpoint.release(block)
+        else:
+            block.to(home)
+        result.blocks.append(BlockReport(j, math.nan, math.nan, time.perf_counter() - t0))
+        bar.update(1)
+        log.info("block %d: %.1fs (no calibration: errors not measured)", j, result.blocks[-1].seconds)
+    bar.close()

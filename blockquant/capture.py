@@ -182,7 +182,7 @@ class BlockContext:
     """What a method sees of one block: its captured (quantized-stream) inputs and device."""
 
     index: int
-    inputs: BlockInputs
+    inputs: BlockInputs | None  # None: a run without calibration (methods whose data_free says they need none)
     groups: tuple[LinearGroup, ...]  # from the architecture table, in execution order
     device: torch.device
     act: ActSpec | None = None  # the recipe's activation quantization (attached after the per-block steps)

@@ -185,7 +185,9 @@ def _parser() -> argparse.ArgumentParser:
         help="smoothquant: fold s only where a norm / linear feeds the group exactly, or also divide the other inputs by s "
         "in their activation quantizer (post-norm BERT; --format dequantized only) [exact]",
     )
-    q.add_argument("--calib", metavar="FILE", help="calibration text file (UTF-8)")
+    q.add_argument(
+        "--calib", metavar="FILE", help="calibration text file (UTF-8); optional for rtn, which then quantizes the weights alone, unmeasured"
+    )
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows [128]")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window [512]")
     q.add_argument("--calib-paragraphs", action="store_true", help=PARAGRAPHS_HELP)
@@ -411,7 +413,7 @@ def _check_device(name: str) -> torch.device:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from blockquant.api import quantize, with_scale_dtype
+    from blockquant.api import check_data_free, quantize, with_scale_dtype
     from blockquant.arch import arch_for
     from blockquant.export import export_problem, resolve_format, save_checkpoint, stored_dtype
     from blockquant.files import (
@@ -446,12 +448,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         raise ValueError(QUANTIZER_FOLD_PACKED)  # before the work, not after
     if not args.calib:
-        raise ValueError("--calib FILE is required: a text file to calibrate on")
+        check_data_free(recipe)  # RTN alone runs without calibration; every other recipe is refused here
+        if args.calib_paragraphs or args.calib_generate is not None:
+            raise ValueError("--calib-paragraphs and --calib-generate shape the calibration: they need --calib FILE")
     if not args.output:
         raise ValueError("--output OUT_DIR is required: where to write the quantized model")
     _check_sizes(args.seqlen, args.batch_size, args.nsamples)
-    check_output_dir(args.output, args.overwrite, inputs=(args.model_dir, args.calib))
-    read_text(args.calib, "calibration")  # fail before a long model load
+    check_output_dir(args.output, args.overwrite, inputs=(args.model_dir, args.calib) if args.calib else (args.model_dir,))
+    if args.calib:
+        read_text(args.calib, "calibration")  # fail before a long model load
     _check_generate(args, model_class_name(args.model_dir))
     blocks = _loads_blocks(args, recipe)
     if blocks and dist.world_size() > 1:
@@ -468,11 +473,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     export_dtype = stored_dtype(args.model_dir)  # the checkpoint's dtype: scales are rounded to it before any code is computed
     recipe = with_scale_dtype(recipe, export_dtype or DTYPES[args.dtype])
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and args.seqlen > limit:
+    if args.calib and limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
-    warn_calibration_length(args.model_dir, args.seqlen)
+    if args.calib:
+        warn_calibration_length(args.model_dir, args.seqlen)
     encoder = arch_for(model).kind == "encoder"
-    calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, encoder, args.calib_paragraphs)
+    calibration = None  # RTN without --calib: the weights alone
+    if args.calib:
+        calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, encoder, args.calib_paragraphs)
     if args.calib_generate is not None:
         calibration = generate_calibration(
             model, calibration, args.calib_generate, args.seed, device, progress=args.progress, continuations=args.calib_continuations
@@ -487,7 +495,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         fmt = resolve_format(args.format, model, recipe.spec)
         if fmt != "dequantized" and _act_order_groups(recipe):
             fmt = resolve_format(args.format or "dequantized", model, recipe.spec)  # packed formats cannot hold act-order g_idx
-        setup = {"source": str(Path(args.model_dir).resolve()), "recipe": recipe.to_dict(), "calib": str(Path(args.calib).resolve())}
+        calib = str(Path(args.calib).resolve()) if args.calib else None
+        setup = {"source": str(Path(args.model_dir).resolve()), "recipe": recipe.to_dict(), "calib": calib}
         setup |= {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "method": recipe.name}
         writer = StreamingWriter(
             args.output, fmt, model, recipe.spec, export_dtype or DTYPES[args.dtype], setup, resume=args.resume, overwrite=args.overwrite
@@ -519,7 +528,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     record = result.record() | {
         "source": str(Path(args.model_dir).resolve()),  # absolute: the record outlives the cwd
-        "calibration": {
+        "calibration": None
+        if calibration is None
+        else {
             "file": str(Path(args.calib).resolve()),
             "nsamples": len(calibration),
             "seqlen": args.seqlen,
@@ -546,6 +557,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     else:
         detail = f"last-block relative output error {result.blocks[-1].output_error:.3e}" if result.blocks else "no block quantized"
+        if calibration is None:
+            detail = "no calibration (errors not measured)"
     cuda = "" if result.peak_cuda_mb is None else f", peak CUDA {result.peak_cuda_mb:.0f} MB"
     if recipe.act is not None:
         log.warning(

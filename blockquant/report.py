@@ -17,9 +17,12 @@ from blockquant.recipe import Recipe
 @dataclass
 class BlockReport:
     index: int
-    input_error: float  # relative MSE of the quantized stream vs the FP stream entering the block
+    input_error: float  # relative MSE of the quantized stream vs the FP stream entering the block (NaN: no calibration)
     output_error: float  # the same at the block's output, after quantizing it
     seconds: float
+
+    def record(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in vars(self).items()}
 
 
 @dataclass
@@ -38,6 +41,7 @@ class QuantResult:
     activations: dict | None = None  # the activation scheme and each static range (activations.record)
     model_steps: dict[str, dict] = field(default_factory=dict)  # what each whole-model step (qft) reports
     step_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> wall and CPU seconds, summed over blocks
+    error_samples: int | None = None  # calibration samples the block errors were measured on (None: every one, or no calibration)
 
     @contextmanager
     def timing(self, method: str) -> Iterator[None]:
@@ -66,7 +70,8 @@ class QuantResult:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "peak_cuda_mb": None if self.peak_cuda_mb is None else round(self.peak_cuda_mb, 1),
             "step_seconds": {m: {k: round(v, 2) for k, v in t.items()} for m, t in self.step_seconds.items()},
-            "blocks": [vars(b) for b in self.blocks],
+            "blocks": [b.record() for b in self.blocks],
+            "block_errors_on_samples": self.error_samples,
             "layers": {n: _layer_record(r) for n, r in self.layers.items()},
             **self.model_steps,  # e.g. "qft": its training record (block and layer errors above are from before it)
         }

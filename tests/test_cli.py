@@ -766,3 +766,21 @@ def test_a_log_file_gets_plain_lines_not_progress_bars(llama_dir, calib_file, tm
     assert "\r" not in err and "\x1b[" not in err, err[:500]  # no progress bar redraws
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any(m.startswith("block 0: error in") for m in lines) and any(m.startswith("block 1: error in") for m in lines)
+
+
+def test_rtn_without_calib_quantizes_the_weights_alone(llama_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "rtn"
+    args = ["quantize", str(llama_dir), "--recipe", "rtn", "--output", str(out), "--wbits", "4", "--group-size", "32", "--quiet"]
+    assert main(args) == 0
+    assert "no calibration" in capsys.readouterr().out
+    record = json.loads((out / "blockquant.json").read_text())
+    assert record["calibration"] is None and record["blocks"][0]["output_error"] is None
+    assert main(quantize_args(llama_dir, calib_file, tmp_path / "calibrated", "--recipe", "rtn")) == 0
+    capsys.readouterr()
+    from blockquant.export.shards import read_tensors
+
+    a, b = read_tensors(out), read_tensors(tmp_path / "calibrated")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # the calibration only measured the errors
+    gptq = ["quantize", str(llama_dir), "--recipe", "gptq", "--output", str(tmp_path / "g"), "--quiet"]
+    assert_usage_error(capsys, main(gptq), "gptq need(s) calibration data (--calib FILE)")
+    assert not (tmp_path / "g").exists()

@@ -79,3 +79,35 @@ def test_a_group_wider_than_the_layer_is_one_group_per_row():
 def test_an_unsupported_model_is_named():
     with pytest.raises(ValueError, match="unsupported architecture Sequential"):
         quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)), Recipe(QuantSpec(4, -1), [make_step("rtn")]), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_rtn_runs_without_calibration_and_gives_the_calibrated_weights(make_tiny, calib_ids):
+    spec = QuantSpec(bits=4, group_size=32)
+    with_data, without = make_tiny("llama"), make_tiny("llama")
+    quantize(with_data, parse_recipe("rtn", spec), calib_ids, progress=False)
+    result = quantize(without, parse_recipe("rtn", spec), None, progress=False)
+    a, b = with_data.state_dict(), without.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # RTN's grid reads the weights alone
+    record = result.record()
+    assert len(record["blocks"]) == 2 and record["blocks"][0]["output_error"] is None  # not measured: null, not NaN
+    assert all(layer["relative_output_error"] is None for layer in record["layers"].values())
+
+
+def test_a_recipe_that_needs_data_is_refused_without_calibration(make_tiny):
+    for name in ("gptq", "awq,gptq", "gptq,blockft"):
+        with pytest.raises(ValueError, match="need\\(s\\) calibration data"):
+            quantize(make_tiny("llama"), parse_recipe(name, QuantSpec(bits=4, group_size=32)), None, progress=False)
+    weighted = Recipe(QuantSpec(bits=4, group_size=32), [make_step("rtn", {"clip_search": True})])
+    with pytest.raises(ValueError, match="rtn need"):  # the input-weighted search reads E[x²]
+        quantize(make_tiny("llama"), weighted, None, progress=False)
+
+
+def test_block_errors_follow_a_few_samples_unless_a_step_trains_on_the_fp_stream(make_tiny):
+    calib = torch.randint(0, 256, (40, 16), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(bits=3, group_size=32)
+    result = quantize(make_tiny("llama"), parse_recipe("gptq", spec), calib, batch_size=8, progress=False)
+    assert result.error_samples == 16 and result.record()["block_errors_on_samples"] == 16
+    assert all(0 < b.output_error < 1 for b in result.blocks)
+    chain = with_options(parse_recipe("gptq,blockft", spec), {"steps": 2})
+    whole = quantize(make_tiny("llama"), chain, calib, batch_size=8, progress=False)
+    assert whole.error_samples is None  # fine-tuning reads the whole FP stream

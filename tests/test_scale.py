@@ -175,3 +175,26 @@ def test_offloaded_activations_give_the_same_model(where, tmp_path, monkeypatch)
         runs[mode] = model.state_dict()
     assert all(torch.equal(runs["none"][k], runs[where][k]) for k in runs["none"])
     assert not any(tmp_path.glob("blockquant-act-*"))  # the activation files went with their lists
+
+
+def test_rtn_without_calibration_reads_writes_and_releases_one_block_at_a_time(sharded_dir, tmp_path, monkeypatch):
+    model, checkpoint, _ = open_model(sharded_dir)
+    blocks, seen, written = model.model.layers, [], []
+    real_load = LazyCheckpoint.load
+
+    def load(self, module, prefix, device="cpu"):
+        real_load(self, module, prefix, device)
+        seen.append(sum(any(not p.is_meta for p in b.parameters()) for b in blocks))
+
+    monkeypatch.setattr(LazyCheckpoint, "load", load)
+    stream = BlockStream(checkpoint, write=lambda j, block, layers: written.append((j, sorted(layers))))
+    quantize(model, parse_recipe("rtn", QuantSpec(bits=4, group_size=32)), None, progress=False, stream=stream)
+    assert seen == [1, 1] and [j for j, _ in written] == [0, 1] and all(layers for _, layers in written)
+    assert all(p.is_meta for p in model.parameters())  # every block released once written; nothing outside was read
+    assert _run_rtn(sharded_dir, tmp_path / "blocks", "--load", "blocks") == _run_rtn(sharded_dir, tmp_path / "whole", "--load", "whole") == 0
+    a, b = read_tensors(tmp_path / "blocks"), read_tensors(tmp_path / "whole")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _run_rtn(model_dir, out, *extra) -> int:
+    return main(["quantize", str(model_dir), "--recipe", "rtn", "--output", str(out), "--wbits", "4", "--group-size", "4", "--quiet", *extra])

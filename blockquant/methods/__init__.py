@@ -4,7 +4,8 @@ A method is one file: an options dataclass and one function per kind of model it
 Its entry says which of these it has:
 
 - ``block(block, ctx: BlockContext, spec, options) -> {layer: LayerResult}``: quantizes one
-  transformer block in place, given the block's captured calibration inputs;
+  transformer block in place, given the block's captured calibration inputs (None for a method
+  whose ``data_free(options)`` says it needs none, when the run has no calibration);
 - ``window(ctx: WindowContext, spec, options) -> {full layer name: LayerResult}``: fine-tunes a
   window of consecutive transformer blocks that the earlier steps initialised;
 - ``model(ctx: ModelContext, spec, options) -> {full layer name: LayerResult}``: the whole
@@ -39,6 +40,7 @@ class Method:
     activations: str | None = None  # the recipe must quantize activations: "any" granularity, or "token" only
     folds: bool = False  # folds scales into each group's feeder: needs the table's feeder → linears mapping
     check: Callable[..., None] | None = None  # check(options, spec, act): refuses a recipe it cannot run, before any work
+    data_free: Callable[[Any], bool] | None = None  # data_free(options): runs on a transformer block without calibration inputs
 
     @property
     def stage(self) -> int:
@@ -51,7 +53,13 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "rtn": Method(rtn.RTNOptions, "round-to-nearest, optional clipping search", block=rtn.apply, conv_layer=rtn.apply_conv),
+    "rtn": Method(
+        rtn.RTNOptions,
+        "round-to-nearest, optional clipping search",
+        block=rtn.apply,
+        conv_layer=rtn.apply_conv,
+        data_free=rtn.data_free,
+    ),
     "gptq": Method(gptq.GPTQOptions, "GPTQ: Hessian-aware column-wise error feedback", block=gptq.apply, conv_layer=gptq.apply_conv),
     "awq": Method(awq.AWQOptions, "AWQ: activation-aware channel scales folded into the feeder, then a clip search", block=awq.apply, folds=True),
     "smoothquant": Method(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,21 +28,30 @@ def rtn_quantize(w: Tensor, spec: QuantSpec, search: bool = False, col_weight: T
     return fake_quantize(w, scale, zero, spec), scale, zero
 
 
+def data_free(opts: RTNOptions) -> bool:
+    """Whether RTN needs no calibration inputs: all but the input-weighted range search."""
+    return not (opts.clip_search and opts.input_weighted)
+
+
 @torch.no_grad()
 def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: RTNOptions) -> dict[str, LayerResult]:
-    # One pass before quantizing: the Hessians serve the error record (and the weighted search).
-    firsts = {g.linears[0]: ctx.linear(block, g.linears[0]) for g in ctx.groups}
-    hessians = collect_hessians(block, ctx.inputs, firsts)
+    """RTN of every linear of ``block``. With calibration inputs, one pass before quantizing
+    collects the Hessians that serve the error record (and the weighted search); without
+    (``ctx.inputs`` None), the layers' errors are not measured (NaN)."""
+    hessians = {}
+    if ctx.inputs is not None:
+        firsts = {g.linears[0]: ctx.linear(block, g.linears[0]) for g in ctx.groups}
+        hessians = collect_hessians(block, ctx.inputs, firsts)
     results = {}
     for group in ctx.groups:
-        h = hessians[group.linears[0]]
+        h = hessians.get(group.linears[0])
         for name in group.linears:
             layer = ctx.linear(block, name)
             w = weight_matrix(layer)
-            col_weight = torch.diag(h) if opts.input_weighted else None
+            col_weight = torch.diag(h) if opts.input_weighted and h is not None else None
             w_hat, scale, zero = rtn_quantize(w, spec, opts.clip_search, col_weight)
             set_weight_matrix(layer, w_hat)
-            results[name] = LayerResult(scale.cpu(), zero.cpu(), None, relative_error(w, w_hat, h))
+            results[name] = LayerResult(scale.cpu(), zero.cpu(), None, math.nan if h is None else relative_error(w, w_hat, h))
     return results
 
 
