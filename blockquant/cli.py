@@ -467,7 +467,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if blocks:
         from blockquant.lazy import open_model
 
-        model, checkpoint, tokenizer = open_model(args.model_dir, DTYPES[args.dtype])
+        model, checkpoint, tokenizer = open_model(args.model_dir, DTYPES[args.dtype], embeddings=bool(args.calib))
     else:
         model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
     export_dtype = stored_dtype(args.model_dir)  # the checkpoint's dtype: scales are rounded to it before any code is computed

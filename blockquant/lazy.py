@@ -127,10 +127,13 @@ def _own_tensors(model: nn.Module) -> list[str]:
     return [n for n in model.state_dict() if n not in tied]
 
 
-def open_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, LazyCheckpoint, object]:
+def open_model(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, embeddings: bool = True
+) -> tuple[nn.Module, LazyCheckpoint, object]:
     """The model of a local directory with its blocks on ``meta``, the ``LazyCheckpoint`` that loads
     them, and the tokenizer. The modules before the blocks (embeddings) are loaded, in ``dtype`` on
-    CPU; the final norm and the head stay on ``meta`` until ``load_outside`` reads them."""
+    CPU, unless ``embeddings`` is False (a run without calibration never runs the model); the final
+    norm and the head stay on ``meta`` until ``load_outside`` reads them."""
     import transformers
     from accelerate import init_empty_weights
 
@@ -146,7 +149,8 @@ def open_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tup
         raise ValueError(f"cannot build the model in {model_dir}: {type(e).__name__}: {e}".splitlines()[0]) from None
     checkpoint.check_covers(model)
     arch_for(model)  # a supported family, before any tensor is read
-    load_outside(checkpoint, model, ends=False)
+    if embeddings:
+        load_outside(checkpoint, model, ends=False)
     return model.eval(), checkpoint, load_tokenizer(model_dir)
 
 
