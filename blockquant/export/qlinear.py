@@ -5,6 +5,9 @@ and one zero point per group — so a loaded model really is smaller in memory. 
 unpacks, dequantizes per group and multiplies in plain torch; on CUDA, 4-bit layers with
 contiguous groups multiply 1–16 tokens of fp16/bf16 activations with the fused Triton W4A16
 kernel (``triton_w4a16``, the ``gpu`` extra) — decoding, where reading the weight dominates.
+On CPU, 4-bit groups and symmetric 8-bit channels multiply up to 128 tokens of bf16
+activations with PyTorch's int4 / int8 weight-only kernels (``cpu_kernels``), from weights
+converted on the first such call and kept beside the packed buffers (not in the state dict).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blockquant.export import cpu_kernels
 from blockquant.export.packing import pack_int32, packed_words, unpack_int32
 from blockquant.primitives import group_width
 from blockquant.recipe import QuantSpec
@@ -30,6 +34,9 @@ class QuantLinear(nn.Module):
     ``zeros`` uint8 ``(out, n_groups)``, unsigned zero points (``2^(bits−1)`` when symmetric);
     ``g_idx`` int32 ``(in,)`` the group of each input column, or None for contiguous groups of
     ``group_size`` columns (the last one shorter when it does not divide ``in``); ``bias``.
+
+    ``cpu_kernels`` (default True) lets CPU calls use ``cpu_kernels`` where they apply; set it
+    False (or :func:`set_cpu_kernels`) for dequantize + matmul in plain torch everywhere.
     """
 
     def __init__(
@@ -66,6 +73,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", zeros)
         self.register_buffer("g_idx", None if g_idx is None else g_idx.to(torch.int32))
         self.register_buffer("bias", bias)
+        self.cpu_kernels = True
+        self._cpu_cache: tuple[tuple, cpu_kernels.Converted | None] | None = None  # (buffers key, weights)
 
     @property
     def n_groups(self) -> int:
@@ -101,18 +110,66 @@ class QuantLinear(nn.Module):
         tokens = x.numel() // max(self.in_features, 1)
         return self.kernel_applies(x.device.type, self.bits, self.g_idx is not None, x.dtype, tokens) and triton_available()
 
+    def cpu_weights(self, x: Tensor) -> cpu_kernels.Converted | None:
+        """The weights a CPU kernel multiplies ``x`` with, converted on first use; None where
+        none applies (then ``forward`` takes the plain-torch path).
+
+        Cached until a buffer is replaced, changed in place, moved or cast; never with autograd
+        on ``x``, which the kernels do not differentiate.
+        """
+        autograd = torch.is_grad_enabled() and x.requires_grad
+        if not self.cpu_kernels or autograd or x.device.type != "cpu" or self.qweight.device.type != "cpu":
+            return None
+        tokens = x.numel() // max(self.in_features, 1)
+        kind = cpu_kernels.cpu_kernel_for(
+            self.bits, self.group_size, self.in_features, self.out_features, self.sym, self.g_idx is not None, x.dtype, tokens
+        )
+        if kind is None or not cpu_kernels.kernels_available():
+            return None
+        buffers = (self.qweight, self.scales, self.zeros, self.bias)
+        key = (kind, x.dtype, *((t.data_ptr(), t._version, t.dtype) for t in buffers if t is not None))
+        if self._cpu_cache is None or self._cpu_cache[0] != key:
+            with torch.no_grad():
+                args = (self.qweight, self.scales, self.zeros, self.in_features, self.group_size, self.bias, x.dtype)
+                self._cpu_cache = (key, cpu_kernels.convert(kind, *args))
+        return self._cpu_cache[1]
+
+    def uses_cpu_kernel(self, x: Tensor) -> bool:
+        """Whether ``forward(x)`` runs a CPU kernel (converting the weights if it does)."""
+        return self.cpu_weights(x) is not None
+
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_kernel(x):
             from blockquant.export.triton_w4a16 import w4a16_linear
 
             return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.sym, self.bias)
+        converted = self.cpu_weights(x)
+        if converted is not None:
+            return cpu_kernels.cpu_linear(x, converted)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): converted weights follow the buffers
+        self._cpu_cache = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # torch.save / deepcopy carry the packed buffers only
+        return {**super().__getstate__(), "_cpu_cache": None}
 
     def extra_repr(self) -> str:
         gran = "channel" if self.group_size >= self.in_features else f"g{self.group_size}"
         order = ", g_idx" if self.g_idx is not None else ""
         return f"in={self.in_features}, out={self.out_features}, W{self.bits} {gran} {'sym' if self.sym else 'asym'}{order}"
+
+
+def set_cpu_kernels(model: nn.Module, enabled: bool) -> int:
+    """Turn the CPU kernels of every ``QuantLinear`` in ``model`` on or off (off: dequantize +
+    matmul in plain torch, e.g. to compare speeds); returns how many layers it set."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.cpu_kernels = enabled
+        m._cpu_cache = None  # off frees the converted weights
+    return len(layers)
 
 
 def triton_available() -> bool:
