@@ -26,7 +26,17 @@ from tqdm.auto import tqdm
 
 from blockquant import activations, dist, layerwise
 from blockquant.arch import ARCHITECTURES, ArchSpec, arch_for, block_linears, get_blocks
-from blockquant.capture import BlockContext, BlockInputs, LayerResult, ModelContext, Split, WindowContext, capture_block_inputs, run_block
+from blockquant.capture import (
+    BlockContext,
+    BlockInputs,
+    LayerResult,
+    ModelContext,
+    Split,
+    WindowContext,
+    block_output,
+    capture_block_inputs,
+    run_block,
+)
 from blockquant.device import check_device, peak_rss_mb
 from blockquant.layers import is_conv
 from blockquant.lazy import LazyCheckpoint, release_outside
@@ -138,6 +148,17 @@ def _check_finite_outputs(block: nn.Module, inputs: BlockInputs, outputs: list[T
             h.remove()
     layer = culprit[0] if culprit else "the block's own arithmetic"
     raise ValueError(f"{where}: NaN/Inf output, first produced by layer {layer}")
+
+
+def _advance_in_place(block: nn.Module, inputs: BlockInputs, where: str) -> list[Tensor]:
+    """``run_block`` that replaces each batch's input by the block's output as soon as it is computed."""
+    hidden = inputs.hidden
+    for i in range(len(hidden)):
+        y = block_output(block(hidden[i], *inputs.args[i], **inputs.kwargs[i]))
+        if not torch.isfinite(y).all():
+            _check_finite_outputs(block, inputs.subset([i]), [y], where)
+        hidden[i] = y
+    return hidden
 
 
 def _check_common(model: Any, recipe: Any, batch_size: Any) -> None:
@@ -420,7 +441,9 @@ def _quantize_blocks(
     def run(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:  # a stream's next hidden states, kept where the others are
         return run_block(block, inputs, out=offload([], offload_activations, device))
 
-    q_stream = fp_stream
+    # Without a window step, nothing reads a block's quantized-stream input once its output is computed.
+    in_place = not window_steps and offload_activations == "none" and dist.world_size() == 1
+    q_stream = fp_stream.with_hidden(list(fp_stream.hidden)) if in_place else fp_stream  # its own list: the FP one stays
     inputs0 = fp_stream if model_steps else None  # QFT trains from block 0's inputs; nothing else reads them again
     reported = None  # the batches the block errors are measured on; None: all of them
     if not window_steps and not model_steps:  # the FP stream serves the report alone: follow a few samples only
@@ -497,10 +520,14 @@ def _quantize_blocks(
             t_block[j] += (time.perf_counter() - t0) / len(window)
         # 3. the first S blocks (all, at the end) are final: advance both streams past them
         advance = stride if window[-1] < len(blocks) - 1 else len(window)
+        x_q = x_fp = None  # the window's own stream states: nothing reads them again
         for j in range(first, first + advance):
-            q_out = run(blocks[j], q_stream)
-            _check_finite_outputs(blocks[j], q_stream, q_out, f"block {j} (quantized)")
             error_in = _relative_mse(measured(q_stream).hidden, fp_stream.hidden)
+            if in_place:  # the block's output takes its input's place, batch by batch: one stream in memory, not two
+                q_out = _advance_in_place(blocks[j], q_stream, f"block {j} (quantized)")
+            else:
+                q_out = run(blocks[j], q_stream)
+                _check_finite_outputs(blocks[j], q_stream, q_out, f"block {j} (quantized)")
             error_out = _relative_mse(measured(q_stream.with_hidden(q_out)).hidden, fp_outs[j])
             report = BlockReport(j, error_in, error_out, t_block.pop(j))
             result.blocks.append(report)

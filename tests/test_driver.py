@@ -111,3 +111,18 @@ def test_block_errors_follow_a_few_samples_unless_a_step_trains_on_the_fp_stream
     chain = with_options(parse_recipe("gptq,blockft", spec), {"steps": 2})
     whole = quantize(make_tiny("llama"), chain, calib, batch_size=8, progress=False)
     assert whole.error_samples is None  # fine-tuning reads the whole FP stream
+
+
+def test_a_layer_that_overflows_once_quantized_is_named(make_tiny, calib_ids, monkeypatch):
+    """The quantized stream replaces its inputs batch by batch; a NaN/Inf output still names its layer."""
+    real = METHODS["rtn"].block
+
+    def apply_then_break(block, ctx, spec, opts):
+        results = real(block, ctx, spec, opts)
+        if ctx.index == 1:
+            block.mlp.down_proj.register_forward_hook(lambda _m, _a, out: out * float("inf"))
+        return results
+
+    monkeypatch.setitem(METHODS, "rtn", dataclasses.replace(METHODS["rtn"], block=apply_then_break))
+    with pytest.raises(ValueError, match="block 1 \\(quantized\\): NaN/Inf output, first produced by layer mlp.down_proj"):
+        quantize(make_tiny("llama"), parse_recipe("rtn", QuantSpec(bits=4, group_size=32)), calib_ids, progress=False)
