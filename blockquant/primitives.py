@@ -95,21 +95,44 @@ def compute_qparams(w: Tensor, spec: QuantSpec, shrink: Tensor | float = 1.0) ->
     return qparams_from_range(lo * shrink, hi * shrink, spec)
 
 
+def _per_group(t: Tensor, scale: Tensor, width: int) -> tuple[Tensor, Tensor | None]:
+    """``t`` ``(out, in)`` viewed as ``(out|1, n_groups, width)`` with ``scale``'s shape ready to
+    broadcast over it (``(…, n_groups, 1)``), when the groups tile the row exactly; else ``(t, None)``.
+    Broadcasting a group's scale, rather than repeating it over its columns, allocates nothing."""
+    cols = t.shape[1]
+    if cols % width or scale.shape[1] != cols // width:
+        return t, None
+    return t.reshape(t.shape[0], -1, width), scale.unsqueeze(2)
+
+
 def quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """Integer codes (as float tensor) in ``[qmin, qmax]``."""
     width = group_width(spec, w.shape[1])
-    s, z = expand(scale, w.shape[1], width), expand(zero, w.shape[1], width)
-    return torch.clamp(torch.round(w / s) + z, spec.qmin, spec.qmax)
+    wg, s = _per_group(w, scale, width)
+    if s is None:  # a shorter last group: repeat the params over the columns
+        s, z = expand(scale, w.shape[1], width), expand(zero, w.shape[1], width)
+    else:
+        z = zero.unsqueeze(2)
+    q = torch.div(wg, s)
+    return q.round_().add_(z).clamp_(spec.qmin, spec.qmax).reshape(w.shape)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     width = group_width(spec, q.shape[1])
-    return expand(scale, q.shape[1], width) * (q - expand(zero, q.shape[1], width))
+    qg, s = _per_group(q, scale, width)
+    if s is None:
+        return expand(scale, q.shape[1], width) * (q - expand(zero, q.shape[1], width))
+    return torch.sub(qg, zero.unsqueeze(2)).mul_(s).reshape(q.shape)
 
 
 def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
-    """``dequantize(quantize(w))`` in fp32."""
-    return dequantize(quantize(w.float(), scale, zero, spec), scale, zero, spec)
+    """``dequantize(quantize(w))`` in fp32, one copy of ``w`` at a time."""
+    q = quantize(w.float(), scale, zero, spec)
+    width = group_width(spec, q.shape[1])
+    qg, s = _per_group(q, scale, width)
+    if s is None:
+        return dequantize(q, scale, zero, spec)
+    return qg.sub_(zero.unsqueeze(2)).mul_(s).reshape(q.shape)
 
 
 def quantize_column(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
