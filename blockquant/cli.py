@@ -559,7 +559,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         detail = f"last-block relative output error {result.blocks[-1].output_error:.3e}" if result.blocks else "no block quantized"
         if calibration is None:
             detail = "no calibration (errors not measured)"
-    cuda = "" if result.peak_cuda_mb is None else f", peak CUDA {result.peak_cuda_mb:.0f} MB"
+    cuda = "" if result.peak_cuda_mb is None else f", peak CUDA {result.peak_cuda_mb:.0f} MiB"
     if recipe.act is not None:
         log.warning(
             "%s: recorded in blockquant.json 'activations' (blockquant eval applies it; another runtime must read it)",
@@ -567,7 +567,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     print(
         f"{recipe.name} {recipe.describe()}: {len(result.layers)} layers in {result.seconds:.1f}s, "
-        f"{detail}, peak RSS {result.peak_rss_mb:.0f} MB{cuda} -> {args.output} ({fmt})"
+        f"{detail}, peak RSS {result.peak_rss_mb:.0f} MiB{cuda} -> {args.output} ({fmt})"
     )
     if fmt == "compressed-tensors" and not recipe.spec.sym:  # an upstream limit users otherwise meet as a size-mismatch traceback
         print(
@@ -865,7 +865,7 @@ def _quantize_network(args: argparse.Namespace) -> int:
     eight = [n for n, r in result.layers.items() if r.bits != recipe.spec.bits]
     print(
         f"{recipe.name} {recipe.describe()}: {len(result.layers)} layers ({len(eight)} kept at 8 bits), "
-        f"{len(result.batchnorm_folded)} BatchNorms folded, {result.seconds:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB -> {args.output}"
+        f"{len(result.batchnorm_folded)} BatchNorms folded, {result.seconds:.1f}s, peak RSS {result.peak_rss_mb:.0f} MiB -> {args.output}"
     )
     if "qft" in result.model_steps:
         q = result.model_steps["qft"]

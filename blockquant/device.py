@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 
 import torch
 
@@ -21,5 +22,16 @@ def check_device(name: str | torch.device, flag: str = "device") -> torch.device
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, MiB.
+
+    Linux's ``VmHWM`` where there is one: ``ru_maxrss`` survives ``exec``, so a process started
+    by a large parent would report the parent's peak (on Linux it counts KiB, on macOS bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
