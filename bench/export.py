@@ -339,8 +339,9 @@ def report(rows: list[dict], speed: dict, kernel: dict, args: argparse.Namespace
             "that pays lazy imports; transformers maps the bf16 file lazily, so little of it is resident yet); *RSS used* = the "
             "same after one 64-token forward has touched every weight; *peak* = rise of the process's peak RSS during the load; *tensors* = bytes of all "
             "parameters and buffers; *decode* = greedy generation of 64 tokens after a 64-token prompt, batch 1, KV cache; "
-            "*prefill* = forward over three 512-token windows, batch 1. The packed model unpacks and dequantizes every "
-            "layer's weight on every forward (plain torch, no fused CPU kernel), which is what decode pays for.",
+            "*prefill* = forward over three 512-token windows, batch 1. The packed model's 4-bit layers run PyTorch's int4 CPU "
+            "kernel where it applies (bf16 activations, up to 128 tokens); other layers and calls unpack and dequantize the "
+            "weight on every forward. bench/decode.py compares the two paths.",
             markdown_table(
                 [
                     "model",

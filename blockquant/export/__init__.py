@@ -13,13 +13,14 @@ from blockquant.export.checkpoint import (
     save_packed,
     stored_dtype,
 )
-from blockquant.export.qlinear import QuantLinear, pack_linear
+from blockquant.export.qlinear import QuantLinear, pack_linear, set_cpu_kernels
 
 __all__ = [
     "DEQUANTIZED",
     "FORMAT_CHOICES",
     "FORMATS",
     "QuantLinear",
+    "set_cpu_kernels",
     "export_problem",
     "is_packed",
     "load",
