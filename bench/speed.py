@@ -52,7 +52,15 @@ SUBJECT = "llama-code"
 SEQLEN = 512
 PARTS = ("gptq", "rtn", "blockft", "profile")
 BLOCKFT = ((3, 128), (2, 64))  # (bits, group) of the fine-tuning part
-PAIRS = {"gptq": ("blockquant", "llm-compressor"), "gptq,blockft": ("blockquant", "AutoRound")}
+# GPTQ with every linear group's Hessian from one pass over the block (as llm-compressor), instead of
+# each group's from a pass over the block with the groups before it already quantized (the default)
+ONE_PASS = "gptq (true_sequential false)"
+PAIRS = {"gptq": ("blockquant", "llm-compressor"), ONE_PASS: ("blockquant", "llm-compressor"), "gptq,blockft": ("blockquant", "AutoRound")}
+
+
+def row_method(tool: str, method: str) -> str:
+    """The method a tool's row is stored under: a peer's GPTQ row serves both blockquant GPTQ variants."""
+    return "gptq" if method == ONE_PASS and tool != "blockquant" else method
 PEER_METHODS = {"llm-compressor": "oneshot GPTQModifier W4A16", "AutoRound": "SignRound, its defaults"}
 GPTQ_RATIO = 0.8  # check: blockquant gptq time / llm-compressor time at most this, perplexity no worse
 RTN_SECONDS = 5.0  # check: data-free RTN W4 g128 within this
@@ -118,7 +126,12 @@ def _recipe(method: str, bits: int, group: int, steps: int | None):
 
     from blockquant import QuantSpec, parse_recipe
 
-    recipe = parse_recipe(method, QuantSpec(bits=bits, group_size=group, sym=True, scale_dtype="bfloat16"))
+    spec = QuantSpec(bits=bits, group_size=group, sym=True, scale_dtype="bfloat16")
+    if method == ONE_PASS:
+        from blockquant.recipe import Recipe, make_step
+
+        return Recipe(spec, (make_step("gptq", {"true_sequential": False}),))
+    recipe = parse_recipe(method, spec)
     if steps is None:
         return recipe
     replaced = [
@@ -305,6 +318,7 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, ...]]:
     for seed in args.seeds:
         if "gptq" in args.parts:
             out.append((row_key("blockquant", "gptq", 4, 128, seed, args), "blockquant", "gptq", 4, 128, seed))
+            out.append((row_key("blockquant", ONE_PASS, 4, 128, seed, args), "blockquant", ONE_PASS, 4, 128, seed))
             out.append((row_key("llm-compressor", "gptq", 4, 128, seed, args), "llm-compressor", "gptq", 4, 128, seed))
     if "rtn" in args.parts:
         out.append((row_key("blockquant", "rtn", 4, 128, "-", args), "blockquant", "rtn", 4, 128, 0))
@@ -346,16 +360,15 @@ def speed_table(rows: dict, args: argparse.Namespace) -> tuple[str, list[str]]:
     fp = rows[f"fp/{settings_key(args)}"]["ppl"]
     lines = [["FP (bf16 checkpoint, fp32 compute)", "-", "16", "-", "-", f"{fp:.4f}", "-", "-", "-", "-", "-"]]
     checks = []
-    measured = lambda *k: all(row_key(*k, s, args) in rows for s in args.seeds)  # noqa: E731
+    measured = lambda t, m, b, g: all(row_key(t, row_method(t, m), b, g, s, args) in rows for s in args.seeds)  # noqa: E731
     groups = []
-    if measured("blockquant", "gptq", 4, 128):
-        groups.append(("gptq", 4, 128, args.seeds))
+    groups += [(m, 4, 128, args.seeds) for m in ("gptq", ONE_PASS) if measured("blockquant", m, 4, 128)]
     if row_key("blockquant", "rtn", 4, 128, "-", args) in rows:
         groups.append(("rtn", 4, 128, ["-"]))
     groups += [("gptq,blockft", b, g, args.seeds) for b, g in BLOCKFT if measured("blockquant", "gptq,blockft", b, g)]
     for method, bits, group, seeds in groups:
         tools = [t for t in PAIRS.get(method, ("blockquant",)) if measured(t, method, bits, group) or seeds == ["-"]]
-        runs = {t: [rows[row_key(t, method, bits, group, s, args)] for s in seeds] for t in tools}
+        runs = {t: [rows[row_key(t, row_method(t, method), bits, group, s, args)] for s in seeds] for t in tools}
         for tool in tools:
             shown = list(zip(seeds, runs[tool])) + ([("mean", None)] if len(seeds) > 1 else [])
             for i, (seed, r) in enumerate(shown):
@@ -407,12 +420,12 @@ def check_lines(method: str, bits: int, group: int, runs: dict[str, list[dict]])
         return []
     p_ppl, p_s = mean[peer]
     ratio = bq_s / p_s
-    if method == "gptq":
+    if method in ("gptq", ONE_PASS):
         problems = [
             what for what, bad in ((f"time ratio above {GPTQ_RATIO}", ratio > GPTQ_RATIO), ("perplexity worse", bq_ppl > p_ppl)) if bad
         ]
         return [
-            f"- GPTQ W4 g128, blockquant time / llm-compressor time ≤ {GPTQ_RATIO} with perplexity no worse: "
+            f"- {'GPTQ' if method == 'gptq' else ONE_PASS} W4 g128, blockquant time / llm-compressor time ≤ {GPTQ_RATIO} with perplexity no worse: "
             f"**{_verdict(problems)}** — {bq_s:.1f} s vs {p_s:.1f} s (ratio {ratio:.2f}), "
             f"perplexity {bq_ppl:.4f} vs {p_ppl:.4f} ({bq_ppl - p_ppl:+.4f})."
         ]
@@ -477,7 +490,9 @@ def note(rows: dict, args: argparse.Namespace) -> str:
         "them means other jobs competed for them and stretched the seconds.\n\n"
         "blockquant: fp32 compute (as its command line), symmetric grid with bf16 scales "
         f'(`QuantSpec(bits, group_size, sym=True, scale_dtype="bfloat16")`), default options. '
-        "Methods: `gptq` W4 g128; `rtn` W4 g128 without calibration data; `gptq,blockft` (GPTQ, then block-wise fine-tuning "
+        "Methods: `gptq` W4 g128; `gptq (true_sequential false)`: the same with every linear group's Hessian from one pass "
+        "over the block, as llm-compressor does (the default takes each group's from its own pass, the groups before it "
+        "already quantized); `rtn` W4 g128 without calibration data; `gptq,blockft` (GPTQ, then block-wise fine-tuning "
         "with its defaults) at W3 g128 and W2 g64.\n\n"
     )
     if versions:
@@ -498,7 +513,7 @@ def note(rows: dict, args: argparse.Namespace) -> str:
 def provenance(rows: dict, args: argparse.Namespace) -> str:
     """When each part's rows were measured and on which blockquant (rows of earlier runs come from the cache)."""
     parts = []
-    for part, methods in (("gptq", ("gptq",)), ("rtn", ("rtn",)), ("blockft", ("gptq,blockft",))):
+    for part, methods in (("gptq", ("gptq", ONE_PASS)), ("rtn", ("rtn",)), ("blockft", ("gptq,blockft",))):
         found = [r for k, r in rows.items() if k.endswith(settings_key(args)) and k.split("/")[1] in methods]
         if found:
             dates = ", ".join(sorted({r["date"] for r in found}))
