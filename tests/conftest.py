@@ -226,3 +226,24 @@ def assert_on_grid(w_hat: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec, 
     assert (q_real - q).abs().max() < 1e-3, "a weight lies between two grid points"
     assert q.min() >= spec.qmin and q.max() <= spec.qmax, f"codes outside [{spec.qmin}, {spec.qmax}]"
     assert torch.equal(s * (q - z), w_hat), "weight is not exactly s·(q − z)"
+
+
+def packable_llama(tie: bool = False, dtype: torch.dtype = torch.float32) -> transformers.LlamaForCausalLM:
+    """Every width a multiple of 32 and of 64, so that both formats can hold g32 / g64 / -1.
+
+    Built in ``dtype`` as ``from_pretrained`` would (``.to(bf16)`` would also round the rotary
+    buffers, which a loaded model keeps in fp32)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    if dtype != torch.float32:
+        return transformers.LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    return transformers.LlamaForCausalLM(config).eval()

@@ -15,7 +15,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
+from conftest import packable_llama
 
 import blockquant
 from blockquant import QuantSpec, parse_recipe, quantize
@@ -230,21 +230,6 @@ def test_conversion_follows_loaded_cast_and_moved_buffers():
 # A whole model: save_packed -> blockquant.load -> logits
 
 
-def llama_bf16() -> transformers.LlamaForCausalLM:
-    """Widths that are multiples of 32 and 16: every linear can take the int4 kernel at g32 / g64."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM._from_config(config, dtype=BF16).eval()
-
-
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 def test_loaded_llama_runs_every_linear_on_the_kernel(sym, tmp_path):
     """Logits against the same checkpoint with the kernels off, and computed in fp32.
@@ -253,7 +238,7 @@ def test_loaded_llama_runs_every_linear_on_the_kernel(sym, tmp_path):
     ~5e-3 (of their norm) from the fp32 computation of the same checkpoint, and the kernels'
     logits are no farther from it.
     """
-    model = llama_bf16()
+    model = packable_llama(dtype=BF16)  # widths multiples of 32 and 16: every linear takes the int4 kernel at g32 / g64
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     result = quantize(model, parse_recipe("rtn", QuantSpec(4, 32, sym=sym)), calib, progress=False)
     out = save_packed(model, result, tmp_path / "out")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import build_tiny, build_tokenizer, make_text, subprocess_env
+from conftest import build_tiny, build_tokenizer, make_text, packable_llama, subprocess_env
 from safetensors.torch import load_file, save_file
 
 import blockquant
@@ -35,29 +35,8 @@ BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, -1)
 
 
-def tiny_llama(tie: bool = False, dtype: torch.dtype = torch.float32) -> transformers.LlamaForCausalLM:
-    """Every width a multiple of 32 and of 64, so that both formats can hold g32 / g64 / -1.
-
-    Built in ``dtype`` as ``from_pretrained`` would (``.to(bf16)`` would also round the rotary
-    buffers, which a loaded model keeps in fp32)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    if dtype != torch.float32:
-        return transformers.LlamaForCausalLM._from_config(config, dtype=dtype).eval()
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def quantized_llama(spec: QuantSpec, recipe: str = "rtn", tie: bool = False):
-    model = tiny_llama(tie)
+    model = packable_llama(tie)
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     return model, quantize(model, parse_recipe(recipe, spec), calib, progress=False)
 
@@ -336,7 +315,7 @@ BF16_RECIPES = {
 def test_bf16_model_exports_exactly_what_was_evaluated(recipe, sym, tmp_path):
     """A bf16 model's grids are bf16 from the start (scales rounded before any code is computed,
     learned step sizes too): its bf16 export reloads weights and logits bit for bit."""
-    model = tiny_llama(dtype=torch.bfloat16)
+    model = packable_llama(dtype=torch.bfloat16)
     spec = QuantSpec(4, 32, sym=sym)
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     result = quantize(model, Recipe(spec, [make_step(m, o) for m, o in BF16_RECIPES[recipe]]), calib, progress=False)
@@ -358,7 +337,7 @@ def test_bf16_model_exports_exactly_what_was_evaluated(recipe, sym, tmp_path):
 
 def test_explicit_scale_dtype_makes_an_fp32_model_exact_in_bf16(tmp_path):
     """fp32 compute, bf16 checkpoint (the CLI's default for a bf16 subject): scale_dtype says so."""
-    model = tiny_llama()
+    model = packable_llama()
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     result = quantize(model, parse_recipe("gptq", QuantSpec(3, 32, scale_dtype="bfloat16")), calib, progress=False)
     loaded = load(save_packed(model, result, tmp_path / "out", dtype=torch.bfloat16), torch.float32)
@@ -367,7 +346,7 @@ def test_explicit_scale_dtype_makes_an_fp32_model_exact_in_bf16(tmp_path):
 
 
 def test_gptq_act_order_model_round_trip(tmp_path):
-    model = tiny_llama()
+    model = packable_llama()
     recipe = Recipe(QuantSpec(4, 32), [make_step("gptq", {"act_order": True, "static_groups": False})])
     result = quantize(model, recipe, torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1)), progress=False)
     assert any(r.g_idx is not None for r in result.layers.values())
@@ -591,7 +570,7 @@ def test_unknown_format(packed_dir, edit, message):
 
 
 def test_plain_checkpoint_is_not_packed(tmp_path):
-    tiny_llama().save_pretrained(tmp_path / "plain")
+    packable_llama().save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="declares no quantization_config"):
         load(tmp_path / "plain")
 
