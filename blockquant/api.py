@@ -402,6 +402,31 @@ def quantize(
     return result
 
 
+def _onload(block: nn.Module, j: int, arch: ArchSpec, device: torch.device, stream: BlockStream | None) -> torch.device:
+    """Read block ``j`` from the checkpoint (out of core) and move it to ``device``; returns where it was."""
+    prefix = f"{arch.blocks}.{j}"
+    home = next(block.parameters()).device
+    if stream is not None:
+        stream.checkpoint.load(block, prefix, device)
+        check_finite_weights(block, prefix)
+    block.to(device)
+    block_linears(block, arch)  # checks that the table covers every linear
+    return home
+
+
+def _offload(
+    block: nn.Module, j: int, arch: ArchSpec, home: torch.device, stream: BlockStream | None, layers: dict[str, LayerResult], write: bool
+) -> None:
+    """A final block: out of core, hand it with its layers' results to ``stream.write`` (unless
+    ``write`` is False: an earlier run wrote it) and release it; else move it back ``home``."""
+    if stream is None:
+        block.to(home)
+        return
+    if stream.write is not None and write:
+        stream.write(j, block, {n: r for n, r in layers.items() if n.startswith(f"{arch.blocks}.{j}.")})
+    stream.checkpoint.release(block)
+
+
 def _quantize_blocks(
     model: nn.Module,
     recipe: Recipe,
@@ -470,12 +495,7 @@ def _quantize_blocks(
         for j in window:
             t0 = time.perf_counter()
             if j not in fp_copies:
-                homes[j] = next(blocks[j].parameters()).device
-                if stream is not None:
-                    stream.checkpoint.load(blocks[j], f"{arch.blocks}.{j}", device)
-                    check_finite_weights(blocks[j], f"{arch.blocks}.{j}")
-                blocks[j].to(device)
-                block_linears(blocks[j], arch)  # checks that the table covers every linear
+                homes[j] = _onload(blocks[j], j, arch, device, stream)
                 fp_copies[j] = copy.deepcopy(blocks[j]) if window_steps else blocks[j]
                 fp_out = run(blocks[j], x_fp)  # targets, before any method touches it
                 _check_finite_outputs(blocks[j], x_fp, fp_out, f"block {j} (full precision)")
@@ -531,13 +551,7 @@ def _quantize_blocks(
             error_out = _relative_mse(measured(q_stream.with_hidden(q_out)).hidden, fp_outs[j])
             report = BlockReport(j, error_in, error_out, t_block.pop(j))
             result.blocks.append(report)
-            if stream is not None:
-                if stream.write is not None and j not in done:
-                    stream.write(j, blocks[j], {n: r for n, r in result.layers.items() if n.startswith(f"{arch.blocks}.{j}.")})
-                stream.checkpoint.release(blocks[j])
-                homes.pop(j)
-            else:
-                blocks[j].to(homes.pop(j))
+            _offload(blocks[j], j, arch, homes.pop(j), stream, result.layers, write=j not in done)
             del fp_copies[j]
             q_stream, fp_stream = q_stream.with_hidden(q_out), fp_stream.with_hidden(fp_outs[j])
             bar.update(1)
@@ -572,12 +586,7 @@ def _quantize_weights_only(
     bar = tqdm(total=len(blocks), desc=f"{recipe.name} {recipe.describe()}", unit="block", disable=not progress)
     for j, block in enumerate(blocks):
         t0 = time.perf_counter()
-        home = next(block.parameters()).device
-        if stream is not None:
-            stream.checkpoint.load(block, f"{arch.blocks}.{j}", device)
-            check_finite_weights(block, f"{arch.blocks}.{j}")
-        block.to(device)
-        block_linears(block, arch)  # checks that the table covers every linear
+        home = _onload(block, j, arch, device, stream)
         restored = stream.restore(j, block) if stream is not None and stream.restore is not None else None
         if restored is not None:
             result.layers.update(restored)
@@ -586,12 +595,7 @@ def _quantize_weights_only(
             with result.timing(step.method):
                 layer_results = METHODS[step.method].block(block, ctx, recipe.spec, step.options)
             result.layers.update({f"{arch.blocks}.{j}.{n}": r for n, r in layer_results.items()})
-        if stream is not None:
-            if stream.write is not None and restored is None:
-                stream.write(j, block, {n: r for n, r in result.layers.items() if n.startswith(f"{arch.blocks}.{j}.")})
-            stream.checkpoint.release(block)
-        else:
-            block.to(home)
+        _offload(block, j, arch, home, stream, result.layers, write=restored is None)
         result.blocks.append(BlockReport(j, math.nan, math.nan, time.perf_counter() - t0))
         bar.update(1)
         log.info("block %d: %.1fs (no calibration: errors not measured)", j, result.blocks[-1].seconds)
