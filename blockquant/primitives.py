@@ -117,22 +117,19 @@ def quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     return q.round_().add_(z).clamp_(spec.qmin, spec.qmax).reshape(w.shape)
 
 
-def dequantize(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec, in_place: bool = False) -> Tensor:
+    """``s · (q − z)``; ``in_place`` overwrites ``q`` where the groups tile the row."""
     width = group_width(spec, q.shape[1])
     qg, s = _per_group(q, scale, width)
     if s is None:
         return expand(scale, q.shape[1], width) * (q - expand(zero, q.shape[1], width))
-    return torch.sub(qg, zero.unsqueeze(2)).mul_(s).reshape(q.shape)
+    shifted = qg.sub_(zero.unsqueeze(2)) if in_place else torch.sub(qg, zero.unsqueeze(2))
+    return shifted.mul_(s).reshape(q.shape)
 
 
 def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """``dequantize(quantize(w))`` in fp32, one copy of ``w`` at a time."""
-    q = quantize(w.float(), scale, zero, spec)
-    width = group_width(spec, q.shape[1])
-    qg, s = _per_group(q, scale, width)
-    if s is None:
-        return dequantize(q, scale, zero, spec)
-    return qg.sub_(zero.unsqueeze(2)).mul_(s).reshape(q.shape)
+    return dequantize(quantize(w.float(), scale, zero, spec), scale, zero, spec, in_place=True)
 
 
 def quantize_column(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
