@@ -472,14 +472,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model_dir, DTYPES[args.dtype])
     export_dtype = stored_dtype(args.model_dir)  # the checkpoint's dtype: scales are rounded to it before any code is computed
     recipe = with_scale_dtype(recipe, export_dtype or DTYPES[args.dtype])
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if args.calib and limit is not None and args.seqlen > limit:
-        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
-    if args.calib:
-        warn_calibration_length(args.model_dir, args.seqlen)
-    encoder = arch_for(model).kind == "encoder"
     calibration = None  # RTN without --calib: the weights alone
     if args.calib:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and args.seqlen > limit:
+            raise ValueError(f"--seqlen {args.seqlen} exceeds the model's {limit} positions")
+        warn_calibration_length(args.model_dir, args.seqlen)
+        encoder = arch_for(model).kind == "encoder"
         calibration = load_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, encoder, args.calib_paragraphs)
     if args.calib_generate is not None:
         calibration = generate_calibration(
