@@ -45,6 +45,7 @@ examples:
   blockquant quantize ./llama --recipe gptq --wbits 4 --group-size 128 \\
       --calib calib.txt --nsamples 128 --seqlen 512 --output ./llama-w4
   blockquant quantize ./llama --recipe rtn --wbits 3 --asym --calib calib.txt --output ./out
+  blockquant quantize ./llama --recipe rtn --wbits 4 --output ./out   (no calibration: weights alone)
   blockquant quantize ./llama --recipe my_recipe.yaml --calib calib.txt --output ./out
   blockquant quantize ./llama --recipe awq,gptq --wbits 4 --calib calib.txt --output ./out
   blockquant quantize ./bert --recipe smoothquant --alpha auto --wbits 8 --group-size -1 \\
@@ -56,6 +57,7 @@ examples:
 
 The weight grid of a transformer model is symmetric by default (--asym for an integer zero
 point per group): the default compressed-tensors output then loads in plain transformers.
+Below 4 bits the asymmetric grid is the more accurate one (docs/formats.md).
 
 --abits 8 (or 4) fake-quantizes the input of every block linear: per token at run time
 (--act-granularity token) or with one static range per linear from the calibration data
