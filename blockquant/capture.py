@@ -264,13 +264,34 @@ def collect_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
                 hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                 counts[name] = 0
             total = counts[name] + x.shape[0]
-            hessians[name].mul_(counts[name] / total).addmm_(x.t(), x, alpha=2.0 / total)
+            add_gram(hessians[name].mul_(counts[name] / total), x, 2.0 / total)
             counts[name] = total
 
         return hook
 
     _feed(block, inputs, layers, make_hook)
-    return hessians
+    return {name: mirror_upper(h) for name, h in hessians.items()}
+
+
+# Rows of the upper-triangle panels of a Gram sum: narrower panels skip more of the lower
+# triangle, wider ones keep the multiply efficient.
+GRAM_PANEL = 256
+
+
+def add_gram(h: Tensor, x: Tensor, alpha: float) -> Tensor:
+    """``h += alpha · xᵀx`` on and above the diagonal only, in row panels: ``xᵀx`` is symmetric,
+    so its lower triangle (up to half of the multiply-adds on wide layers) is left to
+    ``mirror_upper``, once, after the last batch. Below the diagonal ``h`` is left as it was."""
+    cols = h.shape[0]
+    panel = GRAM_PANEL if cols > 2 * GRAM_PANEL else GRAM_PANEL // 2
+    for a in range(0, cols, panel):
+        h[a : a + panel, a:].addmm_(x[:, a : a + panel].t(), x[:, a:], alpha=alpha)
+    return h
+
+
+def mirror_upper(h: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``h``'s (``add_gram``)."""
+    return h.triu().add_(h.triu(1).t())
 
 
 def _in_features(layer: nn.Module) -> int:
@@ -288,7 +309,7 @@ def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
             if name not in sums:
                 sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            sums[name].addmm_(x.t(), x, alpha=2.0)
+            add_gram(sums[name], x, 2.0)
             counts[name] += x.shape[0]
 
         return hook
@@ -300,7 +321,7 @@ def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
         s = sums.get(name)
         if s is None:  # none of the batches is here: this process adds zeros
             s = torch.zeros(_in_features(layer), _in_features(layer), device=layer.weight.device)
-        hessians[name] = dist.all_reduce_sum(s).div_(max(count, 1.0))
+        hessians[name] = dist.all_reduce_sum(mirror_upper(s)).div_(max(count, 1.0))
     return hessians
 
 

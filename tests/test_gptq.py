@@ -335,3 +335,22 @@ def test_weights_sharing_an_input_quantize_as_they_do_alone(monkeypatch, element
     for a, b in zip(alone, together, strict=True):
         for x, y in zip(a, b[:4], strict=True):
             assert (x is None and y is None) or torch.allclose(x.float(), y.float(), atol=1e-6, rtol=0)
+
+
+def test_collect_hessians_is_the_mean_gram_of_each_input():
+    """The panel-wise upper-triangle accumulation, mirrored, is ``2/N Σ x xᵀ`` over every batch."""
+    from torch import nn
+
+    from blockquant.capture import BlockInputs, collect_hessians
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(300, 600), nn.ReLU(), nn.Linear(600, 20)).double()
+    hidden = [torch.randn(2, 5, 300, dtype=torch.float64) for _ in range(3)]
+    inputs = BlockInputs(hidden, [()] * 3, [{}] * 3)
+    h = collect_hessians(block, inputs, {"first": block[0], "second": block[2]})
+    x1 = torch.cat(hidden).reshape(-1, 300)
+    x2 = torch.relu(block[0](x1))
+    for name, x in (("first", x1), ("second", x2)):
+        expected = 2.0 / len(x) * x.t().double() @ x.double()
+        assert torch.allclose(h[name].double(), expected, rtol=1e-5, atol=1e-6), name
+        assert torch.equal(h[name], h[name].t())
