@@ -52,15 +52,25 @@ SUBJECT = "llama-code"
 SEQLEN = 512
 PARTS = ("gptq", "rtn", "blockft", "profile")
 BLOCKFT = ((3, 128), (2, 64))  # (bits, group) of the fine-tuning part
-# GPTQ with every linear group's Hessian from one pass over the block (as llm-compressor), instead of
-# each group's from a pass over the block with the groups before it already quantized (the default)
+# The blockquant GPTQ rows: (GPTQ options, compute dtype). "true_sequential false": every linear group's
+# Hessian from one pass over the block (as llm-compressor), instead of each group's from a pass over the
+# block with the groups before it already quantized (the default). "bf16 compute": the model loaded in
+# its checkpoint's bf16 (as the peers load it; blockquant's command line: --dtype bfloat16), not fp32.
 ONE_PASS = "gptq (true_sequential false)"
-PAIRS = {"gptq": ("blockquant", "llm-compressor"), ONE_PASS: ("blockquant", "llm-compressor"), "gptq,blockft": ("blockquant", "AutoRound")}
+BF16 = "gptq (bf16 compute)"
+FAST = "gptq (bf16 compute, true_sequential false)"
+GPTQ_VARIANTS = {
+    "gptq": ({}, "float32"),
+    ONE_PASS: ({"true_sequential": False}, "float32"),
+    BF16: ({}, "bfloat16"),
+    FAST: ({"true_sequential": False}, "bfloat16"),
+}
+PAIRS = {m: ("blockquant", "llm-compressor") for m in GPTQ_VARIANTS} | {"gptq,blockft": ("blockquant", "AutoRound")}
 
 
 def row_method(tool: str, method: str) -> str:
     """The method a tool's row is stored under: a peer's GPTQ row serves both blockquant GPTQ variants."""
-    return "gptq" if method == ONE_PASS and tool != "blockquant" else method
+    return "gptq" if method in GPTQ_VARIANTS and tool != "blockquant" else method
 PEER_METHODS = {"llm-compressor": "oneshot GPTQModifier W4A16", "AutoRound": "SignRound, its defaults"}
 GPTQ_RATIO = 0.8  # check: blockquant gptq time / llm-compressor time at most this, perplexity no worse
 RTN_SECONDS = 5.0  # check: data-free RTN W4 g128 within this
@@ -127,10 +137,10 @@ def _recipe(method: str, bits: int, group: int, steps: int | None):
     from blockquant import QuantSpec, parse_recipe
 
     spec = QuantSpec(bits=bits, group_size=group, sym=True, scale_dtype="bfloat16")
-    if method == ONE_PASS:
+    if method in GPTQ_VARIANTS:
         from blockquant.recipe import Recipe, make_step
 
-        return Recipe(spec, (make_step("gptq", {"true_sequential": False}),))
+        return Recipe(spec, (make_step("gptq", GPTQ_VARIANTS[method][0]),))
     recipe = parse_recipe(method, spec)
     if steps is None:
         return recipe
@@ -144,20 +154,38 @@ def _recipe(method: str, bits: int, group: int, steps: int | None):
 
 
 def one_blockquant(method: str, bits: int, group: int, seed: int, nsamples: int, max_windows: int | None, steps: int | None) -> dict:
-    """Quantize with blockquant (fp32 compute, as its command line) and score the model in memory."""
+    """Quantize with blockquant (fp32 compute, as its command line, unless the row says bf16) and score
+    the model in memory in fp32."""
     import torch
     from safetensors.torch import load_file
 
     from blockquant import quantize
     from blockquant.files import load_model
 
-    model, _ = load_model(subject_paths(SUBJECT)[0])
+    dtype = GPTQ_VARIANTS.get(method, ({}, "float32"))[1]
+    model, _ = load_model(subject_paths(SUBJECT)[0], getattr(torch, dtype))
     calibration = None if method == "rtn" else load_file(str(calib_file(seed, nsamples)))["input_ids"]
     torch.manual_seed(seed)
     load = os.getloadavg()[0]
-    result = quantize(model, _recipe(method, bits, group, steps), calibration, progress=False)
+    recipe = _recipe(method, bits, group, steps)
+    result = quantize(model, recipe, calibration, progress=False)
     peak, load = vmhwm_mb(), [load, os.getloadavg()[0]]
-    return {"seconds": result.seconds, "peak_rss_mb": peak, "load": load, "ppl": _score(model, max_windows), "dtype": "float32"}
+    if dtype != "float32":
+        _checkpoint_weights(model, result, recipe.spec)
+    return {"seconds": result.seconds, "peak_rss_mb": peak, "load": load, "ppl": _score(model, max_windows), "dtype": dtype}
+
+
+def _checkpoint_weights(model, result, spec) -> None:
+    """The model in fp32 with the weights a checkpoint of it holds, ``s·(q − z)`` in fp32, rather
+    than their rounding to the bf16 the quantization ran in."""
+    from blockquant.layers import set_weight_matrix, weight_matrix
+    from blockquant.primitives import dequantize, quantize
+
+    model.float()
+    for name, r in result.layers.items():
+        layer = model.get_submodule(name)
+        scale, zero = r.scale.float(), r.zero.float()
+        set_weight_matrix(layer, dequantize(quantize(weight_matrix(layer).float(), scale, zero, spec), scale, zero, spec))
 
 
 def one_fp(max_windows: int | None) -> dict:
@@ -317,8 +345,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, ...]]:
         out.append((f"fp/{settings_key(args)}", "fp"))
     for seed in args.seeds:
         if "gptq" in args.parts:
-            out.append((row_key("blockquant", "gptq", 4, 128, seed, args), "blockquant", "gptq", 4, 128, seed))
-            out.append((row_key("blockquant", ONE_PASS, 4, 128, seed, args), "blockquant", ONE_PASS, 4, 128, seed))
+            for method in GPTQ_VARIANTS:
+                out.append((row_key("blockquant", method, 4, 128, seed, args), "blockquant", method, 4, 128, seed))
             out.append((row_key("llm-compressor", "gptq", 4, 128, seed, args), "llm-compressor", "gptq", 4, 128, seed))
     if "rtn" in args.parts:
         out.append((row_key("blockquant", "rtn", 4, 128, "-", args), "blockquant", "rtn", 4, 128, 0))
@@ -362,7 +390,7 @@ def speed_table(rows: dict, args: argparse.Namespace) -> tuple[str, list[str]]:
     checks = []
     measured = lambda t, m, b, g: all(row_key(t, row_method(t, m), b, g, s, args) in rows for s in args.seeds)  # noqa: E731
     groups = []
-    groups += [(m, 4, 128, args.seeds) for m in ("gptq", ONE_PASS) if measured("blockquant", m, 4, 128)]
+    groups += [(m, 4, 128, args.seeds) for m in GPTQ_VARIANTS if measured("blockquant", m, 4, 128)]
     if row_key("blockquant", "rtn", 4, 128, "-", args) in rows:
         groups.append(("rtn", 4, 128, ["-"]))
     groups += [("gptq,blockft", b, g, args.seeds) for b, g in BLOCKFT if measured("blockquant", "gptq,blockft", b, g)]
@@ -420,7 +448,7 @@ def check_lines(method: str, bits: int, group: int, runs: dict[str, list[dict]])
         return []
     p_ppl, p_s = mean[peer]
     ratio = bq_s / p_s
-    if method in ("gptq", ONE_PASS):
+    if method in GPTQ_VARIANTS:
         problems = [
             what for what, bad in ((f"time ratio above {GPTQ_RATIO}", ratio > GPTQ_RATIO), ("perplexity worse", bq_ppl > p_ppl)) if bad
         ]
@@ -488,12 +516,14 @@ def note(rows: dict, args: argparse.Namespace) -> str:
         "*blockquant / peer time*: blockquant's seconds over the peer's on the same calibration; *load*: the machine's "
         f"1-minute load average at the start and the end of the call: the machine has {os.cpu_count()} cores, and a load above "
         "them means other jobs competed for them and stretched the seconds.\n\n"
-        "blockquant: fp32 compute (as its command line), symmetric grid with bf16 scales "
+        "blockquant: fp32 compute (its command line's default), symmetric grid with bf16 scales "
         f'(`QuantSpec(bits, group_size, sym=True, scale_dtype="bfloat16")`), default options. '
         "Methods: `gptq` W4 g128; `gptq (true_sequential false)`: the same with every linear group's Hessian from one pass "
         "over the block, as llm-compressor does (the default takes each group's from its own pass, the groups before it "
-        "already quantized); `rtn` W4 g128 without calibration data; `gptq,blockft` (GPTQ, then block-wise fine-tuning "
-        "with its defaults) at W3 g128 and W2 g64.\n\n"
+        "already quantized); `gptq (bf16 compute…)`: the same two with the model loaded in its checkpoint's bf16, as the "
+        "peers load it (`--dtype bfloat16` on the command line; GPTQ's own arithmetic stays fp32), scored in fp32 with the "
+        "weights its checkpoint holds; `rtn` W4 g128 without calibration data; `gptq,blockft` (GPTQ, then block-wise "
+        "fine-tuning with its defaults) at W3 g128 and W2 g64.\n\n"
     )
     if versions:
         text += (
@@ -513,7 +543,7 @@ def note(rows: dict, args: argparse.Namespace) -> str:
 def provenance(rows: dict, args: argparse.Namespace) -> str:
     """When each part's rows were measured and on which blockquant (rows of earlier runs come from the cache)."""
     parts = []
-    for part, methods in (("gptq", ("gptq", ONE_PASS)), ("rtn", ("rtn",)), ("blockft", ("gptq,blockft",))):
+    for part, methods in (("gptq", tuple(GPTQ_VARIANTS)), ("rtn", ("rtn",)), ("blockft", ("gptq,blockft",))):
         found = [r for k, r in rows.items() if k.endswith(settings_key(args)) and k.split("/")[1] in methods]
         if found:
             dates = ", ".join(sorted({r["date"] for r in found}))
