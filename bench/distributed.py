@@ -1,7 +1,7 @@
 """One process vs ``torchrun --nproc-per-node 2`` on llama-code -> bench/results/distributed.md.
 
-    python bench/distributed.py [--recipes gptq gptq,blockft] [--threads-baseline gptq] [--nsamples 128]
-                                [--max-windows N] [--work DIR]
+    python bench/distributed.py [--recipes gptq gptq,blockft bench/recipes/gptq-fp64-hessians.yaml]
+                                [--threads-baseline gptq] [--nsamples 128] [--max-windows N] [--work DIR]
 
 Each recipe is quantized by the command line, W3 g128 (the command line's symmetric grid),
 calibration 128 × 512 tokens of ``data/code/calib.txt`` (seed 0), every other setting the
@@ -12,7 +12,8 @@ threads, and a run whose sums are added in another order, which shows how far fl
 order alone moves the result. The table gives each checkpoint's perplexity on
 ``data/code/eval.txt`` (every 512-token window), the share of its integer codes equal to the
 reference's, and the wall and CPU time of each step of the chain (``blockquant.json``
-``step_seconds``; rank 0's) with the wall-time ratio to the reference. The two-process checkpoint
+``step_seconds``; rank 0's) with the wall-time ratio to the reference. A recipe file (such as
+bench/recipes/gptq-fp64-hessians.yaml: GPTQ with ``hessian_dtype: float64``) is shown under its name. The two-process checkpoint
 is also scored by ``blockquant eval`` under torchrun (the windows split over the processes). The
 checkpoints go to a temporary directory, or to ``--work DIR``, where a later run with the same
 ``--work`` finds and keeps them.
@@ -147,7 +148,8 @@ def study(args: argparse.Namespace, work: Path, reuse: bool) -> int:
     rows, per_block = [], []
     for recipe in args.recipes:
         runs = {run: pt for run, pt in RUNS.items() if pt[1] == 1 or recipe in args.threads_baseline}
-        outs = {run: work / f"{recipe.replace(',', '+')}-{p}proc-{t}thr" for run, (p, t) in runs.items()}
+        label = Path(recipe).stem if recipe.endswith(".yaml") else recipe  # a recipe file: its name
+        outs = {run: work / f"{label.replace(',', '+')}-{p}proc-{t}thr" for run, (p, t) in runs.items()}
         records = {run: quantize(recipe, p, t, outs[run], args.nsamples, reuse) for run, (p, t) in runs.items()}
         ref = next(iter(RUNS))
         steps = [*records[ref]["step_seconds"], "total"]
@@ -158,10 +160,10 @@ def study(args: argparse.Namespace, work: Path, reuse: bool) -> int:
                 ref_ppl = ppl
             same, count, blocks = codes_equal(outs[ref], out)
             if run != ref:
-                per_block.append([f"`{recipe}`", run, *(f"{100 * b:.2f} %" for b in blocks)])
+                per_block.append([f"`{label}`", run, *(f"{100 * b:.2f} %" for b in blocks)])
             rows.append(
                 [
-                    f"`{recipe}`",
+                    f"`{label}`",
                     run,
                     f"{ppl:.4f}",
                     "–" if run == ref else f"{100 * (ppl / ref_ppl - 1):+.3f} %",
@@ -179,7 +181,8 @@ def study(args: argparse.Namespace, work: Path, reuse: bool) -> int:
     windows = f"the first {args.max_windows}" if args.max_windows else "all 501"
     body = (
         f"llama-code, W3 g128 symmetric (the command line's default grid), calibration {args.nsamples} × 512 tokens of "
-        "data/code/calib.txt (seed 0), every method option the library's default. *1 process*: `OMP_NUM_THREADS=1 "
+        "data/code/calib.txt (seed 0), every method option the library's default but those a recipe file "
+        "(bench/recipes/NAME.yaml, shown as NAME) sets. *1 process*: `OMP_NUM_THREADS=1 "
         "blockquant quantize …` (the reference); *2 processes*: `OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m "
         "blockquant quantize …` (gloo, one thread each); *1 process, 2 threads*: `OMP_NUM_THREADS=2 blockquant quantize …`, "
         "whose sums run in another order than the reference's: how far floating-point order alone moves the result. "

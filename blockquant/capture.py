@@ -244,16 +244,20 @@ def _feed(
 
 
 @torch.no_grad()
-def collect_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> dict[str, Tensor]:
-    """``H = 2/N Σ x xᵀ`` (fp32) of each named layer's input over all calibration tokens.
+def collect_hessians(
+    block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """``H = 2/N Σ x xᵀ`` (returned in fp32) of each named layer's input over all calibration tokens.
 
     Each batch's forward stops as soon as every named layer has seen its input, so the
     Hessians of a block's first linears cost almost nothing. Under several processes each sums
     ``2 x xᵀ`` over its own tokens; the sums and the token counts are added up over the
-    processes, then divided.
+    processes, then divided. ``dtype`` float64 sums in fp64 (whose rounding the final fp32
+    almost never shows), so that the Hessian does not depend on how the tokens are split over
+    batches, processes or threads.
     """
-    if dist.world_size() > 1:
-        return _summed_hessians(block, inputs, layers)
+    if dist.world_size() > 1 or dtype != torch.float32:
+        return _summed_hessians(block, inputs, layers, dtype)
     hessians: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -298,17 +302,17 @@ def _in_features(layer: nn.Module) -> int:
     return weight_matrix(layer).shape[1]
 
 
-def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module]) -> dict[str, Tensor]:
-    """``collect_hessians`` under several processes: every process reduces every layer, in one
-    order, whether or not it holds any of the batches."""
+def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, Tensor]:
+    """``collect_hessians`` as sums in ``dtype``, divided at the end: every process reduces every
+    layer, in one order, whether or not it holds any of the batches."""
     sums: dict[str, Tensor] = {}
     counts = dict.fromkeys(layers, 0)
 
     def make_hook(name: str) -> Callable:
         def hook(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(dtype)  # (N, in)
             if name not in sums:
-                sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=dtype)
             add_gram(sums[name], x, 2.0)
             counts[name] += x.shape[0]
 
@@ -320,8 +324,8 @@ def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
     for (name, layer), count in zip(layers.items(), n):
         s = sums.get(name)
         if s is None:  # none of the batches is here: this process adds zeros
-            s = torch.zeros(_in_features(layer), _in_features(layer), device=layer.weight.device)
-        hessians[name] = dist.all_reduce_sum(mirror_upper(s)).div_(max(count, 1.0))
+            s = torch.zeros(_in_features(layer), _in_features(layer), device=layer.weight.device, dtype=dtype)
+        hessians[name] = dist.all_reduce_sum(mirror_upper(s)).div_(max(count, 1.0)).float()
     return hessians
 
 

@@ -39,9 +39,12 @@ SHORT = {"steps": 24, "eval_every": 4, "holdout": 0.25, "patience": 2, "settle":
 OPTIONS = {"blockft": SHORT, "qft": {**SHORT, "equalize": False}, "smoothquant": {"alpha": "auto"}}
 # the other statistics: AWQ's sample and searches, SmoothQuant's sweep and static percentile ranges, QFT's training
 OTHER_CHAINS = ("awq,gptq", "smoothquant", "gptq,qft")
+EXACT = "gptq, float64 Hessians"  # hessian_dtype float64: the same codes whatever the split
 
 
 def _recipe(chain: str):
+    if chain == EXACT:
+        return dataclasses.replace(parse_recipe("gptq", SPEC), steps=[make_step("gptq", {"hessian_dtype": "float64"})])
     act = act_spec(8, "tensor", range="percentile") if chain == "smoothquant" else None
     recipe = parse_recipe(chain, QuantSpec(bits=8, group_size=-1) if chain == "smoothquant" else SPEC, act)
     steps = [make_step(s.method, {**dataclasses.asdict(s.options), **OPTIONS.get(s.method, {})}) for s in recipe.steps]
@@ -114,7 +117,7 @@ def _worker(rank: int, world: int, ports: list[int], out: str, cli_argv: list[li
     torch.set_num_threads(1)
     found: dict = {}
     _join(rank, world, ports[0], 60.0)
-    found["chains"] = {chain: _run(chain) for chain in ("gptq", "gptq,blockft", *OTHER_CHAINS)}
+    found["chains"] = {chain: _run(chain) for chain in ("gptq", "gptq,blockft", *OTHER_CHAINS, EXACT)}
     try:
         quantize(build_tiny("llama"), _recipe("gptq"), CALIB[:1], progress=False)
     except ValueError as e:
@@ -175,6 +178,22 @@ def test_two_processes_give_the_one_process_result(two_processes, chain):
     if chain == "gptq,blockft":  # the same held-out curve, so the same best state and stop
         assert [[s for s, _ in e] for e in two["evals"]] == [[s for s, _ in e] for e in one["evals"]]
         assert [v for e in two["evals"] for _, v in e] == pytest.approx([v for e in one["evals"] for _, v in e], rel=1e-3)
+
+
+def test_float64_hessians_give_the_one_process_codes_exactly(two_processes):
+    """GPTQ turns last-bit differences of its Hessian into other codes; summed in fp64, the
+    Hessian does not depend on the split, and neither do the codes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes run
+    try:
+        one = _run(EXACT)
+    finally:
+        torch.set_num_threads(threads)
+    two = two_processes[0]["chains"][EXACT]
+    a, b = _codes(one["state"], one["grids"]), _codes(two["state"], two["grids"])
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+        assert torch.equal(one["grids"][name][0], two["grids"][name][0]), name
 
 
 @pytest.mark.parametrize("chain", OTHER_CHAINS)
