@@ -21,10 +21,12 @@ steps as one process would.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +206,10 @@ class TrainConfig:
     # learning rate whatever the scale of the model's activations. torch's 1e-8 is not: weight gradients of a
     # small LLM's blocks are of that order, so it would shorten their steps, and a wider model's smaller ones more.
     adam_eps: float = 1e-15
+    # "bfloat16" / "float16": the training and held-out forwards (and so the backwards) under torch.autocast in that
+    # dtype — the matmuls and attention in half precision (GPU tensor cores; CPUs with bf16 instructions), the
+    # parameters, the fake-quantization, the optimizer and the losses in fp32. None: fp32 throughout.
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -222,6 +228,8 @@ class TrainConfig:
             raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
         if not 0 <= self.settle < 1:
             raise ValueError(f"settle must be in [0, 1) (a share of the steps), got {self.settle}")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast must be bfloat16, float16 or null, got {self.autocast!r}")
 
     def held_out(self, n: int) -> int:
         """How many of ``n`` training items early stopping holds out (none when there are fewer than 2)."""
@@ -278,6 +286,17 @@ def default_groups(modules: list[FakeQuantLinear], cfg: TrainConfig) -> list[tup
     return [(scales, cfg.lr_scale), (weights, cfg.lr_weight)]
 
 
+def _under(context: Callable[[], Any], fn: Callable[[int], Tensor]) -> Callable[[int], Tensor]:
+    """``fn`` run inside a fresh ``context()`` each call; its result in fp32."""
+
+    def wrapped(item: int) -> Tensor:
+        with context():
+            out = fn(item)
+        return out.float()
+
+    return wrapped
+
+
 def train(
     modules: list[FakeQuantLinear],
     loss_on: Callable[[int], Tensor],
@@ -313,6 +332,9 @@ def train(
         groups = default_groups(modules, cfg)
     groups = [(ps, lr) for ps, lr in groups if ps]
     params = [p for ps, _ in groups for p in ps]
+    if cfg.autocast is not None:
+        amp = functools.partial(torch.autocast, params[0].device.type, getattr(torch, cfg.autocast))
+        loss_on = _under(amp, loss_on)
     opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups], weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     result, best_state, stale, annealing_best = TrainLog(), _snapshot(params), 0, math.inf

@@ -232,6 +232,7 @@ def test_float_tensors_stay_put_by_default(make_tiny, calib_ids):
         ({"prox": -1.0}, "prox must be >= 0"),
         ({"prox": 1.0, "rounding": "adaround"}, "does not apply to rounding 'adaround'"),
         ({"accumulate": 0}, "accumulate .* must be >= 1"),
+        ({"autocast": "float8"}, "autocast must be"),
     ],
 )
 def test_bad_options_raise(make_tiny, calib_ids, opts, match):
@@ -409,3 +410,24 @@ def test_accumulate_reaches_the_training_loop(make_tiny, calib_ids, monkeypatch,
     monkeypatch.setattr(module, "train", counting_train)
     run(make_tiny("llama"), calib_ids, ("gptq", {}), (method, {"steps": 3, "accumulate": 2}))
     assert seen and all(acc == 2 and calls == 2 * steps for acc, calls, steps in seen)
+
+
+def test_autocast_trains_in_bfloat16_and_ends_on_the_grid(make_tiny, calib_ids, monkeypatch):
+    """``autocast: bfloat16``: the training forwards' matmuls see bf16 inputs; the trained
+    parameters stay fp32, the result is on the grid and still beats RTN."""
+    seen = set()
+    original = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        if torch.is_grad_enabled():
+            seen.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype)
+        return original(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    model = make_tiny("llama")
+    result = run(model, calib_ids, ("blockft", {"steps": 40, "eval_every": 10, "autocast": "bfloat16"}))
+    assert seen == {torch.bfloat16}
+    all_on_grid(model, result)
+    rtn = run(make_tiny("llama"), calib_ids, ("rtn", {}))
+    for a, b in zip(result.blocks, rtn.blocks):
+        assert a.output_error < b.output_error
