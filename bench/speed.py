@@ -16,7 +16,8 @@ data/code/eval.txt (``--max-windows N``: the first N of its 501 only).
 
 Parts:
 - ``gptq``: blockquant ``gptq`` W4 g128 (symmetric, bf16 scales) vs llm-compressor ``oneshot`` with
-  ``GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], dampening_frac=0.01)``.
+  ``GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], dampening_frac=0.01)``; blockquant
+  in four variants (``GPTQ_VARIANTS``): fp32 or bf16 compute, ``true_sequential`` on (the default) or off.
 - ``rtn``: blockquant ``rtn`` W4 g128 without calibration data.
 - ``blockft``: blockquant ``gptq,blockft`` with its defaults vs AutoRound with its defaults (200
   iterations) at W3 g128 and W2 g64, symmetric.
@@ -394,22 +395,30 @@ def speed_table(rows: dict, args: argparse.Namespace) -> tuple[str, list[str]]:
     if row_key("blockquant", "rtn", 4, 128, "-", args) in rows:
         groups.append(("rtn", 4, 128, ["-"]))
     groups += [("gptq,blockft", b, g, args.seeds) for b, g in BLOCKFT if measured("blockquant", "gptq,blockft", b, g)]
+    peers_shown = set()  # a peer's rows once, below the blockquant rows compared with them
     for method, bits, group, seeds in groups:
         tools = [t for t in PAIRS.get(method, ("blockquant",)) if measured(t, method, bits, group) or seeds == ["-"]]
         runs = {t: [rows[row_key(t, row_method(t, method), bits, group, s, args)] for s in seeds] for t in tools}
+        peer = next((t for t in tools if t != "blockquant"), None)
+        last_of_pair = method not in GPTQ_VARIANTS or method == [m for m, *_ in groups if m in GPTQ_VARIANTS][-1]
         for tool in tools:
+            if tool != "blockquant" and ((tool, bits, group) in peers_shown or not last_of_pair):
+                continue
+            peers_shown.add((tool, bits, group))
             shown = list(zip(seeds, runs[tool])) + ([("mean", None)] if len(seeds) > 1 else [])
             for i, (seed, r) in enumerate(shown):
                 rs = runs[tool] if r is None else [r]
                 ppl, secs = _mean([x["ppl"] for x in rs]), _mean([x["seconds"] for x in rs])
                 ratio = "-"
-                if tool != "blockquant":
-                    bq = runs["blockquant"] if r is None else [runs["blockquant"][i]]
-                    ratio = f"{_mean([x['seconds'] for x in bq]) / secs:.2f}"
+                if tool == "blockquant" and peer is not None:
+                    theirs = runs[peer] if r is None else [runs[peer][i]]
+                    ratio = f"{secs / _mean([x['seconds'] for x in theirs]):.2f}"
                 peak = max(x["peak_rss_mb"] for x in rs)
                 cells = [f"{ppl:.4f}", f"{ppl - fp:+.4f}", f"{secs:.{1 if secs >= 10 else 2}f}", f"{peak:.0f}", ratio, _load(rs)]
                 lines.append([tool, PEER_METHODS.get(tool, method), str(bits), str(group), str(seed), *cells])
         checks += check_lines(method, bits, group, runs)
+        if method in GPTQ_VARIANTS and method != "gptq" and measured("blockquant", "gptq", bits, group):
+            checks[-1] = checks[-1][:-1] + "; " + _paired("gptq", method, bits, group, args, rows)
     headers = [
         "tool",
         "method",
@@ -424,6 +433,16 @@ def speed_table(rows: dict, args: argparse.Namespace) -> tuple[str, list[str]]:
         "load",
     ]
     return markdown_table(headers, lines), checks
+
+
+def _paired(base: str, method: str, bits: int, group: int, args: argparse.Namespace, rows: dict) -> str:
+    """Perplexity of ``method`` minus ``base``'s on the same calibration draws: mean ± spread."""
+    diffs = [
+        rows[row_key("blockquant", method, bits, group, s, args)]["ppl"] - rows[row_key("blockquant", base, bits, group, s, args)]["ppl"]
+        for s in args.seeds
+    ]
+    spread = f" ± {statistics.stdev(diffs):.4f}" if len(diffs) > 1 else ""
+    return f"perplexity vs blockquant `{base}` on the same draws {_mean(diffs):+.4f}{spread}."
 
 
 def _load(rs: list[dict]) -> str:
@@ -453,7 +472,7 @@ def check_lines(method: str, bits: int, group: int, runs: dict[str, list[dict]])
             what for what, bad in ((f"time ratio above {GPTQ_RATIO}", ratio > GPTQ_RATIO), ("perplexity worse", bq_ppl > p_ppl)) if bad
         ]
         return [
-            f"- {'GPTQ' if method == 'gptq' else ONE_PASS} W4 g128, blockquant time / llm-compressor time ≤ {GPTQ_RATIO} with perplexity no worse: "
+            f"- {'GPTQ' if method == 'gptq' else method} W4 g128, blockquant time / llm-compressor time ≤ {GPTQ_RATIO} with perplexity no worse: "
             f"**{_verdict(problems)}** — {bq_s:.1f} s vs {p_s:.1f} s (ratio {ratio:.2f}), "
             f"perplexity {bq_ppl:.4f} vs {p_ppl:.4f} ({bq_ppl - p_ppl:+.4f})."
         ]
