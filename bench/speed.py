@@ -19,8 +19,8 @@ Parts:
   ``GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], dampening_frac=0.01)``; blockquant
   in four variants (``GPTQ_VARIANTS``): fp32 or bf16 compute, ``true_sequential`` on (the default) or off.
 - ``rtn``: blockquant ``rtn`` W4 g128 without calibration data.
-- ``blockft``: blockquant ``gptq,blockft`` with its defaults vs AutoRound with its defaults (200
-  iterations) at W3 g128 and W2 g64, symmetric.
+- ``blockft``: blockquant ``gptq,blockft`` with its defaults, and with its training under bf16 autocast
+  (``BLOCKFT_VARIANTS``), vs AutoRound with its defaults (200 iterations) at W3 g128 and W2 g64, symmetric.
 - ``profile`` (also ``--profile``): cProfile of one blockquant ``gptq`` W4 g128 run, summarised
   into cost categories and the top functions. ``--package-root DIR`` profiles the blockquant of
   another checkout instead (``DIR/blockquant``), kept as the "before" profile beside this
@@ -66,12 +66,18 @@ GPTQ_VARIANTS = {
     BF16: ({}, "bfloat16"),
     FAST: ({"true_sequential": False}, "bfloat16"),
 }
-PAIRS = {m: ("blockquant", "llm-compressor") for m in GPTQ_VARIANTS} | {"gptq,blockft": ("blockquant", "AutoRound")}
+# The blockquant block-wise FT rows: options of the blockft step. "bf16 autocast": its training forwards and
+# backwards under torch.autocast(bfloat16), as AutoRound trains on CPU.
+AMP = "gptq,blockft (bf16 autocast)"
+BLOCKFT_VARIANTS = {"gptq,blockft": {}, AMP: {"autocast": "bfloat16"}}
+PAIRS = {m: ("blockquant", "llm-compressor") for m in GPTQ_VARIANTS} | {m: ("blockquant", "AutoRound") for m in BLOCKFT_VARIANTS}
 
 
 def row_method(tool: str, method: str) -> str:
     """The method a tool's row is stored under: a peer's GPTQ row serves both blockquant GPTQ variants."""
-    return "gptq" if method in GPTQ_VARIANTS and tool != "blockquant" else method
+    if tool == "blockquant":
+        return method
+    return "gptq" if method in GPTQ_VARIANTS else "gptq,blockft" if method in BLOCKFT_VARIANTS else method
 PEER_METHODS = {"llm-compressor": "oneshot GPTQModifier W4A16", "AutoRound": "SignRound, its defaults"}
 GPTQ_RATIO = 0.8  # check: blockquant gptq time / llm-compressor time at most this, perplexity no worse
 RTN_SECONDS = 5.0  # check: data-free RTN W4 g128 within this
@@ -142,11 +148,10 @@ def _recipe(method: str, bits: int, group: int, steps: int | None):
         from blockquant.recipe import Recipe, make_step
 
         return Recipe(spec, (make_step("gptq", GPTQ_VARIANTS[method][0]),))
-    recipe = parse_recipe(method, spec)
-    if steps is None:
-        return recipe
+    recipe = parse_recipe("gptq,blockft" if method in BLOCKFT_VARIANTS else method, spec)
+    train = dict(BLOCKFT_VARIANTS.get(method, {})) | ({} if steps is None else {"steps": steps})
     replaced = [
-        dataclasses.replace(s, options=dataclasses.replace(s.options, train=dataclasses.replace(s.options.train, steps=steps)))
+        dataclasses.replace(s, options=dataclasses.replace(s.options, train=dataclasses.replace(s.options.train, **train)))
         if hasattr(s.options, "train")
         else s
         for s in recipe.steps
@@ -354,9 +359,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, ...]]:
     for seed in args.seeds:
         if "blockft" in args.parts:
             for bits, group in BLOCKFT:
-                out.append(
-                    (row_key("blockquant", "gptq,blockft", bits, group, seed, args), "blockquant", "gptq,blockft", bits, group, seed)
-                )
+                for method in BLOCKFT_VARIANTS:
+                    out.append((row_key("blockquant", method, bits, group, seed, args), "blockquant", method, bits, group, seed))
                 out.append((row_key("AutoRound", "gptq,blockft", bits, group, seed, args), "AutoRound", "gptq,blockft", bits, group, seed))
     if "profile" in args.parts:
         which = "before" if args.package_root else "after"
@@ -394,13 +398,14 @@ def speed_table(rows: dict, args: argparse.Namespace) -> tuple[str, list[str]]:
     groups += [(m, 4, 128, args.seeds) for m in GPTQ_VARIANTS if measured("blockquant", m, 4, 128)]
     if row_key("blockquant", "rtn", 4, 128, "-", args) in rows:
         groups.append(("rtn", 4, 128, ["-"]))
-    groups += [("gptq,blockft", b, g, args.seeds) for b, g in BLOCKFT if measured("blockquant", "gptq,blockft", b, g)]
+    groups += [(m, b, g, args.seeds) for b, g in BLOCKFT for m in BLOCKFT_VARIANTS if measured("blockquant", m, b, g)]
     peers_shown = set()  # a peer's rows once, below the blockquant rows compared with them
     for method, bits, group, seeds in groups:
         tools = [t for t in PAIRS.get(method, ("blockquant",)) if measured(t, method, bits, group) or seeds == ["-"]]
         runs = {t: [rows[row_key(t, row_method(t, method), bits, group, s, args)] for s in seeds] for t in tools}
         peer = next((t for t in tools if t != "blockquant"), None)
-        last_of_pair = method not in GPTQ_VARIANTS or method == [m for m, *_ in groups if m in GPTQ_VARIANTS][-1]
+        later = groups[groups.index((method, bits, group, seeds)) + 1 :]
+        last_of_pair = not any(PAIRS.get(m, ())[1:] == (peer,) and (b, g) == (bits, group) for m, b, g, _ in later)
         for tool in tools:
             if tool != "blockquant" and ((tool, bits, group) in peers_shown or not last_of_pair):
                 continue
@@ -479,7 +484,7 @@ def check_lines(method: str, bits: int, group: int, runs: dict[str, list[dict]])
     problems = [what for what, bad in (("perplexity not better", bq_ppl >= p_ppl), ("slower", bq_s > p_s)) if bad]
     verdict = _verdict(problems)
     return [
-        f"- W{bits} g{group}, blockquant `gptq,blockft` better perplexity than AutoRound at no more time: **{verdict}** — "
+        f"- W{bits} g{group}, blockquant `{method}` better perplexity than AutoRound at no more time: **{verdict}** — "
         f"perplexity {bq_ppl:.4f} vs {p_ppl:.4f} ({bq_ppl - p_ppl:+.4f}), {bq_s:.0f} s vs {p_s:.0f} s (ratio {ratio:.2f})."
     ]
 
@@ -542,7 +547,9 @@ def note(rows: dict, args: argparse.Namespace) -> str:
         "already quantized); `gptq (bf16 compute…)`: the same two with the model loaded in its checkpoint's bf16, as the "
         "peers load it (`--dtype bfloat16` on the command line; GPTQ's own arithmetic stays fp32), scored in fp32 with the "
         "weights its checkpoint holds; `rtn` W4 g128 without calibration data; `gptq,blockft` (GPTQ, then block-wise "
-        "fine-tuning with its defaults) at W3 g128 and W2 g64.\n\n"
+        "fine-tuning with its defaults) at W3 g128 and W2 g64, and `gptq,blockft (bf16 autocast)`: the same with the "
+        "fine-tuning's forwards and backwards under `torch.autocast(bfloat16)` (option `autocast: bfloat16`), as AutoRound "
+        "trains on CPU.\n\n"
     )
     if versions:
         text += (
@@ -562,7 +569,7 @@ def note(rows: dict, args: argparse.Namespace) -> str:
 def provenance(rows: dict, args: argparse.Namespace) -> str:
     """When each part's rows were measured and on which blockquant (rows of earlier runs come from the cache)."""
     parts = []
-    for part, methods in (("gptq", tuple(GPTQ_VARIANTS)), ("rtn", ("rtn",)), ("blockft", ("gptq,blockft",))):
+    for part, methods in (("gptq", tuple(GPTQ_VARIANTS)), ("rtn", ("rtn",)), ("blockft", tuple(BLOCKFT_VARIANTS))):
         found = [r for k, r in rows.items() if k.endswith(settings_key(args)) and k.split("/")[1] in methods]
         if found:
             dates = ", ".join(sorted({r["date"] for r in found}))

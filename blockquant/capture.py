@@ -254,7 +254,7 @@ def collect_hessians(
     ``2 x xᵀ`` over its own tokens; the sums and the token counts are added up over the
     processes, then divided. ``dtype`` float64 sums in fp64 (whose rounding the final fp32
     almost never shows), so that the Hessian does not depend on how the tokens are split over
-    batches, processes or threads.
+    processes (with the same threads each: the forwards' own sums change with the thread count).
     """
     if dist.world_size() > 1 or dtype != torch.float32:
         return _summed_hessians(block, inputs, layers, dtype)

@@ -31,7 +31,7 @@ class GPTQOptions:
     clip_search: bool | str = "auto"  # range search per group: True, False, or "auto" = per layer, whichever
     # of the two gives the lower output error tr(ΔW H ΔWᵀ) on the calibration inputs
     hessian_dtype: str = "float32"  # float64: Hessian sums that do not depend on how tokens are split over
-    # processes or threads (the same codes under torchrun as in one process), for about twice their cost
+    # processes (the same codes under torchrun as in one process), for about twice their arithmetic
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
