@@ -356,9 +356,9 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, ...]]:
             out.append((row_key("llm-compressor", "gptq", 4, 128, seed, args), "llm-compressor", "gptq", 4, 128, seed))
     if "rtn" in args.parts:
         out.append((row_key("blockquant", "rtn", 4, 128, "-", args), "blockquant", "rtn", 4, 128, 0))
-    for seed in args.seeds:
+    for seed in args.blockft_seeds:
         if "blockft" in args.parts:
-            for bits, group in BLOCKFT:
+            for bits, group in args.blockft_widths:
                 for method in BLOCKFT_VARIANTS:
                     out.append((row_key("blockquant", method, bits, group, seed, args), "blockquant", method, bits, group, seed))
                 out.append((row_key("AutoRound", "gptq,blockft", bits, group, seed, args), "AutoRound", "gptq,blockft", bits, group, seed))
@@ -398,10 +398,11 @@ def speed_table(rows: dict, args: argparse.Namespace) -> tuple[str, list[str]]:
     groups += [(m, 4, 128, args.seeds) for m in GPTQ_VARIANTS if measured("blockquant", m, 4, 128)]
     if row_key("blockquant", "rtn", 4, 128, "-", args) in rows:
         groups.append(("rtn", 4, 128, ["-"]))
-    groups += [(m, b, g, args.seeds) for b, g in BLOCKFT for m in BLOCKFT_VARIANTS if measured("blockquant", m, b, g)]
+    ft_measured = lambda t, m, b, g: all(row_key(t, row_method(t, m), b, g, s, args) in rows for s in args.blockft_seeds)  # noqa: E731
+    groups += [(m, b, g, args.blockft_seeds) for b, g in BLOCKFT for m in BLOCKFT_VARIANTS if ft_measured("blockquant", m, b, g)]
     peers_shown = set()  # a peer's rows once, below the blockquant rows compared with them
     for method, bits, group, seeds in groups:
-        tools = [t for t in PAIRS.get(method, ("blockquant",)) if measured(t, method, bits, group) or seeds == ["-"]]
+        tools = [t for t in PAIRS.get(method, ("blockquant",)) if all(row_key(t, row_method(t, method), bits, group, s, args) in rows for s in seeds)]
         runs = {t: [rows[row_key(t, row_method(t, method), bits, group, s, args)] for s in seeds] for t in tools}
         peer = next((t for t in tools if t != "blockquant"), None)
         later = groups[groups.index((method, bits, group, seeds)) + 1 :]
@@ -529,7 +530,8 @@ def note(rows: dict, args: argparse.Namespace) -> str:
     windows = f"the first {args.max_windows} of its 501 eval windows" if args.max_windows else "all 501 eval windows"
     text = (
         f"Subject llama-code (bf16 checkpoint, 12.6 M parameters). Calibration: the same {args.nsamples} × {SEQLEN}-token windows "
-        f"of data/code/calib.txt for every tool (seed{'s' if len(args.seeds) > 1 else ''} {', '.join(map(str, args.seeds))}, drawn by "
+        f"of data/code/calib.txt for every tool (seed{'s' if len(args.seeds) > 1 else ''} {', '.join(map(str, args.seeds))}; the "
+        f"fine-tuning rows: seed{'s' if len(args.blockft_seeds) > 1 else ''} {', '.join(map(str, args.blockft_seeds))}; drawn by "
         "`blockquant.files.load_calibration`). Perplexity: blockquant's `evaluate.perplexity` on "
         f"{windows} (512 tokens), fp32 compute for every row: blockquant's model in memory after `quantize`, the peers' "
         f"compressed-tensors checkpoints loaded by transformers {main_tf} + compressed-tensors in fp32. *quantize s*: wall time of the "
@@ -600,6 +602,15 @@ def write_tables(rows: dict, args: argparse.Namespace) -> str:
     return "\n\n".join(body)
 
 
+def _width(text: str) -> tuple[int, int]:
+    """``3g128`` -> (3, 128)."""
+    bits, _, group = text.partition("g")
+    try:
+        return int(bits), int(group)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BITSgGROUP such as 3g128, got {text!r}") from None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
@@ -608,6 +619,15 @@ def main() -> int:
     p.add_argument("--package-root", help="profile the blockquant of another checkout (DIR/blockquant) as the 'before' profile")
     p.add_argument("--threads", type=int, default=2, help="threads of every child [2]")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration draws [0]")
+    p.add_argument("--blockft-seeds", nargs="+", type=int, default=[0], help="calibration draws of the blockft part [0]")
+    p.add_argument(
+        "--blockft-widths",
+        nargs="+",
+        type=_width,
+        default=list(BLOCKFT),
+        metavar="BITSgGROUP",
+        help="the widths of the blockft part [3g128 2g64]; rows measured before at other widths stay in the table",
+    )
     p.add_argument("--max-windows", type=int, help="perplexity on the first N of the 501 eval windows only [all]")
     p.add_argument(
         "--fresh",
@@ -654,7 +674,7 @@ def main() -> int:
             rows.pop(job[0], None)
     if any(j[1] in ("llm-compressor", "AutoRound") for j in todo if j[0] not in rows):
         print(f"peer environment: {peers.ensure_venv()}", flush=True)
-    for seed in args.seeds:
+    for seed in sorted(set(args.seeds) | set(args.blockft_seeds)):
         draw_calibration(seed, args.nsamples)
     for job in todo:
         if job[0] in rows:
