@@ -263,7 +263,7 @@ def collect_hessians(
 
     def make_hook(name: str) -> Callable:
         def hook(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])  # (N, in)
             if name not in hessians:
                 hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                 counts[name] = 0
@@ -280,16 +280,20 @@ def collect_hessians(
 # Rows of the upper-triangle panels of a Gram sum: narrower panels skip more of the lower
 # triangle, wider ones keep the multiply efficient.
 GRAM_PANEL = 256
+GRAM_TOKENS = 4096  # tokens converted to the sum's dtype at a time: bounds the copy of a long batch
 
 
 def add_gram(h: Tensor, x: Tensor, alpha: float) -> Tensor:
-    """``h += alpha · xᵀx`` on and above the diagonal only, in row panels: ``xᵀx`` is symmetric,
-    so its lower triangle (up to half of the multiply-adds on wide layers) is left to
-    ``mirror_upper``, once, after the last batch. Below the diagonal ``h`` is left as it was."""
+    """``h += alpha · xᵀx`` (``x`` in ``h``'s dtype) on and above the diagonal only, in row
+    panels: ``xᵀx`` is symmetric, so its lower triangle (up to half of the multiply-adds on wide
+    layers) is left to ``mirror_upper``, once, after the last batch. Below the diagonal ``h`` is
+    left as it was."""
     cols = h.shape[0]
     panel = GRAM_PANEL if cols > 2 * GRAM_PANEL else GRAM_PANEL // 2
-    for a in range(0, cols, panel):
-        h[a : a + panel, a:].addmm_(x[:, a : a + panel].t(), x[:, a:], alpha=alpha)
+    for t in range(0, x.shape[0], GRAM_TOKENS):
+        xt = x[t : t + GRAM_TOKENS].to(h.dtype)
+        for a in range(0, cols, panel):
+            h[a : a + panel, a:].addmm_(xt[:, a : a + panel].t(), xt[:, a:], alpha=alpha)
     return h
 
 
@@ -310,7 +314,7 @@ def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
 
     def make_hook(name: str) -> Callable:
         def hook(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(dtype)  # (N, in)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])  # (N, in)
             if name not in sums:
                 sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=dtype)
             add_gram(sums[name], x, 2.0)
