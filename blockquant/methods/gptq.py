@@ -45,16 +45,24 @@ class GPTQOptions:
 
 
 def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, raising the damping until H is positive definite."""
-    mean_diag = torch.mean(torch.diag(h))
+    """Upper Cholesky factor of (H + λI)⁻¹, raising the damping until H is positive definite.
+
+    ``h`` is the caller's to give away: its diagonal is damped in place, and it is released as
+    soon as it is factored, so that no more than two matrices of H's size are alive at a time
+    besides the caller's Hessian (a 11008-wide fp32 H is 460 MiB)."""
+    diag = torch.diag(h).clone()
+    mean_diag = torch.mean(diag)
     for attempt in range(6):
-        damped = h.clone()
-        damped.diagonal().add_(damp * 10**attempt * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(damped)
+        h.diagonal().copy_(diag + damp * 10**attempt * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
         if info == 0:
             if attempt:
                 log.warning("GPTQ: Hessian needed damping %.3g to be positive definite", damp * 10**attempt)
-            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+            del h
+            inverse = torch.cholesky_inverse(chol)
+            del chol
+            return torch.linalg.cholesky(inverse, upper=True)
+        del chol
     raise ValueError("GPTQ: the Hessian is not positive definite even with 10⁵× damping")
 
 
@@ -112,6 +120,8 @@ def gptq_quantize_group(
             rows += p[3] - p[2]
     hinv, perm, dead, diag_h = _prepare(h, opts)
     parts: dict[tuple[int, bool], list[tuple[Tensor, Tensor, Tensor]]] = {c: [] for c in candidates}
+    pending = {i: sum(p[0] == i for p in pieces) for i in range(len(ws))}  # pieces of each weight not yet swept
+    best: dict[int, tuple] = {}
     g_idx = None
     for chunk in chunks:
         w = torch.cat([ws[i][a:b] for i, _, a, b in chunk])
@@ -122,27 +132,40 @@ def gptq_quantize_group(
         w_hat, scale, zero, g_idx = _sweep(w, hinv, perm, dead, diag_h, spec, opts, runs)
         for (i, clip, _, _), (a, b, _) in zip(chunk, runs):
             parts[(i, clip)].append((w_hat[a:b], scale[a:b] if not spec.per_tensor else scale, zero[a:b] if not spec.per_tensor else zero))
-    out = []
-    for i, w in enumerate(ws):
-        best = None
-        for clip in clips:  # the lower tr(ΔW H ΔWᵀ) wins; the search on a tie
-            w_hat, scale, zero = (torch.cat([p[k] for p in parts[(i, clip)]]) for k in range(3))
-            err = float(relative_error(w, w_hat, h)) if len(clips) > 1 else 0.0
-            if best is None or err < best[0]:
-                best = (err, w_hat, scale, zero, clip)
-        out.append((best[1], best[2], best[3], g_idx, best[4]))
-    return out
+            pending[i] -= 1
+        del w, w_hat, scale, zero
+        for i in [i for i, n in pending.items() if n == 0 and i not in best]:  # a weight's every choice is swept: keep the better
+            best[i] = _better(ws[i], h, clips, [parts.pop((i, clip)) for clip in clips])
+    return [(*best[i][:3], g_idx, best[i][3]) for i in range(len(ws))]
+
+
+def _better(w: Tensor, h: Tensor, clips: tuple[bool, ...], parts: list[list[tuple[Tensor, Tensor, Tensor]]]) -> tuple:
+    """(ŵ, scale, zero, range search used) of the range choice with the lower tr(ΔW H ΔWᵀ); the search on a tie."""
+    best = None
+    for clip, pieces in zip(clips, parts):
+        w_hat, scale, zero = (torch.cat([p[k] for p in pieces]) for k in range(3))
+        err = float(relative_error(w, w_hat, h)) if len(clips) > 1 else 0.0
+        if best is None or err < best[0]:
+            best = (err, w_hat, scale, zero, clip)
+    return best[1:]
 
 
 def _prepare(h: Tensor, opts: GPTQOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """What every row's sweep shares: the upper Cholesky factor of the permuted (H + λI)⁻¹, the
     column order, the never-excited columns and diag(H) (unpermuted)."""
-    H = h.clone().float()
-    dead = torch.diag(H) == 0  # columns never excited: any value is free, zero it
-    H[dead, dead] = 1
-    diag_h = torch.diag(H).clone()
-    perm = torch.argsort(diag_h, descending=True) if opts.act_order else torch.arange(H.shape[0])
-    return _inverse_cholesky(H[perm][:, perm], opts.damp), perm, dead, diag_h
+    diag_h = torch.diag(h).float()
+    dead = diag_h == 0  # columns never excited: any value is free, zero it
+    diag_h[dead] = 1
+    perm = torch.argsort(diag_h, descending=True) if opts.act_order else torch.arange(h.shape[0])
+    return _inverse_cholesky(_permuted(h, perm, dead[perm]), opts.damp), perm, dead, diag_h
+
+
+def _permuted(h: Tensor, perm: Tensor, dead: Tensor) -> Tensor:
+    """A fp32 copy of ``H`` with rows and columns in ``perm`` order, 1 on the diagonal of the
+    ``dead`` (never excited, in that order) columns."""
+    H = h.float()[perm][:, perm]
+    H.diagonal()[dead] = 1
+    return H
 
 
 def _sweep(
