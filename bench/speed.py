@@ -393,16 +393,17 @@ def speed_table(rows: dict, args: argparse.Namespace) -> tuple[str, list[str]]:
     fp = rows[f"fp/{settings_key(args)}"]["ppl"]
     lines = [["FP (bf16 checkpoint, fp32 compute)", "-", "16", "-", "-", f"{fp:.4f}", "-", "-", "-", "-", "-"]]
     checks = []
-    measured = lambda t, m, b, g: all(row_key(t, row_method(t, m), b, g, s, args) in rows for s in args.seeds)  # noqa: E731
+    def measured(t: str, m: str, b: int, g: int, seeds: list = args.seeds) -> bool:
+        return all(row_key(t, row_method(t, m), b, g, s, args) in rows for s in seeds)
+
     groups = []
     groups += [(m, 4, 128, args.seeds) for m in GPTQ_VARIANTS if measured("blockquant", m, 4, 128)]
     if row_key("blockquant", "rtn", 4, 128, "-", args) in rows:
         groups.append(("rtn", 4, 128, ["-"]))
-    ft_measured = lambda t, m, b, g: all(row_key(t, row_method(t, m), b, g, s, args) in rows for s in args.blockft_seeds)  # noqa: E731
-    groups += [(m, b, g, args.blockft_seeds) for b, g in BLOCKFT for m in BLOCKFT_VARIANTS if ft_measured("blockquant", m, b, g)]
+    groups += [(m, b, g, args.blockft_seeds) for b, g in BLOCKFT for m in BLOCKFT_VARIANTS if measured("blockquant", m, b, g, args.blockft_seeds)]
     peers_shown = set()  # a peer's rows once, below the blockquant rows compared with them
     for method, bits, group, seeds in groups:
-        tools = [t for t in PAIRS.get(method, ("blockquant",)) if all(row_key(t, row_method(t, method), bits, group, s, args) in rows for s in seeds)]
+        tools = [t for t in PAIRS.get(method, ("blockquant",)) if measured(t, method, bits, group, seeds)]
         runs = {t: [rows[row_key(t, row_method(t, method), bits, group, s, args)] for s in seeds] for t in tools}
         peer = next((t for t in tools if t != "blockquant"), None)
         later = groups[groups.index((method, bits, group, seeds)) + 1 :]
