@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from blockquant import dist
 from blockquant.arch import ArchSpec, LinearGroup
-from blockquant.layers import weight_matrix
+from blockquant.layers import weight_view
 from blockquant.spec import ActSpec
 
 
@@ -280,7 +280,7 @@ def collect_hessians(
 # Rows of the upper-triangle panels of a Gram sum: narrower panels skip more of the lower
 # triangle, wider ones keep the multiply efficient.
 GRAM_PANEL = 256
-GRAM_TOKENS = 4096  # tokens converted to the sum's dtype at a time: bounds the copy of a long batch
+GRAM_TOKENS = 1024  # tokens converted to the sum's dtype at a time: bounds that copy (23 MiB for 5632-wide bf16 inputs)
 
 
 def add_gram(h: Tensor, x: Tensor, alpha: float) -> Tensor:
@@ -298,12 +298,19 @@ def add_gram(h: Tensor, x: Tensor, alpha: float) -> Tensor:
 
 
 def mirror_upper(h: Tensor) -> Tensor:
-    """The symmetric matrix whose upper triangle (diagonal included) is ``h``'s (``add_gram``)."""
-    return h.triu().add_(h.triu(1).t())
+    """``h`` made symmetric in place from its upper triangle (diagonal included, ``add_gram``), a
+    row panel at a time: no temporary of ``h``'s size (a 5632-wide fp32 H is 121 MiB)."""
+    cols = h.shape[0]
+    for a in range(0, cols, GRAM_PANEL):
+        b = min(a + GRAM_PANEL, cols)
+        square = h[a:b, a:b]
+        square.copy_(square.triu() + square.triu(1).t())
+        h[b:, a:b].copy_(h[a:b, b:].t())
+    return h
 
 
 def _in_features(layer: nn.Module) -> int:
-    return weight_matrix(layer).shape[1]
+    return weight_view(layer).shape[1]
 
 
 def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -460,12 +467,24 @@ def whole_sample(stats: InputStats) -> Tensor:
     return dist.all_reduce_sum(full)
 
 
+# Rows of a weight per product with H in ``output_error``: bounds its temporaries.
+ERROR_ROWS = 256
+
+
+def output_error(w: Tensor, hessian: Tensor, w_hat: Tensor | None = None) -> float:
+    """``tr(D H Dᵀ)`` with ``D = ŵ − w`` (``w`` itself when ``w_hat`` is None): the layer's summed
+    squared output error on its inputs. A few rows at a time, summed in fp64, so that it costs no
+    copy of the weight (and is additive over rows: pieces of a weight can be scored apart)."""
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    for a in range(0, w.shape[0], ERROR_ROWS):
+        d = w[a : a + ERROR_ROWS].float() if w_hat is None else w_hat[a : a + ERROR_ROWS].float() - w[a : a + ERROR_ROWS].float()
+        total += torch.sum((d @ hessian) * d, dtype=torch.float64)
+    return float(total)
+
+
 def relative_error(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
     """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: the layer's relative output error on its inputs."""
-    d = (w_hat - w).float()
-    num = torch.sum((d @ hessian) * d)
-    den = torch.sum((w.float() @ hessian) * w.float()).clamp(min=1e-30)
-    return float(num / den)
+    return output_error(w, hessian, w_hat) / max(output_error(w, hessian), 1e-30)
 
 
 @dataclass

@@ -35,6 +35,16 @@ def weight_matrix(layer: nn.Module) -> Tensor:
     return w.reshape(w.shape[0], -1).clone()
 
 
+def weight_view(layer: nn.Module) -> Tensor:
+    """The weight as its ``(out, K)`` matrix, for reading only: a view in the layer's own dtype for
+    Linear and Conv1D (no fp32 copy of a wide layer just to read its shape or score it), the
+    fp32 copy of ``weight_matrix`` for convolutions."""
+    if is_conv(layer):
+        return weight_matrix(layer)
+    w = layer.weight.detach()
+    return w.t() if isinstance(layer, Conv1D) else w
+
+
 def matrix_to_weight(layer: nn.Module, w: Tensor) -> Tensor:
     """An ``(out, K)`` matrix in the layer's own weight layout (the inverse of ``weight_matrix``), w's dtype."""
     if isinstance(layer, Conv1D):
