@@ -132,10 +132,9 @@ def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Te
     return dequantize(quantize(w.float(), scale, zero, spec), scale, zero, spec, in_place=True)
 
 
-def quantize_column(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
-    """Fake-quantize one column ``(out,)`` with its group's ``(out,)`` scale and zero (GPTQ)."""
-    q = torch.clamp(torch.round(w / scale) + zero, spec.qmin, spec.qmax)
-    return scale * (q - zero)
+def column_codes(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """Integer codes (as float tensor) of one column ``(out,)`` with its group's ``(out,)`` scale and zero (GPTQ)."""
+    return torch.clamp(torch.round(w / scale) + zero, spec.qmin, spec.qmax)
 
 
 def clip_search(

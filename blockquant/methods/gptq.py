@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from blockquant.capture import BlockContext, LayerResult, collect_hessians, relative_error
+from blockquant.capture import BlockContext, LayerResult, collect_hessians, output_error, relative_error
 from blockquant.convnet import layer_stats
-from blockquant.layers import set_weight_matrix, weight_matrix
-from blockquant.primitives import clip_search, compute_qparams, group_width, n_groups, quantize_column
+from blockquant.layers import set_weight_matrix, weight_matrix, weight_view
+from blockquant.primitives import clip_search, column_codes, compute_qparams, group_width, n_groups
 from blockquant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -44,25 +44,27 @@ class GPTQOptions:
             raise ValueError(f"gptq hessian_dtype must be float32 or float64, got {self.hessian_dtype!r}")
 
 
-def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, raising the damping until H is positive definite.
+def _inverse_cholesky(h: Tensor, perm: Tensor, dead: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with H's rows and columns in ``perm`` order (see
+    ``_permuted``), raising the damping until H is positive definite.
 
-    ``h`` is the caller's to give away: its diagonal is damped in place, and it is released as
-    soon as it is factored, so that no more than two matrices of H's size are alive at a time
-    besides the caller's Hessian (a 11008-wide fp32 H is 460 MiB)."""
-    diag = torch.diag(h).clone()
-    mean_diag = torch.mean(diag)
+    One matrix of H's size besides ``h``: the permuted copy is factored, inverted and factored
+    again in its own memory. LAPACK works on column-major matrices; given the column-major view
+    of the copy (H is symmetric: the same matrix), torch runs each step in place, where a
+    row-major one costs a temporary of H's size per step (a 11008-wide fp32 H is 460 MiB). The
+    factor is returned as that view: the same numbers as the out-of-place steps, bit for bit.
+    A failed factorization has overwritten the copy: each attempt permutes ``h`` anew."""
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(6):
-        h.diagonal().copy_(diag + damp * 10**attempt * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(h)
+        f = _permuted(h, perm, dead).mT  # column-major: LAPACK's layout
+        f.diagonal().add_(damp * 10**attempt * torch.mean(torch.diag(f)))
+        torch.linalg.cholesky_ex(f, out=(f, info))
         if info == 0:
             if attempt:
                 log.warning("GPTQ: Hessian needed damping %.3g to be positive definite", damp * 10**attempt)
-            del h
-            inverse = torch.cholesky_inverse(chol)
-            del chol
-            return torch.linalg.cholesky(inverse, upper=True)
-        del chol
+            torch.cholesky_inverse(f, out=f)
+            return torch.linalg.cholesky(f, upper=True, out=f)
+        del f
     raise ValueError("GPTQ: the Hessian is not positive definite even with 10⁵× damping")
 
 
@@ -102,7 +104,6 @@ def gptq_quantize_group(
     """
     opts = opts or GPTQOptions()
     clips = (True, False) if opts.clip_search == "auto" else (bool(opts.clip_search),)
-    ws = [w.float() for w in ws]
     candidates = [(i, clip) for i in range(len(ws)) for clip in clips]  # auto: both through the whole error feedback
     cols = ws[0].shape[1]
     step = max(1, SWEEP_ELEMENTS // cols)
@@ -122,32 +123,55 @@ def gptq_quantize_group(
     parts: dict[tuple[int, bool], list[tuple[Tensor, Tensor, Tensor]]] = {c: [] for c in candidates}
     pending = {i: sum(p[0] == i for p in pieces) for i in range(len(ws))}  # pieces of each weight not yet swept
     best: dict[int, tuple] = {}
-    g_idx = None
-    for chunk in chunks:
-        w = torch.cat([ws[i][a:b] for i, _, a, b in chunk])
+    grouped = not spec.per_tensor and spec.group_size != -1
+    for n, chunk in enumerate(chunks):
+        w = torch.cat([ws[i][a:b].float() for i, _, a, b in chunk])
         runs, at = [], 0
         for _, clip, a, b in chunk:
             runs.append((at, at + b - a, clip))
             at += b - a
-        w_hat, scale, zero, g_idx = _sweep(w, hinv, perm, dead, diag_h, spec, opts, runs)
+        codes, scale, zero, group_of = _sweep(w, hinv, perm, dead, diag_h, spec, opts, runs)
+        if n == len(chunks) - 1:
+            del hinv  # every row is swept: H⁻¹'s factor goes before the last weight is scored
         for (i, clip, _, _), (a, b, _) in zip(chunk, runs):
-            parts[(i, clip)].append((w_hat[a:b], scale[a:b] if not spec.per_tensor else scale, zero[a:b] if not spec.per_tensor else zero))
+            parts[(i, clip)].append((codes[a:b], scale[a:b] if not spec.per_tensor else scale, zero[a:b] if not spec.per_tensor else zero))
             pending[i] -= 1
-        del w, w_hat, scale, zero
+        del w, codes, scale, zero
         for i in [i for i, n in pending.items() if n == 0 and i not in best]:  # a weight's every choice is swept: keep the better
-            best[i] = _better(ws[i], h, clips, [parts.pop((i, clip)) for clip in clips])
+            best[i] = _better(ws[i], h, clips, [parts.pop((i, clip)) for clip in clips], group_of)
+    g_idx = group_of if grouped and opts.act_order and not opts.static_groups else None  # groups of permuted columns
     return [(*best[i][:3], g_idx, best[i][3]) for i in range(len(ws))]
 
 
-def _better(w: Tensor, h: Tensor, clips: tuple[bool, ...], parts: list[list[tuple[Tensor, Tensor, Tensor]]]) -> tuple:
-    """(ŵ, scale, zero, range search used) of the range choice with the lower tr(ΔW H ΔWᵀ); the search on a tie."""
+def _better(
+    w: Tensor, h: Tensor, clips: tuple[bool, ...], parts: list[list[tuple[Tensor, Tensor, Tensor]]], group_of: Tensor
+) -> tuple:
+    """(ŵ, scale, zero, range search used) of the range choice with the lower tr(ΔW H ΔWᵀ); the search on a tie.
+    Each choice is scored piece by piece (the error adds up over rows); only the better one is joined."""
     best = None
     for clip, pieces in zip(clips, parts):
-        w_hat, scale, zero = (torch.cat([p[k] for p in pieces]) for k in range(3))
-        err = float(relative_error(w, w_hat, h)) if len(clips) > 1 else 0.0
+        err, at = 0.0, 0
+        for codes, scale, zero in pieces if len(clips) > 1 else []:
+            err += output_error(w[at : at + len(codes)], h, _dequantized(codes, scale, zero, group_of))
+            at += len(codes)
         if best is None or err < best[0]:
-            best = (err, w_hat, scale, zero, clip)
-    return best[1:]
+            best = (err, pieces, clip)
+    pieces = best[1]
+    w_hat = torch.cat([_dequantized(*p, group_of) for p in pieces])
+    return (w_hat, *(torch.cat([p[k] for p in pieces]) for k in (1, 2)), best[2])
+
+
+def _dequantized(codes: Tensor, scale: Tensor, zero: Tensor, group_of: Tensor) -> Tensor:
+    """ŵ = s · (q − z) of the sweep's integer codes, column ``c`` on group ``group_of[c]``: the
+    sweep's own arithmetic, so the same fp32 values bit for bit."""
+    return scale[:, group_of] * (codes.float() - zero[:, group_of])
+
+
+def _code_dtype(spec: QuantSpec) -> torch.dtype:
+    """The narrowest integer type that holds the grid's codes (the sweep keeps codes, not fp32 ŵ)."""
+    if spec.qmin >= 0 and spec.qmax <= 255:
+        return torch.uint8
+    return torch.int8 if spec.qmin >= -128 and spec.qmax <= 127 else torch.int16
 
 
 def _prepare(h: Tensor, opts: GPTQOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -157,13 +181,19 @@ def _prepare(h: Tensor, opts: GPTQOptions) -> tuple[Tensor, Tensor, Tensor, Tens
     dead = diag_h == 0  # columns never excited: any value is free, zero it
     diag_h[dead] = 1
     perm = torch.argsort(diag_h, descending=True) if opts.act_order else torch.arange(h.shape[0])
-    return _inverse_cholesky(_permuted(h, perm, dead[perm]), opts.damp), perm, dead, diag_h
+    return _inverse_cholesky(h, perm, dead[perm], opts.damp), perm, dead, diag_h
+
+
+# Rows of H permuted at a time: the copy of H costs one matrix of its size, not three.
+PERMUTE_ROWS = 256
 
 
 def _permuted(h: Tensor, perm: Tensor, dead: Tensor) -> Tensor:
     """A fp32 copy of ``H`` with rows and columns in ``perm`` order, 1 on the diagonal of the
     ``dead`` (never excited, in that order) columns."""
-    H = h.float()[perm][:, perm]
+    H = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+    for a in range(0, len(perm), PERMUTE_ROWS):
+        H[a : a + PERMUTE_ROWS] = h[perm[a : a + PERMUTE_ROWS]][:, perm]
     H.diagonal()[dead] = 1
     return H
 
@@ -177,8 +207,9 @@ def _sweep(
     spec: QuantSpec,
     opts: GPTQOptions,
     runs: list[tuple[int, int, bool]],
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """GPTQ's column sweep (Alg. 1) over the rows of ``w``; ``runs``: row ranges and their range choice."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GPTQ's column sweep (Alg. 1) over the rows of ``w``; ``runs``: row ranges and their range choice.
+    Returns the integer codes (a quarter or less of ŵ's fp32 bytes), scale, zero and each column's group."""
     out_f, cols = w.shape
     W = w.clone()
     W[:, dead] = 0
@@ -197,7 +228,7 @@ def _sweep(
     group_of = torch.zeros(cols, dtype=torch.long)
 
     bs = opts.block_size if not grouped else max(1, opts.block_size // width) * width
-    Q = torch.zeros_like(W)
+    codes = torch.zeros(W.shape, dtype=_code_dtype(spec), device=W.device)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         W1, Err1, hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), hinv[i1:i2, i1:i2]
@@ -216,17 +247,16 @@ def _sweep(
             group_of[orig] = j
             # 2. quantize the column and spread its scaled error over the columns to its right
             col = W1[:, i]
-            q = quantize_column(col, scale[:, j], zero[:, j], spec)
-            Q[:, c] = q
+            code = column_codes(col, scale[:, j], zero[:, j], spec)
+            q = scale[:, j] * (code - zero[:, j])  # ŵ of the column; the code is kept
+            codes[:, c] = code
             err = (col - q) / hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         # 3. lazy update of every column after this block
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
 
-    w_hat = Q[:, torch.argsort(perm)]
-    permuted_groups = grouped and opts.act_order and not opts.static_groups
-    return w_hat, scale, zero, group_of if permuted_groups else None
+    return codes[:, torch.argsort(perm)], scale, zero, group_of
 
 
 @torch.no_grad()
@@ -237,13 +267,22 @@ def apply(block: nn.Module, ctx: BlockContext, spec: QuantSpec, opts: GPTQOption
         # Hessians from the current block, whose earlier stages are already quantized.
         firsts = {g.linears[0]: ctx.linear(block, g.linears[0]) for g in stage}  # one input per group
         hessians = collect_hessians(block, ctx.inputs, firsts, getattr(torch, opts.hessian_dtype))
-        for group in stage:
-            h = hessians[group.linears[0]]
-            layers = [ctx.linear(block, name) for name in group.linears]
-            ws = [weight_matrix(layer) for layer in layers]
-            for name, layer, w, (w_hat, scale, zero, g_idx, _) in zip(group.linears, layers, ws, gptq_quantize_group(ws, h, spec, opts)):
-                set_weight_matrix(layer, w_hat)
-                results[name] = LayerResult(scale.cpu(), zero.cpu(), g_idx, relative_error(w, w_hat, h))
+        for group in stage:  # each H is handed over, so that it is freed with its group
+            results.update(_quantize_linears(block, ctx, group.linears, hessians.pop(group.linears[0]), spec, opts))
+    return results
+
+
+def _quantize_linears(block: nn.Module, ctx: BlockContext, names: tuple[str, ...], h: Tensor, spec: QuantSpec, opts: GPTQOptions) -> dict[str, LayerResult]:
+    """GPTQ of the linears ``names`` of ``block`` that read one input, whose Hessian is ``h``;
+    ŵ written back into each. The weights are read where they are (no fp32 copies): the
+    temporaries of one group, and nothing of it outlives the call."""
+    layers = [ctx.linear(block, name) for name in names]
+    ws = [weight_view(layer) for layer in layers]
+    results = {}
+    for name, layer, w, (w_hat, scale, zero, g_idx, _) in zip(names, layers, ws, gptq_quantize_group(ws, h, spec, opts)):
+        error = relative_error(w, w_hat, h)  # before ŵ overwrites the weight ``w`` views
+        set_weight_matrix(layer, w_hat)
+        results[name] = LayerResult(scale.cpu(), zero.cpu(), g_idx, error)
     return results
 
 
