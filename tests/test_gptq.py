@@ -201,7 +201,7 @@ VARIANTS = [
 @pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: "-".join(k for k, v in o.items() if v) or "plain")
 @pytest.mark.parametrize(
     "spec",
-    [QuantSpec(4, 32), QuantSpec(3, 32, sym=True), QuantSpec(2, 128), QuantSpec(4, -1), QuantSpec(8, -1, per_tensor=True)],
+    [QuantSpec(4, 32), QuantSpec(3, 32, sym=True), QuantSpec(2, 128), QuantSpec(4, -1), QuantSpec(8, 16, sym=False), QuantSpec(8, -1, per_tensor=True)],
     ids=lambda s: s.describe().replace(" ", "-"),
 )
 def test_gptq_output_on_grid(spec, opts):
@@ -354,3 +354,43 @@ def test_collect_hessians_is_the_mean_gram_of_each_input():
         expected = 2.0 / len(x) * x.t().double() @ x.double()
         assert torch.allclose(h[name].double(), expected, rtol=1e-5, atol=1e-6), name
         assert torch.equal(h[name], h[name].t())
+
+
+@pytest.mark.parametrize("cols", [37, 300])
+def test_inverse_factor_in_place_is_the_out_of_place_one(monkeypatch, cols):
+    """H's permuted copy is factored, inverted and factored again in its own memory, with the
+    same numbers, bit for bit, as the three out-of-place steps; ``h`` itself is left alone."""
+    from blockquant.methods import gptq
+
+    h = correlated_hessian(cols, seed=2)
+    h[4, :] = h[:, 4] = 0.0
+    dead = torch.diag(h) == 0
+    perm = torch.argsort(torch.where(dead, 1.0, torch.diag(h)), descending=True)
+    h0 = h.clone()
+    copies = []
+    permuted = gptq._permuted
+    monkeypatch.setattr(gptq, "_permuted", lambda *a: copies.append(permuted(*a)) or copies[-1])
+    factor = gptq._inverse_cholesky(h, perm, dead[perm], 0.01)
+    ref = h[perm][:, perm]
+    ref.diagonal()[dead[perm]] = 1
+    ref.diagonal().add_(0.01 * torch.mean(torch.diag(ref)))
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
+    assert torch.equal(factor, expected)
+    assert len(copies) == 1 and factor.untyped_storage().data_ptr() == copies[0].untyped_storage().data_ptr()
+    assert torch.equal(h, h0)
+
+
+def test_output_error_adds_up_over_rows():
+    """``tr(ΔW H ΔWᵀ)`` summed a few rows at a time is the whole product; pieces add up to it."""
+    from blockquant.capture import ERROR_ROWS, output_error, relative_error
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2 * ERROR_ROWS + 5, 40, generator=g)
+    w_hat = w + 0.1 * torch.randn(w.shape, generator=g)
+    h = correlated_hessian(40, seed=3)
+    whole = float(objective(w, w_hat, h).sum())
+    assert output_error(w, h, w_hat) == pytest.approx(whole, rel=1e-6)
+    assert output_error(w[:7], h, w_hat[:7]) + output_error(w[7:], h, w_hat[7:]) == pytest.approx(whole, rel=1e-6)
+    assert relative_error(w.bfloat16(), w_hat, h) == pytest.approx(
+        float(objective(w.bfloat16().float(), w_hat, h).sum() / objective(w.bfloat16().float(), torch.zeros_like(w), h).sum()), rel=1e-6
+    )
