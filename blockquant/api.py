@@ -418,13 +418,20 @@ def _offload(
     block: nn.Module, j: int, arch: ArchSpec, home: torch.device, stream: BlockStream | None, layers: dict[str, LayerResult], write: bool
 ) -> None:
     """A final block: out of core, hand it with its layers' results to ``stream.write`` (unless
-    ``write`` is False: an earlier run wrote it) and release it; else move it back ``home``."""
+    ``write`` is False: an earlier run wrote it) and release it; else move it back ``home``.
+    Once a block is in its shard, its layers' results keep what the run's record reports (errors,
+    act-order) but not their grids: the shard holds those, and keeping them (3 MiB a block of a
+    1 B model) would make memory grow with depth."""
     if stream is None:
         block.to(home)
         return
+    mine = {n: r for n, r in layers.items() if n.startswith(f"{arch.blocks}.{j}.")}
     if stream.write is not None and write:
-        stream.write(j, block, {n: r for n, r in layers.items() if n.startswith(f"{arch.blocks}.{j}.")})
+        stream.write(j, block, mine)
     stream.checkpoint.release(block)
+    if stream.write is not None:
+        for name, r in mine.items():
+            layers[name] = dataclasses.replace(r, scale=r.scale.new_empty(0), zero=r.zero.new_empty(0))
 
 
 def _quantize_blocks(

@@ -196,8 +196,8 @@ class BlockContext:
 class LayerResult:
     """A quantized layer: grid parameters and its relative output error on calibration data."""
 
-    scale: Tensor  # (out, n_groups)
-    zero: Tensor  # (out, n_groups)
+    scale: Tensor  # (out, n_groups); empty once an out-of-core run has written the layer's block (its shard holds them)
+    zero: Tensor  # (out, n_groups); likewise
     g_idx: Tensor | None  # (in,) group of each input column, when act-order permuted them
     error: float  # ‖(Ŵ − W)X‖² / ‖WX‖² over the calibration inputs
     bits: int | None = None  # the layer's own width where it differs by layer (a convolution network's first and last layers)

@@ -41,16 +41,19 @@ def test_blocks_read_from_the_shards_give_the_codes_of_the_loaded_model(sharded_
     torch.manual_seed(0)
     want = quantize(eager, recipe, _calib(), batch_size=4, progress=False)
     lazy, checkpoint, _ = open_model(sharded_dir)
-    written = {}
+    written, grids = {}, {}
 
     def write(j, block, layers):
         written.update({f"model.layers.{j}.{n}": p.detach().clone() for n, p in block.state_dict().items()})
+        grids.update({n: (r.scale.clone(), r.zero.clone()) for n, r in layers.items()})
 
     torch.manual_seed(0)
     got = quantize(lazy, recipe, _calib(), batch_size=4, progress=False, stream=BlockStream(checkpoint, write))
-    assert set(got.layers) == set(want.layers)
+    assert set(got.layers) == set(want.layers) == set(grids)
     for name, r in want.layers.items():
-        assert torch.equal(got.layers[name].scale, r.scale) and torch.equal(got.layers[name].zero, r.zero), name
+        assert torch.equal(grids[name][0], r.scale) and torch.equal(grids[name][1], r.zero), name
+        # once written, the grids live in the shard only: the result keeps the error it reports
+        assert got.layers[name].scale.numel() == got.layers[name].zero.numel() == 0 and got.layers[name].error == r.error, name
     for name, t in eager.model.layers.state_dict().items():
         assert torch.equal(written[f"model.layers.{name}"], t), name
     assert all(p.is_meta for p in lazy.model.layers.parameters())  # every block released after it was written
