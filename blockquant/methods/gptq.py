@@ -124,14 +124,14 @@ def gptq_quantize_group(
     pending = {i: sum(p[0] == i for p in pieces) for i in range(len(ws))}  # pieces of each weight not yet swept
     best: dict[int, tuple] = {}
     grouped = not spec.per_tensor and spec.group_size != -1
-    for n, chunk in enumerate(chunks):
+    for k, chunk in enumerate(chunks):
         w = torch.cat([ws[i][a:b].float() for i, _, a, b in chunk])
         runs, at = [], 0
         for _, clip, a, b in chunk:
             runs.append((at, at + b - a, clip))
             at += b - a
         codes, scale, zero, group_of = _sweep(w, hinv, perm, dead, diag_h, spec, opts, runs)
-        if n == len(chunks) - 1:
+        if k == len(chunks) - 1:
             del hinv  # every row is swept: H⁻¹'s factor goes before the last weight is scored
         for (i, clip, _, _), (a, b, _) in zip(chunk, runs):
             parts[(i, clip)].append((codes[a:b], scale[a:b] if not spec.per_tensor else scale, zero[a:b] if not spec.per_tensor else zero))
