@@ -168,10 +168,8 @@ def _dequantized(codes: Tensor, scale: Tensor, zero: Tensor, group_of: Tensor) -
 
 
 def _code_dtype(spec: QuantSpec) -> torch.dtype:
-    """The narrowest integer type that holds the grid's codes (the sweep keeps codes, not fp32 ŵ)."""
-    if spec.qmin >= 0 and spec.qmax <= 255:
-        return torch.uint8
-    return torch.int8 if spec.qmin >= -128 and spec.qmax <= 127 else torch.int16
+    """A byte per code (the sweep keeps codes, not fp32 ŵ): grids are at most 8 bits wide."""
+    return torch.uint8 if spec.qmin >= 0 else torch.int8
 
 
 def _prepare(h: Tensor, opts: GPTQOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -208,10 +206,10 @@ def _sweep(
     opts: GPTQOptions,
     runs: list[tuple[int, int, bool]],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """GPTQ's column sweep (Alg. 1) over the rows of ``w``; ``runs``: row ranges and their range choice.
-    Returns the integer codes (a quarter or less of ŵ's fp32 bytes), scale, zero and each column's group."""
+    """GPTQ's column sweep (Alg. 1) over the rows of ``w`` (the caller's own copy: overwritten);
+    ``runs``: row ranges and their range choice. Returns the integer codes (a quarter or less of ŵ's fp32 bytes), scale, zero and each column's group."""
     out_f, cols = w.shape
-    W = w.clone()
+    W = w  # the caller's fresh fp32 rows: swept in place, no copy
     W[:, dead] = 0
 
     width = group_width(spec, cols)
