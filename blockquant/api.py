@@ -33,7 +33,7 @@ from blockquant.capture import (
     ModelContext,
     Split,
     WindowContext,
-    block_output,
+    block_forward,
     capture_block_inputs,
     run_block,
 )
@@ -154,7 +154,7 @@ def _advance_in_place(block: nn.Module, inputs: BlockInputs, where: str) -> list
     """``run_block`` that replaces each batch's input by the block's output as soon as it is computed."""
     hidden = inputs.hidden
     for i in range(len(hidden)):
-        y = block_output(block(hidden[i], *inputs.args[i], **inputs.kwargs[i]))
+        y = block_forward(block, hidden[i], inputs.args[i], inputs.kwargs[i])
         if not torch.isfinite(y).all():
             _check_finite_outputs(block, inputs.subset([i]), [y], where)
         hidden[i] = y

@@ -164,6 +164,33 @@ def block_output(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def micro_batches(hidden: Tensor, args: tuple, kwargs: dict[str, Any], max_tokens: int) -> list[tuple[Tensor, tuple, dict[str, Any]]]:
+    """One batch's block call cut into runs of whole samples of at most ``max_tokens`` tokens (one
+    sample at least): of the other arguments, tensors of two or more dimensions whose first is
+    the batch's (masks, position ids, per-sample rotary tables) are cut with it, the rest
+    (shared rotary tables, cache positions, flags) go whole to every part."""
+    n, step = hidden.shape[0], max(1, max_tokens // max(1, hidden[0].numel() // hidden.shape[-1]))
+    if step >= n:
+        return [(hidden, args, kwargs)]
+
+    def cut(obj: Any, a: int, b: int) -> Any:
+        if isinstance(obj, Tensor):
+            return obj[a:b] if obj.dim() >= 2 and obj.shape[0] == n else obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(cut(o, a, b) for o in obj)
+        if isinstance(obj, dict):
+            return {key: cut(v, a, b) for key, v in obj.items()}
+        return obj
+
+    return [(hidden[a : a + step], cut(args, a, a + step), cut(kwargs, a, a + step)) for a in range(0, n, step)]
+
+
+# Tokens per block forward where a batch's parts can run apart (``run_block``, the Hessian
+# passes): the forward's intermediates (a 5632-wide MLP's four bf16 activations are 44 KiB a
+# token) then cost less than the Hessians or the activations they feed.
+FORWARD_TOKENS = 2048
+
+
 @torch.no_grad()
 def run_block(
     block: nn.Module, inputs: BlockInputs, transform: Callable[[Tensor], Tensor] | None = None, out: list[Tensor] | None = None
@@ -172,9 +199,15 @@ def run_block(
     to ``out`` (e.g. an ``offload.Offloaded`` list that moves each batch off the device at once)."""
     outs = [] if out is None else out
     for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
-        y = block_output(block(h, *a, **k))
+        y = block_forward(block, h, a, k)
         outs.append(transform(y) if transform else y)
     return outs
+
+
+def block_forward(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    """``block``'s output on one batch, computed ``FORWARD_TOKENS`` tokens at a time."""
+    parts = [block_output(block(h, *a, **k)) for h, a, k in micro_batches(hidden, args, kwargs, FORWARD_TOKENS)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass
@@ -211,10 +244,12 @@ def _feed(
     layers: dict[str, nn.Module],
     make_hook: Callable[[str], Callable],
     on_batch: Callable[[int], None] | None = None,
+    max_tokens: int | None = None,
 ) -> None:
     """Run ``block`` on every batch with ``make_hook(name)`` as each named layer's input hook;
     a batch's forward stops as soon as every named layer has seen it. ``on_batch(entry)`` is
-    called before each batch's forward."""
+    called before each batch's forward. ``max_tokens``: each batch runs in parts of at most that
+    many tokens (``micro_batches``), for hooks that only add up over tokens."""
     seen: set[str] = set()
 
     def wrap(name: str) -> Callable:
@@ -231,13 +266,14 @@ def _feed(
     handles = [m.register_forward_pre_hook(wrap(n)) for n, m in layers.items()]
     try:
         for j, (h, a, k) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
-            seen.clear()
             if on_batch is not None:
                 on_batch(j)
-            try:
-                block(h, *a, **k)
-            except _StopForward:
-                pass
+            for hp, ap, kp in micro_batches(h, a, k, max_tokens) if max_tokens else [(h, a, k)]:
+                seen.clear()
+                try:
+                    block(hp, *ap, **kp)
+                except _StopForward:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
@@ -273,7 +309,7 @@ def collect_hessians(
 
         return hook
 
-    _feed(block, inputs, layers, make_hook)
+    _feed(block, inputs, layers, make_hook, max_tokens=FORWARD_TOKENS)
     return {name: mirror_upper(h) for name, h in hessians.items()}
 
 
@@ -329,7 +365,7 @@ def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
 
         return hook
 
-    _feed(block, inputs, layers, make_hook)
+    _feed(block, inputs, layers, make_hook, max_tokens=FORWARD_TOKENS)
     n = dist.all_reduce_sum(torch.tensor([counts[name] for name in layers], dtype=torch.float64)).tolist()
     hessians = {}
     for (name, layer), count in zip(layers.items(), n):

@@ -333,7 +333,7 @@ def test_weights_sharing_an_input_quantize_as_they_do_alone(monkeypatch, element
     monkeypatch.setattr(gptq, "SWEEP_ELEMENTS", elements)
     together = gptq.gptq_quantize_group(ws, h, spec, options)
     for a, b in zip(alone, together, strict=True):
-        for x, y in zip(a, b[:4], strict=True):
+        for x, y in zip(a, b.as_tuple(), strict=True):
             assert (x is None and y is None) or torch.allclose(x.float(), y.float(), atol=1e-6, rtol=0)
 
 
@@ -370,12 +370,13 @@ def test_inverse_factor_in_place_is_the_out_of_place_one(monkeypatch, cols):
     copies = []
     permuted = gptq._permuted
     monkeypatch.setattr(gptq, "_permuted", lambda *a: copies.append(permuted(*a)) or copies[-1])
-    factor = gptq._inverse_cholesky(h, perm, dead[perm], 0.01)
+    factor, damping = gptq._inverse_cholesky(h, perm, dead[perm], 0.01)
     ref = h[perm][:, perm]
     ref.diagonal()[dead[perm]] = 1
-    ref.diagonal().add_(0.01 * torch.mean(torch.diag(ref)))
+    lam = 0.01 * torch.mean(torch.diag(ref))
+    ref.diagonal().add_(lam)
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
-    assert torch.equal(factor, expected)
+    assert torch.equal(factor, expected) and damping == float(lam)
     assert len(copies) == 1 and factor.untyped_storage().data_ptr() == copies[0].untyped_storage().data_ptr()
     assert torch.equal(h, h0)
 
@@ -394,3 +395,92 @@ def test_output_error_adds_up_over_rows():
     assert relative_error(w.bfloat16(), w_hat, h) == pytest.approx(
         float(objective(w.bfloat16().float(), w_hat, h).sum() / objective(w.bfloat16().float(), torch.zeros_like(w), h).sum()), rel=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "spec, opts",
+    [
+        (QuantSpec(bits=4, group_size=16), {}),
+        (QuantSpec(bits=2, group_size=16, sym=False), {"act_order": True, "static_groups": False}),
+        (QuantSpec(bits=3, group_size=-1), {"clip_search": True}),
+        (QuantSpec(bits=4, group_size=-1, per_tensor=True), {"act_order": False}),
+    ],
+    ids=["static-auto", "act-order-groups", "channel-clip", "tensor"],
+)
+@pytest.mark.parametrize("tokens", [512, 20], ids=["full-rank", "rank-deficient"])
+def test_errors_from_the_sweep_are_the_products_with_h(spec, opts, tokens):
+    """GPTQ scores its range choices and reports ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` from the sweep's
+    own scaled errors (so that H can be freed once factored): the product with H, up to rounding,
+    with a never-excited column and with fewer tokens than inputs."""
+    from blockquant.capture import relative_error
+    from blockquant.methods import gptq
+
+    h = correlated_hessian(48, seed=4, n=tokens)
+    h[7, :] = h[:, 7] = 0.0
+    w = torch.randn(40, 48, generator=torch.Generator().manual_seed(4))
+    q = gptq.gptq_quantize_group([w], h, spec, GPTQOptions(**opts))[0]
+    assert q.error == pytest.approx(relative_error(w, q.w_hat, h), rel=1e-4)
+
+
+@pytest.mark.parametrize("indefinite", [False, True], ids=["first-try", "more-damping"])
+def test_free_hessian_factors_in_place_and_releases_h(caplog, indefinite):
+    """With ``free_hessian`` the factor is computed in H's own memory (permuted by swaps; a failed
+    attempt restored from the kept lower triangle) and the caller's H is emptied: the results
+    are those of the copy, bit for bit."""
+    from blockquant.methods import gptq
+
+    h = correlated_hessian(48, seed=5)
+    h[9, :] = h[:, 9] = 0.0
+    if indefinite:  # the default damping is not enough: a second attempt, from the restored matrix
+        live = torch.arange(48) != 9
+        lowest = torch.linalg.eigvalsh(h[live][:, live])[0]
+        h -= (lowest + 0.05 * torch.mean(torch.diag(h))) * torch.eye(48)
+        h[9, 9] = 0.0
+    ws = [torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows)) for rows in (16, 8)]
+    spec, opts = QuantSpec(bits=3, group_size=16), GPTQOptions()
+    kept = gptq.gptq_quantize_group(ws, h, spec, opts)
+    assert ("needed damping" in caplog.text) == indefinite
+    freed = gptq.gptq_quantize_group(ws, h, spec, opts, free_hessian=True)
+    assert h.untyped_storage().nbytes() == 0
+    for a, b in zip(kept, freed, strict=True):
+        assert torch.equal(a.w_hat, b.w_hat) and a.error == b.error and a.clip == b.clip
+
+
+@pytest.mark.parametrize("cols", [37, 600])
+def test_permute_in_place_is_the_indexed_copy(cols):
+    """Rows, tile-wise transpose, rows: the symmetric permutation, in the matrix's own memory."""
+    from blockquant.methods import gptq
+
+    h = torch.randn(cols, cols)
+    h = h + h.t()
+    perm = torch.randperm(cols, generator=torch.Generator().manual_seed(1))
+    expected, at = h[perm][:, perm], h.data_ptr()
+    gptq._permute_in_place(h, perm)
+    assert torch.equal(h, expected) and h.data_ptr() == at
+
+
+def test_block_forwards_in_parts_of_each_batch_are_the_whole_batch_ones(monkeypatch, tiny_model, calib_ids):
+    """The Hessian passes and ``run_block`` run each batch a few samples at a time (masks,
+    position ids and rotary tables cut with them): every family's Hessians and block outputs
+    are those of the whole batches."""
+    from blockquant import capture
+    from blockquant.arch import arch_for, get_blocks
+
+    _, model = tiny_model
+    arch = arch_for(model)
+    blocks = get_blocks(model, arch)
+    mask = torch.ones_like(calib_ids)
+    mask[1::2, :5] = 0  # padded samples: a per-sample attention mask goes with them
+    batches = [{"input_ids": calib_ids[a : a + 4], "attention_mask": mask[a : a + 4]} for a in (0, 4)]
+    inputs = capture.capture_block_inputs(model, blocks, batches, "cpu")
+    layers = {g.linears[0]: blocks[0].get_submodule(g.linears[0]) for g in arch.groups}
+    calls = []
+    blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    whole = capture.collect_hessians(blocks[0], inputs, layers), capture.run_block(blocks[0], inputs)
+    monkeypatch.setattr(capture, "FORWARD_TOKENS", calib_ids.shape[1])  # one sample per forward
+    parts = capture.collect_hessians(blocks[0], inputs, layers), capture.run_block(blocks[0], inputs)
+    assert len(calls) == 2 * 2 + 2 * 8 and whole[0].keys() == parts[0].keys()
+    for name in whole[0]:
+        assert torch.allclose(parts[0][name], whole[0][name], rtol=1e-5, atol=1e-6), name
+    for a, b in zip(whole[1], parts[1], strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
