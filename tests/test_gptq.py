@@ -424,7 +424,7 @@ def test_errors_from_the_sweep_are_the_products_with_h(spec, opts, tokens):
 
 @pytest.mark.parametrize("indefinite", [False, True], ids=["first-try", "more-damping"])
 def test_free_hessian_factors_in_place_and_releases_h(caplog, indefinite):
-    """With ``free_hessian`` the factor is computed in H's own memory (permuted by swaps; a failed
+    """With ``free_hessian`` the factor is computed in H's own memory (permuted in place; a failed
     attempt restored from the kept lower triangle) and the caller's H is emptied: the results
     are those of the copy, bit for bit."""
     from blockquant.methods import gptq
