@@ -496,6 +496,14 @@ def checks(rows: list[dict], footprint: float, with_class: float) -> list[str]:
                 f"against ≤ 1.1 — {'met' if peak <= 1.1 * low else 'NOT met'}"
                 + (" (a run stopped before its end: the peaks until then)." if partial else ".")
             )
+    peer = next((r for r in rows if r["tool"] == "llm-compressor" and "peak_rss_mb" in r), None)
+    mine = by.get((24, "gptq", "bfloat16"))
+    if peer is not None and mine is not None and "quantize_s" in peer and mine.get("quantize_s"):
+        out.append(
+            f"- gptq, 24 layers, blockquant out of core vs llm-compressor: peak RSS {mine['peak_rss_mb']:.0f} vs "
+            f"{peer['peak_rss_mb']:.0f} MiB ({mine['peak_rss_mb'] / peer['peak_rss_mb']:.2f}×), quantize {mine['quantize_s']:.0f} vs "
+            f"{peer['quantize_s']:.0f} s ({mine['quantize_s'] / peer['quantize_s']:.2f}×)."
+        )
     return out
 
 
@@ -619,6 +627,7 @@ def main() -> None:
         "MiB = 2^20 bytes, GiB = 2^30. Seconds total: the child's wall time (imports, opening, calibration, quantization, writing); "
         "quantize s: blockquant.json's 'seconds'; s / block: mean of its per-block seconds.",
         f"Each row runs, e.g.: `{example.replace(sys.executable, 'python')}`",
+        peer_setup(rows),
         f"The seconds are wall-clock times on a machine that other jobs may share: the 15-minute load average when this table "
         f"was written was {os.getloadavg()[2]:.1f} on {os.cpu_count()} cores.",
         markdown_table(HEADERS, table_rows(rows, footprint)),
@@ -632,6 +641,21 @@ def main() -> None:
     body = "\n\n".join(p for p in parts if p)
     print("\n" + body)
     print(f"\nwritten to {write_result('scale', 'Out-of-core quantization: peak memory against checkpoint size', body)}")
+
+
+def peer_setup(rows: list[dict]) -> str:
+    """How the peer row was run, with the versions its virtual environment holds; empty without one."""
+    if not any(r.get("tool") == "llm-compressor" and "peak_rss_mb" in r for r in rows):
+        return ""
+    query = "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in ('llmcompressor', 'transformers', 'torch')}))"
+    proc = subprocess.run([str(PEER_VENV / "bin" / "python"), "-c", query], capture_output=True, text=True)
+    versions = ", ".join(f"{k} {v}" for k, v in json.loads(proc.stdout).items()) if proc.returncode == 0 else "versions unknown"
+    return (
+        "llm-compressor: the model loaded whole with `AutoModelForCausalLM.from_pretrained(dir, dtype=torch.bfloat16)`, then "
+        '`oneshot` with `GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], dampening_frac=0.01)` (W4 g128 '
+        "symmetric; its defaults otherwise) on the same calibration token ids; quantize s: loading and `oneshot`, without "
+        f"saving. In its own virtual environment (bench/scale-work/peer-venv): {versions}."
+    )
 
 
 def parameters(shape: Shape) -> int:
