@@ -154,13 +154,14 @@ def clip_search(
     w = w.float()
     out, cols = w.shape
     width = group_width(spec, cols)
+    weights = None if col_weight is None else col_weight.float().reshape(1, -1)
     best_err = best_scale = best_zero = None
     for i in range(grid):
         p = 1 - max_shrink * i / grid
         scale, zero = compute_qparams(w, spec, p)
-        err = (fake_quantize(w, scale, zero, spec) - w).abs().pow(norm)
+        err = fake_quantize(w, scale, zero, spec).sub_(w).abs_().pow_(norm)  # in place: one temporary of w's size
         if col_weight is not None:
-            err = err * col_weight.float().reshape(1, -1)
+            err.mul_(weights)
         # sum the error of each group: (out, n_groups), or (1, 1) per tensor
         err_g = _group_sums(err, spec, width)
         if best_err is None:
