@@ -164,12 +164,12 @@ def block_output(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def micro_batches(hidden: Tensor, args: tuple, kwargs: dict[str, Any], max_tokens: int) -> list[tuple[Tensor, tuple, dict[str, Any]]]:
-    """One batch's block call cut into runs of whole samples of at most ``max_tokens`` tokens (one
-    sample at least): of the other arguments, tensors of two or more dimensions whose first is
-    the batch's (masks, position ids, per-sample rotary tables) are cut with it, the rest
+def micro_batches(hidden: Tensor, args: tuple, kwargs: dict[str, Any], max_elements: int) -> list[tuple[Tensor, tuple, dict[str, Any]]]:
+    """One batch's block call cut into runs of whole samples of at most ``max_elements`` hidden-state
+    values (one sample at least): of the other arguments, tensors of two or more dimensions whose
+    first is the batch's (masks, position ids, per-sample rotary tables) are cut with it, the rest
     (shared rotary tables, cache positions, flags) go whole to every part."""
-    n, step = hidden.shape[0], max(1, max_tokens // max(1, hidden[0].numel() // hidden.shape[-1]))
+    n, step = hidden.shape[0], max(1, max_elements // max(1, hidden[0].numel()))
     if step >= n:
         return [(hidden, args, kwargs)]
 
@@ -185,10 +185,11 @@ def micro_batches(hidden: Tensor, args: tuple, kwargs: dict[str, Any], max_token
     return [(hidden[a : a + step], cut(args, a, a + step), cut(kwargs, a, a + step)) for a in range(0, n, step)]
 
 
-# Tokens per block forward where a batch's parts can run apart (``run_block``, the Hessian
-# passes): the forward's intermediates (a 5632-wide MLP's four bf16 activations are 44 KiB a
-# token) then cost less than the Hessians or the activations they feed.
-FORWARD_TOKENS = 2048
+# Hidden-state values per block forward where a batch's parts can run apart (``run_block``, the
+# Hessian passes): 2048 tokens of a 2048-wide model, whose forward's intermediates (a 5632-wide
+# MLP's four bf16 activations are 44 KiB a token) then cost less than the Hessians or the
+# activations they feed. A narrow model's batches run whole: the cut would only cost time.
+FORWARD_ELEMENTS = 1 << 22
 
 
 @torch.no_grad()
@@ -205,8 +206,8 @@ def run_block(
 
 
 def block_forward(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict[str, Any]) -> Tensor:
-    """``block``'s output on one batch, computed ``FORWARD_TOKENS`` tokens at a time."""
-    parts = [block_output(block(h, *a, **k)) for h, a, k in micro_batches(hidden, args, kwargs, FORWARD_TOKENS)]
+    """``block``'s output on one batch, computed ``FORWARD_ELEMENTS`` hidden-state values at a time."""
+    parts = [block_output(block(h, *a, **k)) for h, a, k in micro_batches(hidden, args, kwargs, FORWARD_ELEMENTS)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -244,12 +245,12 @@ def _feed(
     layers: dict[str, nn.Module],
     make_hook: Callable[[str], Callable],
     on_batch: Callable[[int], None] | None = None,
-    max_tokens: int | None = None,
+    max_elements: int | None = None,
 ) -> None:
     """Run ``block`` on every batch with ``make_hook(name)`` as each named layer's input hook;
     a batch's forward stops as soon as every named layer has seen it. ``on_batch(entry)`` is
-    called before each batch's forward. ``max_tokens``: each batch runs in parts of at most that
-    many tokens (``micro_batches``), for hooks that only add up over tokens."""
+    called before each batch's forward. ``max_elements``: each batch runs in parts of at most that
+    many hidden-state values (``micro_batches``), for hooks that only add up over tokens."""
     seen: set[str] = set()
 
     def wrap(name: str) -> Callable:
@@ -268,7 +269,7 @@ def _feed(
         for j, (h, a, k) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs)):
             if on_batch is not None:
                 on_batch(j)
-            for hp, ap, kp in micro_batches(h, a, k, max_tokens) if max_tokens else [(h, a, k)]:
+            for hp, ap, kp in micro_batches(h, a, k, max_elements) if max_elements else [(h, a, k)]:
                 seen.clear()
                 try:
                     block(hp, *ap, **kp)
@@ -309,7 +310,7 @@ def collect_hessians(
 
         return hook
 
-    _feed(block, inputs, layers, make_hook, max_tokens=FORWARD_TOKENS)
+    _feed(block, inputs, layers, make_hook, max_elements=FORWARD_ELEMENTS)
     return {name: mirror_upper(h) for name, h in hessians.items()}
 
 
@@ -365,7 +366,7 @@ def _summed_hessians(block: nn.Module, inputs: BlockInputs, layers: dict[str, nn
 
         return hook
 
-    _feed(block, inputs, layers, make_hook, max_tokens=FORWARD_TOKENS)
+    _feed(block, inputs, layers, make_hook, max_elements=FORWARD_ELEMENTS)
     n = dist.all_reduce_sum(torch.tensor([counts[name] for name in layers], dtype=torch.float64)).tolist()
     hessians = {}
     for (name, layer), count in zip(layers.items(), n):

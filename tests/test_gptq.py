@@ -201,7 +201,14 @@ VARIANTS = [
 @pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: "-".join(k for k, v in o.items() if v) or "plain")
 @pytest.mark.parametrize(
     "spec",
-    [QuantSpec(4, 32), QuantSpec(3, 32, sym=True), QuantSpec(2, 128), QuantSpec(4, -1), QuantSpec(8, 16, sym=False), QuantSpec(8, -1, per_tensor=True)],
+    [
+        QuantSpec(4, 32),
+        QuantSpec(3, 32, sym=True),
+        QuantSpec(2, 128),
+        QuantSpec(4, -1),
+        QuantSpec(8, 16, sym=False),
+        QuantSpec(8, -1, per_tensor=True),
+    ],
     ids=lambda s: s.describe().replace(" ", "-"),
 )
 def test_gptq_output_on_grid(spec, opts):
@@ -477,7 +484,7 @@ def test_block_forwards_in_parts_of_each_batch_are_the_whole_batch_ones(monkeypa
     calls = []
     blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
     whole = capture.collect_hessians(blocks[0], inputs, layers), capture.run_block(blocks[0], inputs)
-    monkeypatch.setattr(capture, "FORWARD_TOKENS", calib_ids.shape[1])  # one sample per forward
+    monkeypatch.setattr(capture, "FORWARD_ELEMENTS", inputs.hidden[0][0].numel())  # one sample per forward
     parts = capture.collect_hessians(blocks[0], inputs, layers), capture.run_block(blocks[0], inputs)
     assert len(calls) == 2 * 2 + 2 * 8 and whole[0].keys() == parts[0].keys()
     for name in whole[0]:
