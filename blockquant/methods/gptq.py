@@ -200,9 +200,8 @@ def gptq_quantize_group(
             del sweep
             if free_hessian:
                 h.untyped_storage().resize_(0)
-        for (i, clip, _, _), (a, b, _) in zip(chunk, runs):
-            whole = spec.per_tensor
-            parts[(i, clip)].append((codes[a:b], scale if whole else scale[a:b], zero if whole else zero[a:b], e2[a:b]))
+        for (i, clip, _, _), (a, b, _) in zip(chunk, runs):  # a per-tensor grid: one scale for all rows
+            parts[(i, clip)].append((codes[a:b], scale if spec.per_tensor else scale[a:b], zero if spec.per_tensor else zero[a:b], e2[a:b]))
             pending[i] -= 1
         del w, codes, scale, zero, e2
         for i in [i for i, n in pending.items() if n == 0 and i not in best]:  # a weight's every choice is swept: keep the better
@@ -248,6 +247,7 @@ class _Factored:
 
 
 def _prepare(h: Tensor, opts: GPTQOptions, in_place: bool = False) -> _Factored:
+    """The column order, the dead columns and the factor (in ``h``'s own memory with ``in_place``)."""
     diag_h = torch.diag(h).float()
     dead = diag_h == 0  # columns never excited: any value is free, zero it
     diag_h[dead] = 1
