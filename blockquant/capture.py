@@ -86,6 +86,15 @@ class BlockInputs:
             return 1.0 if j is not None else 0.0
         return self.split.sizes[j] / self.split.totals[batch]
 
+    def total(self, batch: int) -> int:
+        """Samples of batch ``batch`` in the whole run, all processes together."""
+        return self.hidden[batch].shape[0] if self.split is None else self.split.totals[batch]
+
+    def sample(self, j: int, r: int) -> tuple[Tensor, tuple, dict[str, Any]]:
+        """Entry ``j``'s sample ``r`` alone (a batch of one): hidden states, arguments, keyword arguments."""
+        n = self.hidden[j].shape[0]
+        return self.hidden[j][r : r + 1], cut_rows(self.args[j], n, r, r + 1), cut_rows(self.kwargs[j], n, r, r + 1)
+
     def subset(self, batches: list[int]) -> BlockInputs:
         """Batches ``batches`` of the run (renumbered 0, 1, …), as far as this process holds them."""
         if self.split is None:
@@ -164,25 +173,26 @@ def block_output(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def cut_rows(obj: Any, n: int, a: int, b: int) -> Any:
+    """Samples ``a:b`` of a block call's other arguments, for a batch of ``n`` samples: tensors of two
+    or more dimensions whose first is the batch's (masks, position ids, per-sample rotary tables)
+    are cut, the rest (shared rotary tables, cache positions, flags) kept whole."""
+    if isinstance(obj, Tensor):
+        return obj[a:b] if obj.dim() >= 2 and obj.shape[0] == n else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cut_rows(o, n, a, b) for o in obj)
+    if isinstance(obj, dict):
+        return {key: cut_rows(v, n, a, b) for key, v in obj.items()}
+    return obj
+
+
 def micro_batches(hidden: Tensor, args: tuple, kwargs: dict[str, Any], max_elements: int) -> list[tuple[Tensor, tuple, dict[str, Any]]]:
     """One batch's block call cut into runs of whole samples of at most ``max_elements`` hidden-state
-    values (one sample at least): of the other arguments, tensors of two or more dimensions whose
-    first is the batch's (masks, position ids, per-sample rotary tables) are cut with it, the rest
-    (shared rotary tables, cache positions, flags) go whole to every part."""
+    values (one sample at least), the other arguments cut with them (``cut_rows``)."""
     n, step = hidden.shape[0], max(1, max_elements // max(1, hidden[0].numel()))
     if step >= n:
         return [(hidden, args, kwargs)]
-
-    def cut(obj: Any, a: int, b: int) -> Any:
-        if isinstance(obj, Tensor):
-            return obj[a:b] if obj.dim() >= 2 and obj.shape[0] == n else obj
-        if isinstance(obj, (tuple, list)):
-            return type(obj)(cut(o, a, b) for o in obj)
-        if isinstance(obj, dict):
-            return {key: cut(v, a, b) for key, v in obj.items()}
-        return obj
-
-    return [(hidden[a : a + step], cut(args, a, a + step), cut(kwargs, a, a + step)) for a in range(0, n, step)]
+    return [(hidden[a : a + step], cut_rows(args, n, a, a + step), cut_rows(kwargs, n, a, a + step)) for a in range(0, n, step)]
 
 
 # Hidden-state values per block forward where a batch's parts can run apart (``run_block``, the

@@ -153,16 +153,21 @@ def relative_mse(pred: Tensor, target: Tensor, mean_square: Tensor | None = None
     return F.mse_loss(pred, target) / den.clamp(min=1e-12)
 
 
-def batch_mean_squares(values: list[Tensor], inputs: BlockInputs) -> list[Tensor] | None:
+def batch_mean_squares(values: list[Tensor], inputs: BlockInputs, per_sample: bool = False) -> list[Tensor] | None:
     """The mean square of each batch's ``values`` (one tensor per entry of ``inputs``), over every
-    process's part of the batch; None with one process (``relative_mse`` then takes its own)."""
-    if inputs.split is None or dist.world_size() == 1:
+    process's part of the batch; None with one process (``relative_mse`` then takes its own).
+    ``per_sample``: each sample's sum taken alone and the sums added in fp64 (also with one process),
+    so that the result does not depend on how the batch is split (``TrainConfig.reproducible``)."""
+    if not per_sample and (inputs.split is None or dist.world_size() == 1):
         return None
     sums = torch.zeros(inputs.n_batches, 2, dtype=torch.float64)
-    for b, v in zip(inputs.split.batches, values):
-        sums[b] = torch.tensor([float(v.float().pow(2).sum()), v.numel()], dtype=torch.float64)
+    batches = range(len(values)) if inputs.split is None else inputs.split.batches
+    for b, v in zip(batches, values):
+        parts = [v[r] for r in range(v.shape[0])] if per_sample else [v]
+        sums[b, 0] = sum(float(x.float().pow(2).sum()) for x in parts)
+        sums[b, 1] = v.numel()
     dist.all_reduce_sum(sums)
-    return [(sums[b, 0] / sums[b, 1].clamp(min=1)).float().to(v.device) for b, v in zip(inputs.split.batches, values)]
+    return [(sums[b, 0] / sums[b, 1].clamp(min=1)).float().to(v.device) for b, v in zip(batches, values)]
 
 
 def output_loss(head: nn.Module | None, pred: Tensor, target: Tensor, mean_square: Tensor | None = None) -> Tensor:
@@ -210,6 +215,11 @@ class TrainConfig:
     # dtype — the matmuls and attention in half precision (GPU tensor cores; CPUs with bf16 instructions), the
     # parameters, the fake-quantization, the optimizer and the losses in fp32. None: fp32 throughout.
     autocast: str | None = None
+    # True: each step's batches run one sample at a time (batches of one), every sample's gradient added in fp64 in
+    # sample order, the losses judged likewise. The steps then do not depend on how a batch is split over processes
+    # (torchrun): two processes train what one does, to the fp32 rounding of fp64 sums, where summing fp32
+    # gradients of batch parts drifts apart over a run's thousands of steps. Batch-1 forwards cost time.
+    reproducible: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -236,6 +246,17 @@ class TrainConfig:
         return max(1, round(self.holdout * n)) if self.holdout > 0 and n >= 2 else 0
 
 
+@dataclass(frozen=True)
+class PerSample:
+    """A training loss one calibration sample at a time (``TrainConfig.reproducible``)."""
+
+    # (batch, r) -> the loss of this process's r-th sample of the batch alone, normalised as a mean over that sample:
+    # the batch's loss is the mean of its samples' losses
+    loss: Callable[[int, int], Tensor]
+    # batch -> (samples of it this process holds, samples of the whole batch)
+    rows: Callable[[int], tuple[int, int]]
+
+
 @dataclass
 class TrainLog:
     losses: list[float] = field(default_factory=list)  # training loss per step
@@ -248,34 +269,85 @@ def _snapshot(params: list[Tensor]) -> list[Tensor]:
     return [p.detach().clone() for p in params]
 
 
-def mean_loss(loss_on: Callable[[int], Tensor], items: list[int], share: Callable[[int], float] | None = None) -> float:
+def mean_loss(
+    loss_on: Callable[[int], Tensor], items: list[int], share: Callable[[int], float] | None = None, per_sample: PerSample | None = None
+) -> float:
     """The mean over ``items`` of each calibration batch's loss (no gradient is taken).
 
     ``share(item)``: the part of the batch this process holds, under several processes; a
     batch's loss is then the sum over the processes of each part's loss times its share.
+    ``per_sample``: each batch's loss as the mean of its samples' losses, added in fp64.
     """
+    if per_sample is not None:
+        local = 0.0
+        for i in items:
+            held, total = per_sample.rows(i)
+            local += sum(float(per_sample.loss(i, r)) for r in range(held)) / total
+        return dist.total(local) / len(items)
     if share is None:
         return sum(float(loss_on(i)) for i in items) / len(items)
     local = sum(share(i) * float(loss_on(i)) for i in items if share(i) > 0)
     return dist.total(local) / len(items)
 
 
-def _sum_over_processes(params: list[Tensor], loss: Tensor) -> Tensor:
-    """Add up every process's gradients and step loss (one all-reduce); returns the summed loss.
+def _sum_over_processes(params: list[Tensor], grads: list[Tensor | None], loss: Tensor, dtype: torch.dtype) -> Tensor:
+    """Add up every process's gradients ``grads`` and step loss in ``dtype`` (one all-reduce), set them
+    as the parameters' gradients; returns the summed loss (as it is with one process).
 
     A parameter keeps no gradient only where no process gave it one, as in one process (AdamW
     skips it then; a zero gradient would still move it).
     """
     device = params[0].device
-    flags = torch.tensor([float(p.grad is not None) for p in params], device=device)
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().to(device) for p in params]
-    buf = dist.all_reduce_sum(torch.cat([flags, loss.detach().reshape(1).float().to(device), *grads]))
+    flags = torch.tensor([float(g is not None) for g in grads], device=device, dtype=dtype)
+    flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1).to(device, dtype) for p, g in zip(params, grads)]
+    buf = dist.all_reduce_sum(torch.cat([flags, loss.detach().reshape(1).to(device, dtype), *flat]))
     at = len(params) + 1
     for p, has in zip(params, buf[: len(params)].tolist()):
         g = buf[at : at + p.numel()].view(p.shape).to(p.dtype)
         at += p.numel()
         p.grad = g.to(p.device).clone() if has else None
     return buf[len(params)]
+
+
+def _batch_gradients(
+    params: list[Tensor], loss_on: Callable[[int], Tensor], items: list[int], share: Callable[[int], float] | None
+) -> Tensor:
+    """A step's gradient over batches ``items`` (of their mean loss), one backward per batch so that
+    the graph of only one batch is alive at a time; under several processes each process's part
+    weighted by its share and the parts summed. Returns the step's loss."""
+    parts = []
+    for item in items:
+        if share is None:
+            part = loss_on(item) / len(items)
+        elif share(item) > 0:
+            part = loss_on(item) * (share(item) / len(items))
+        else:
+            continue
+        part.backward()
+        parts.append(part.detach())
+    local = torch.stack(parts).sum() if parts else torch.zeros(())
+    return local if share is None else _sum_over_processes(params, [p.grad for p in params], local, torch.float32)
+
+
+def _sample_gradients(params: list[Tensor], per_sample: PerSample, items: list[int]) -> tuple[list[Tensor | None], Tensor]:
+    """This process's share of a step's gradient over batches ``items``, one backward per sample,
+    the gradients weighted by 1 / (batch samples × batches) and added in fp64 in sample order;
+    with the step's loss (fp64)."""
+    sums: list[Tensor | None] = [None] * len(params)
+    loss = torch.zeros((), dtype=torch.float64)
+    for item in items:
+        held, total = per_sample.rows(item)
+        weight = 1.0 / (total * len(items))
+        for r in range(held):
+            value = per_sample.loss(item, r)
+            value.backward()
+            loss += float(value.detach()) * weight
+            for k, p in enumerate(params):
+                if p.grad is not None:
+                    g = p.grad.double()
+                    sums[k] = g.mul_(weight) if sums[k] is None else sums[k].add_(g, alpha=weight)
+                    p.grad = None
+    return sums, loss
 
 
 def default_groups(modules: list[FakeQuantLinear], cfg: TrainConfig) -> list[tuple[list[Tensor], float]]:
@@ -286,12 +358,12 @@ def default_groups(modules: list[FakeQuantLinear], cfg: TrainConfig) -> list[tup
     return [(scales, cfg.lr_scale), (weights, cfg.lr_weight)]
 
 
-def _under(context: Callable[[], Any], fn: Callable[[int], Tensor]) -> Callable[[int], Tensor]:
+def _under(context: Callable[[], Any], fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``fn`` run inside a fresh ``context()`` each call; its result in fp32."""
 
-    def wrapped(item: int) -> Tensor:
+    def wrapped(*args: int) -> Tensor:
         with context():
-            out = fn(item)
+            out = fn(*args)
         return out.float()
 
     return wrapped
@@ -308,6 +380,7 @@ def train(
     penalty: Callable[[], Tensor] | None = None,
     label: str = "train",
     share: Callable[[int], float] | None = None,
+    per_sample: PerSample | None = None,
 ) -> TrainLog:
     """Minimise ``loss_on(item)`` over ``train_items``; keep the state best on ``eval_items``.
 
@@ -327,7 +400,13 @@ def train(
     samples (or ``relative_mse`` with the batch's ``mean_square``), so the parts' losses weighted
     by their shares add up to the batch's: each step sums those gradients over the processes before
     clipping, and the regulariser and ``penalty`` (the same on every process) are added once after.
+    ``per_sample``: the loss one sample at a time, which ``cfg.reproducible`` trains on (a loss
+    that cannot be cut per sample refuses that setting).
     """
+    if cfg.reproducible and per_sample is None:
+        raise ValueError(f"{label}: train.reproducible needs a loss taken one sample at a time, which this method does not provide")
+    if not cfg.reproducible:
+        per_sample = None
     if groups is None:
         groups = default_groups(modules, cfg)
     groups = [(ps, lr) for ps, lr in groups if ps]
@@ -335,6 +414,8 @@ def train(
     if cfg.autocast is not None:
         amp = functools.partial(torch.autocast, params[0].device.type, getattr(torch, cfg.autocast))
         loss_on = _under(amp, loss_on)
+        if per_sample is not None:
+            per_sample = PerSample(_under(amp, per_sample.loss), per_sample.rows)
     opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups], weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     result, best_state, stale, annealing_best = TrainLog(), _snapshot(params), 0, math.inf
@@ -343,7 +424,7 @@ def train(
         for m in modules:
             m.eval()
         with torch.no_grad():
-            value = mean_loss(loss_on, eval_items, share)
+            value = mean_loss(loss_on, eval_items, share, per_sample)
         for m in modules:
             m.train()
         return value
@@ -358,21 +439,12 @@ def train(
         beta = 20 - 18 * step / cfg.steps  # AdaRound's annealing 20 → 2
         with torch.enable_grad():
             opt.zero_grad(set_to_none=True)
-            parts = []
-            for k in range(cfg.accumulate):  # one backward per batch: the graph of only one batch is alive at a time
-                item = train_items[((step - 1) * cfg.accumulate + k) % len(train_items)]
-                if share is None:
-                    part = loss_on(item) / cfg.accumulate
-                elif share(item) > 0:  # this process's part of the batch, weighted by its share
-                    part = loss_on(item) * (share(item) / cfg.accumulate)
-                else:
-                    continue
-                part.backward()
-                parts.append(part.detach())
-            if share is None:
-                loss = torch.stack(parts).sum()
+            batches = [train_items[((step - 1) * cfg.accumulate + k) % len(train_items)] for k in range(cfg.accumulate)]
+            if per_sample is not None:
+                sums, local = _sample_gradients(params, per_sample, batches)
+                loss = _sum_over_processes(params, sums, local, torch.float64).float()
             else:
-                loss = _sum_over_processes(params, torch.stack(parts).sum() if parts else torch.zeros(()))
+                loss = _batch_gradients(params, loss_on, batches, share)
             reg = sum(m.regularizer(beta) for m in modules) * cfg.reg_weight if modules[0].rounding == "adaround" else 0.0
             if penalty is not None:
                 reg = reg + penalty()

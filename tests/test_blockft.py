@@ -88,7 +88,9 @@ def test_downstream_gradient_reaches_only_the_trained_block(make_tiny, calib_ids
     model = make_tiny(family)
     seen = []
 
-    def checking_train(modules, loss_on, train_items, eval_items, cfg, progress=True, groups=None, penalty=None, label="train", share=None):
+    def checking_train(
+        modules, loss_on, train_items, eval_items, cfg, progress=True, groups=None, penalty=None, label="train", share=None, per_sample=None
+    ):
         trainable = {id(p) for ps, _ in groups for p in ps}
         with torch.enable_grad():
             loss = loss_on(train_items[0])
@@ -431,3 +433,47 @@ def test_autocast_trains_in_bfloat16_and_ends_on_the_grid(make_tiny, calib_ids, 
     rtn = run(make_tiny("llama"), calib_ids, ("rtn", {}))
     for a, b in zip(result.blocks, rtn.blocks):
         assert a.output_error < b.output_error
+
+
+def test_one_sample_at_a_time_gives_the_batch_gradient():
+    """``reproducible``: the step's gradient, taken one sample at a time and added in fp64, is the
+    gradient of the batches' mean loss (here 2 batches of 3 and 2 samples, accumulated)."""
+    from blockquant.finetune import PerSample, TrainConfig
+
+    xs = [torch.randn(n, 5, 8, generator=torch.Generator().manual_seed(s)) for s, n in enumerate((3, 2))]
+    target = [3 * torch.randn(n, 5, 4, generator=torch.Generator().manual_seed(9 + s)) for s, n in enumerate((3, 2))]
+    grads, losses = [], []
+    for reproducible in (False, True):
+        torch.manual_seed(0)
+        fq = _one_layer()
+
+        def loss_on(i: int, r: int | None = None, fq=fq) -> torch.Tensor:
+            x, t = (xs[i], target[i]) if r is None else (xs[i][r : r + 1], target[i][r : r + 1])
+            return (fq(x) - t).pow(2).mean()
+
+        cfg = TrainConfig(steps=1, accumulate=2, grad_clip=1e9, reproducible=reproducible)
+        log = train([fq], loss_on, [0, 1], [], cfg, progress=False, per_sample=PerSample(loss_on, lambda i: (len(xs[i]),) * 2))
+        grads.append([p.grad.clone() for p in (fq.weight, fq.scale, fq.zero)])
+        losses.append(log.losses[0])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    with pytest.raises(ValueError, match="one sample at a time"):
+        train([_one_layer()], lambda i: torch.zeros(()), [0], [], TrainConfig(steps=1, reproducible=True), progress=False)
+
+
+@pytest.mark.parametrize("family, objective", [("llama", "block"), ("llama", "next:1"), ("llama", "logits"), ("bert", "logits")])
+def test_one_sample_at_a_time_measures_the_same_losses(make_tiny, calib_ids, family, objective):
+    """blockft's per-sample loss (each sample's block call cut from its batch's, the pooled loss
+    relative to the batch's mean square) adds up to the batch loss: the held-out losses before
+    training agree with the batch ones."""
+    evals = []
+    for reproducible in (False, True):
+        opts = {"steps": 4, "eval_every": 2, "objective": objective, "reproducible": reproducible}
+        evals.append([log.evals[0][1] for _, log in run(make_tiny(family), calib_ids, ("blockft", opts)).train_logs])
+    assert evals[1] == pytest.approx(evals[0], rel=1e-5)
+
+
+def test_qft_refuses_one_sample_at_a_time(make_tiny, calib_ids):
+    with pytest.raises(ValueError, match="reproducible"):
+        run(make_tiny("llama"), calib_ids, ("qft", {"reproducible": True}))

@@ -40,11 +40,15 @@ OPTIONS = {"blockft": SHORT, "qft": {**SHORT, "equalize": False}, "smoothquant":
 # the other statistics: AWQ's sample and searches, SmoothQuant's sweep and static percentile ranges, QFT's training
 OTHER_CHAINS = ("awq,gptq", "smoothquant", "gptq,qft")
 EXACT = "gptq, float64 Hessians"  # hessian_dtype float64: the same codes whatever the split
+EXACT_FT = "gptq, float64 Hessians, reproducible blockft"  # and blockft one sample at a time, fp64 sums
 
 
 def _recipe(chain: str):
     if chain == EXACT:
         return dataclasses.replace(parse_recipe("gptq", SPEC), steps=[make_step("gptq", {"hessian_dtype": "float64"})])
+    if chain == EXACT_FT:
+        gptq, blockft = make_step("gptq", {"hessian_dtype": "float64"}), make_step("blockft", {"train": {**SHORT, "reproducible": True}})
+        return dataclasses.replace(parse_recipe("gptq", SPEC), steps=[gptq, blockft])
     act = act_spec(8, "tensor", range="percentile") if chain == "smoothquant" else None
     recipe = parse_recipe(chain, QuantSpec(bits=8, group_size=-1) if chain == "smoothquant" else SPEC, act)
     steps = [make_step(s.method, {**dataclasses.asdict(s.options), **OPTIONS.get(s.method, {})}) for s in recipe.steps]
@@ -117,7 +121,7 @@ def _worker(rank: int, world: int, ports: list[int], out: str, cli_argv: list[li
     torch.set_num_threads(1)
     found: dict = {}
     _join(rank, world, ports[0], 60.0)
-    found["chains"] = {chain: _run(chain) for chain in ("gptq", "gptq,blockft", *OTHER_CHAINS, EXACT)}
+    found["chains"] = {chain: _run(chain) for chain in ("gptq", "gptq,blockft", *OTHER_CHAINS, EXACT, EXACT_FT)}
     try:
         quantize(build_tiny("llama"), _recipe("gptq"), CALIB[:1], progress=False)
     except ValueError as e:
@@ -180,16 +184,22 @@ def test_two_processes_give_the_one_process_result(two_processes, chain):
         assert [v for e in two["evals"] for _, v in e] == pytest.approx([v for e in one["evals"] for _, v in e], rel=1e-3)
 
 
-def test_float64_hessians_give_the_one_process_codes_exactly(two_processes):
-    """GPTQ turns last-bit differences of its Hessian into other codes; summed in fp64, the
-    Hessian does not depend on the split, and neither do the codes."""
+@pytest.mark.parametrize("chain", [EXACT, EXACT_FT])
+def test_float64_sums_give_the_one_process_codes_exactly(two_processes, chain):
+    """GPTQ turns last-bit differences of its Hessian into other codes, and training's thousands of
+    steps turn those of its gradients into other weights; summed in fp64 (Hessians; gradients one
+    sample at a time), neither depends on the split, and neither do the codes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the processes run
     try:
-        one = _run(EXACT)
+        one = _run(chain)
     finally:
         torch.set_num_threads(threads)
-    two = two_processes[0]["chains"][EXACT]
+    two = two_processes[0]["chains"][chain]
+    if chain == EXACT_FT:
+        assert two["evals"] == one["evals"]
+        for k, v in one["state"].items():
+            assert torch.equal(v, two["state"][k]), k
     a, b = _codes(one["state"], one["grids"]), _codes(two["state"], two["grids"])
     for name in a:
         assert torch.equal(a[name], b[name]), name

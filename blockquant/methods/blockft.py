@@ -29,6 +29,7 @@ from blockquant.arch import block_linears, get_blocks
 from blockquant.capture import BlockInputs, LayerResult, WindowContext, block_output, collect_hessians, relative_error, run_block
 from blockquant.finetune import (
     FakeQuantLinear,
+    PerSample,
     TrainConfig,
     batch_mean_squares,
     default_groups,
@@ -88,11 +89,14 @@ class BlockFTOptions:
         return int(m.group(1))
 
 
-def _downstream_path(ctx: WindowContext, k: int | None) -> tuple[Callable[[Tensor, int], Tensor], nn.Module | None, list[nn.Module]]:
+def _downstream_path(
+    ctx: WindowContext, k: int | None
+) -> tuple[Callable[[Tensor, tuple, dict], Tensor], nn.Module | None, list[nn.Module]]:
     """The frozen full-precision map from the window's output to where the loss is measured.
 
-    Returns (path to the normalised hidden state, the LM head for ``logits`` or None (also for an
-    encoder's ``logits``: its output is the pooled hidden state), the modules it moved to the device).
+    Returns (path to the normalised hidden state, given the window's output and the block calls'
+    other arguments; the LM head for ``logits`` or None (also for an encoder's ``logits``: its
+    output is the pooled hidden state); the modules it moved to the device).
     """
     blocks = get_blocks(ctx.model, ctx.arch)
     last = ctx.first + len(ctx.blocks) - 1
@@ -112,11 +116,11 @@ def _downstream_path(ctx: WindowContext, k: int | None) -> tuple[Callable[[Tenso
     for m in moved:
         m.to(ctx.device)
 
-    def path(h: Tensor, batch: int) -> Tensor:
+    def path(h: Tensor, args: tuple, kwargs: dict) -> Tensor:
         if k == 0:
             return h
         for block in later:
-            h = block_output(block(h, *ctx.q_inputs.args[batch], **ctx.q_inputs.kwargs[batch]))
+            h = block_output(block(h, *args, **kwargs))
         return norm(h)
 
     return path, head, moved
@@ -146,11 +150,15 @@ def float_tensors(blocks: list[nn.Module], names: list[list[str]]) -> list[tuple
     return found
 
 
-def _window_forward(blocks: list[nn.Module], inputs: BlockInputs, batch: int) -> Tensor:
-    h = inputs.hidden[batch]
+def _window_forward(blocks: list[nn.Module], h: Tensor, args: tuple, kwargs: dict) -> Tensor:
     for block in blocks:
-        h = block_output(block(h, *inputs.args[batch], **inputs.kwargs[batch]))
+        h = block_output(block(h, *args, **kwargs))
     return h
+
+
+def _call(inputs: BlockInputs, j: int, r: int | None = None) -> tuple[Tensor, tuple, dict]:
+    """Entry ``j``'s block call: all its samples, or sample ``r`` alone."""
+    return (inputs.hidden[j], inputs.args[j], inputs.kwargs[j]) if r is None else inputs.sample(j, r)
 
 
 def _proximal(modules: list[FakeQuantLinear], start_loss: float, strength: float) -> Callable[[], Tensor]:
@@ -185,7 +193,9 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefi
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
     source = ctx.fp_inputs if opts.target == "fp-input" else ctx.q_inputs
     with torch.no_grad():
-        targets = [path(_window_forward(ctx.fp_blocks, source, i), i) for i in range(len(source.hidden))]
+        targets = [
+            path(_window_forward(ctx.fp_blocks, *_call(source, j)), source.args[j], source.kwargs[j]) for j in range(len(source.hidden))
+        ]
 
     def make(offset: int) -> Callable[[str, nn.Module], FakeQuantLinear]:
         def build(name: str, layer: nn.Module) -> FakeQuantLinear:
@@ -218,14 +228,26 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefi
         fq.train()
 
     # Several processes: an encoder's pooled loss is relative to the whole batch's mean square
-    pooled = batch_mean_squares([t.float().mean(1) for t in targets], ctx.q_inputs) if opts.downstream is None and head is None else None
+    reproducible = opts.train.reproducible
+    if opts.downstream is None and head is None:
+        pooled = batch_mean_squares([t.float().mean(1) for t in targets], ctx.q_inputs, per_sample=reproducible)
+    else:
+        pooled = None
 
-    def loss_on(i: int) -> Tensor:  # i: a calibration batch of the run; j: the entry holding it here
+    def loss_on(i: int, r: int | None = None) -> Tensor:  # i: a calibration batch of the run; j: the entry holding it here
         j = ctx.q_inputs.entry(i)
-        pred = path(_window_forward(ctx.blocks, ctx.q_inputs, j), j)
+        h, args, kwargs = _call(ctx.q_inputs, j, r)
+        pred = path(_window_forward(ctx.blocks, h, args, kwargs), args, kwargs)
+        target = targets[j] if r is None else targets[j][r : r + 1]  # r: sample r alone (``PerSample``)
         if opts.downstream is None:  # the model's output, from the cached FP final hidden state
-            return output_loss(head, pred, targets[j], None if pooled is None else pooled[j])
-        return F.mse_loss(pred.float(), targets[j].float())
+            return output_loss(head, pred, target, None if pooled is None else pooled[j])
+        return F.mse_loss(pred.float(), target.float())
+
+    def rows(i: int) -> tuple[int, int]:
+        j = ctx.q_inputs.entry(i)
+        return (0 if j is None else ctx.q_inputs.hidden[j].shape[0]), ctx.q_inputs.total(i)
+
+    per_sample = PerSample(loss_on, rows) if reproducible else None
 
     n = ctx.q_inputs.n_batches
     share = ctx.q_inputs.share if ctx.q_inputs.split is not None else None
@@ -237,11 +259,21 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefi
     try:
         if opts.prox > 0:
             with torch.no_grad():
-                penalty = _proximal(modules, mean_loss(loss_on, items[:1], share), opts.prox)
+                penalty = _proximal(modules, mean_loss(loss_on, items[:1], share, per_sample), opts.prox)
         else:
             penalty = None
         log_ = train(
-            modules, loss_on, items[: n - n_eval], items[n - n_eval :], cfg, progress=ctx.progress, groups=groups, penalty=penalty, label=label, share=share
+            modules,
+            loss_on,
+            items[: n - n_eval],
+            items[n - n_eval :],
+            cfg,
+            progress=ctx.progress,
+            groups=groups,
+            penalty=penalty,
+            label=label,
+            share=share,
+            per_sample=per_sample,
         )
     finally:
         for module, attr in floats:  # the (best) trained values, rounded as stored, become plain parameters again

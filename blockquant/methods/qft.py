@@ -90,6 +90,10 @@ class QFTOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainConfig):
             raise TypeError(f"train must be a TrainConfig, got {self.train!r}")
+        if self.train.reproducible:
+            raise ValueError(
+                "qft trains the whole model on each batch at once: train.reproducible (one sample at a time) is for blockft and lkd"
+            )
         if self.hw is not None and self.hw not in HW_PRESETS:
             raise ValueError(f"unknown --hw {self.hw!r}; choose one of {', '.join(HW_PRESETS)}")
         for name in ("lr_equalize", "lr_bias", "lr_act"):
