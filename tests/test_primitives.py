@@ -287,3 +287,18 @@ def test_round_scale_keeps_scales_positive_and_finite():
 def test_quantspec_rejects_unknown_scale_dtype(dtype):
     with pytest.raises(ValueError, match="scale_dtype must be one of float32, bfloat16, float16"):
         QuantSpec(scale_dtype=dtype)
+
+
+@pytest.mark.parametrize("group_size, per_tensor", [(32, False), (-1, False), (-1, True)])
+def test_range_search_in_row_slices_equals_the_whole_search(monkeypatch, group_size, per_tensor):
+    """``clip_search`` searches a few rows at a time (cache-sized slices): each row's groups are
+    searched alone, so the slices find what one search over the whole weight finds."""
+    from blockquant import primitives
+
+    spec = QuantSpec(bits=3, group_size=group_size, sym=False, per_tensor=per_tensor)
+    w = torch.randn(37, 70, generator=torch.Generator().manual_seed(0))
+    col_weight = torch.rand(70, generator=torch.Generator().manual_seed(1))
+    whole = primitives.clip_search(w, spec, col_weight)
+    monkeypatch.setattr(primitives, "SEARCH_ELEMENTS", 3 * 70)  # slices of 3 rows, the last one of 1
+    sliced = primitives.clip_search(w, spec, col_weight)
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced))
