@@ -296,11 +296,15 @@ def _sweep(
     group_of = torch.zeros(cols, dtype=torch.long)
 
     bs = opts.block_size if not grouped else max(1, opts.block_size // width) * width
-    codes = torch.zeros(W.shape, dtype=_code_dtype(spec), device=W.device)
+    # The column loop works on transposed copies, where a column is a contiguous row: reading, quantizing
+    # and updating a column of a row-major block strides across every row's cache line.
+    codes_t = torch.zeros(W.shape[::-1], dtype=_code_dtype(spec), device=W.device)
+    scale_t, zero_t = (scale.t().contiguous(), zero.t().contiguous()) if upfront else (None, None)
     e2 = torch.zeros(out_f, dtype=torch.float64, device=W.device)  # Σ of each row's scaled errors²
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        W1, Err1, hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), hinv[i1:i2, i1:i2]
+        W1, hinv1 = W[:, i1:i2].t().contiguous(), hinv[i1:i2, i1:i2]  # W1: (columns, rows)
+        Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             c, orig = i1 + i, int(perm[i1 + i])
             # 1. the grid of this column: per tensor/channel, static group, or a new group here
@@ -311,22 +315,24 @@ def _sweep(
             else:
                 j = c // width
                 if c % width == 0:  # groups start at lazy-block starts, so W1 is up to date
-                    s, z = _params(W1[:, i : i + width], slice_spec, runs, diag_h[c : c + width])
+                    s, z = _params(W1[i : i + width].t(), slice_spec, runs, diag_h[c : c + width])
                     scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
             group_of[orig] = j
+            s_j, z_j = (scale_t[j], zero_t[j]) if upfront else (scale[:, j], zero[:, j])
             # 2. quantize the column and spread its scaled error over the columns to its right
-            col = W1[:, i]
-            code = column_codes(col, scale[:, j], zero[:, j], spec)
-            q = scale[:, j] * (code - zero[:, j])  # ŵ of the column; the code is kept
-            codes[:, c] = code
+            col = W1[i]
+            code = column_codes(col, s_j, z_j, spec)
+            q = s_j * (code - z_j)  # ŵ of the column; the code is kept
+            codes_t[c] = code
             err = (col - q) / hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            W1[i:] -= hinv1[i, i:].unsqueeze(1) * err.unsqueeze(0)
+            Err1[i] = err
         # 3. lazy update of every column after this block
+        Err1 = Err1.t().contiguous()
         W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
         e2 += torch.sum(Err1.double() ** 2, dim=1)
 
-    codes = codes[:, torch.argsort(perm)]
+    codes = codes_t.t()[:, torch.argsort(perm)]
     return codes, scale, zero, group_of, _row_errors(e2, w, codes, scale, zero, group_of, f)
 
 
