@@ -16,7 +16,8 @@ raise the loss where a step along this one lowers it.
 on held-out data keeping the best state, NaN guard. Under several processes (``dist``) each
 holds a part of every calibration batch: a step's gradients and every loss it reports or judges
 are the sums of the parts, weighted by their share of the batch, so all processes take the same
-steps as one process would.
+steps as one process would, up to the order of those sums; with ``TrainConfig.reproducible`` the
+steps are taken one sample at a time and summed in fp64, the same whatever the split.
 """
 
 from __future__ import annotations

@@ -227,7 +227,7 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefi
         fq.layer.weight.requires_grad_(False)
         fq.train()
 
-    # Several processes: an encoder's pooled loss is relative to the whole batch's mean square
+    # Several processes (or one sample at a time): an encoder's pooled loss is relative to the whole batch's mean square
     reproducible = opts.train.reproducible
     if opts.downstream is None and head is None:
         pooled = batch_mean_squares([t.float().mean(1) for t in targets], ctx.q_inputs, per_sample=reproducible)
