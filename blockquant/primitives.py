@@ -170,6 +170,7 @@ def clip_search(
 
 
 def _search_rows(w: Tensor, spec: QuantSpec, weights: Tensor | None, grid: int, max_shrink: float, norm: float) -> tuple[Tensor, Tensor]:
+    """``clip_search`` over all the rows of ``w`` at once (``weights``: the column weights, (1, in) or None)."""
     width = group_width(spec, w.shape[1])
     best_err = best_scale = best_zero = None
     for i in range(grid):
