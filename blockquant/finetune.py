@@ -335,18 +335,19 @@ def _sample_gradients(params: list[Tensor], per_sample: PerSample, items: list[i
     the gradients weighted by 1 / (batch samples × batches) and added in fp64 in sample order;
     with the step's loss (fp64)."""
     sums: list[Tensor | None] = [None] * len(params)
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=params[0].device)  # on the device: no sync per sample
     for item in items:
         held, total = per_sample.rows(item)
         weight = 1.0 / (total * len(items))
         for r in range(held):
             value = per_sample.loss(item, r)
             value.backward()
-            loss += float(value.detach()) * weight
+            loss += value.detach().double() * weight
             for k, p in enumerate(params):
                 if p.grad is not None:
-                    g = p.grad.double()
-                    sums[k] = g.mul_(weight) if sums[k] is None else sums[k].add_(g, alpha=weight)
+                    if sums[k] is None:
+                        sums[k] = torch.zeros_like(p, dtype=torch.float64)
+                    sums[k].add_(p.grad, alpha=weight)  # fp32 gradient added in fp64
                     p.grad = None
     return sums, loss
 
