@@ -105,13 +105,18 @@ def _safetensors_layout(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
 
 
 def _tensor_digests(path: Path) -> dict[str, str]:
+    """The sha256 of the header and of each tensor's bytes, read ``_CHUNK`` bytes at a time (an
+    embedding is hundreds of MiB: reading it whole would cost that much memory at save)."""
     header_end, ranges = _safetensors_layout(path)
     digests = {}
     with path.open("rb") as f:
         digests["__header__"] = hashlib.sha256(f.read(header_end)).hexdigest()
         for name, (begin, end) in ranges.items():
             f.seek(begin)
-            digests[name] = hashlib.sha256(f.read(end - begin)).hexdigest()
+            h = hashlib.sha256()
+            for at in range(begin, end, _CHUNK):
+                h.update(f.read(min(_CHUNK, end - at)))
+            digests[name] = h.hexdigest()
     return digests
 
 
