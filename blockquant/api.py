@@ -115,8 +115,14 @@ def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
 
 
 def _relative_mse(a: list[Tensor], b: list[Tensor]) -> float:
-    num = sum(float(torch.sum((x.float() - y.float()) ** 2)) for x, y in zip(a, b))
-    den = sum(float(torch.sum(y.float() ** 2)) for y in b)
+    """Σ‖a − b‖² / Σ‖b‖² over batches, a sample at a time (a batch's fp32 copies would cost more
+    than the batch)."""
+    num = den = 0.0
+    for x, y in zip(a, b):
+        for xs, ys in zip(x.split(1), y.split(1)):
+            ys = ys.float()
+            num += float(torch.sum((xs.float() - ys) ** 2))
+            den += float(torch.sum(ys**2))
     if dist.world_size() > 1:  # sums over every process's samples
         num, den = dist.all_reduce_sum(torch.tensor([num, den], dtype=torch.float64)).tolist()
     return num / max(den, 1e-30)
@@ -478,7 +484,8 @@ def _quantize_blocks(
     q_stream = fp_stream.with_hidden(list(fp_stream.hidden)) if in_place else fp_stream  # its own list: the FP one stays
     inputs0 = fp_stream if model_steps else None  # QFT trains from block 0's inputs; nothing else reads them again
     reported = None  # the batches the block errors are measured on; None: all of them
-    if not window_steps and not model_steps:  # the FP stream serves the report alone: follow a few samples only
+    report_only = not window_steps and not model_steps
+    if report_only:  # the FP stream serves the report alone: follow a few samples only
         n = next((i + 1 for i in range(len(sizes)) if sum(sizes[: i + 1]) >= REPORT_SAMPLES), len(sizes))
         if n < len(sizes):
             reported = list(range(n))
@@ -491,6 +498,7 @@ def _quantize_blocks(
     fp_copies: dict[int, nn.Module] = {}  # full-precision copies of the blocks in the window
     homes: dict[int, torch.device] = {}
     t_block: dict[int, float] = {}
+    errors_in: dict[int, float] = {}  # report-only runs: each block's input error, measured before its FP input goes
     done: set[int] = set()  # blocks an earlier, interrupted run wrote (stream.restore)
 
     bar = tqdm(total=len(blocks), desc=f"{recipe.name} {recipe.describe()}", unit="block", disable=not progress)
@@ -506,6 +514,9 @@ def _quantize_blocks(
                 fp_copies[j] = copy.deepcopy(blocks[j]) if window_steps else blocks[j]
                 fp_out = run(blocks[j], x_fp)  # targets, before any method touches it
                 _check_finite_outputs(blocks[j], x_fp, fp_out, f"block {j} (full precision)")
+                if report_only:  # nothing reads the FP input again: its error now, and its memory is the methods'
+                    errors_in[j] = _relative_mse(measured(x_q).hidden, x_fp.hidden)
+                    x_fp = fp_stream = fp_stream.with_hidden([])
                 restored = stream.restore(j, blocks[j]) if stream is not None and stream.restore is not None else None
                 if restored is not None:  # resumed: the block was written by an earlier run
                     result.layers.update(restored)
@@ -549,7 +560,7 @@ def _quantize_blocks(
         advance = stride if window[-1] < len(blocks) - 1 else len(window)
         x_q = x_fp = None  # the window's own stream states: nothing reads them again
         for j in range(first, first + advance):
-            error_in = _relative_mse(measured(q_stream).hidden, fp_stream.hidden)
+            error_in = errors_in.pop(j) if j in errors_in else _relative_mse(measured(q_stream).hidden, fp_stream.hidden)
             if in_place:  # the block's output takes its input's place, batch by batch: one stream in memory, not two
                 q_out = _advance_in_place(blocks[j], q_stream, f"block {j} (quantized)")
             else:
