@@ -196,10 +196,11 @@ def micro_batches(hidden: Tensor, args: tuple, kwargs: dict[str, Any], max_eleme
 
 
 # Hidden-state values per block forward where a batch's parts can run apart (``run_block``, the
-# Hessian passes): 2048 tokens of a 2048-wide model, whose forward's intermediates (a 5632-wide
-# MLP's four bf16 activations are 44 KiB a token) then cost less than the Hessians or the
-# activations they feed. A narrow model's batches run whole: the cut would only cost time.
-FORWARD_ELEMENTS = 1 << 22
+# Hessian passes): 1024 tokens of a 2048-wide model, whose forward's intermediates (a 5632-wide
+# MLP's four bf16 activations are 44 KiB a token) then cost a third of the Hessian they feed
+# (121 MiB for the down projection), with matmuls still large enough to run at full speed. A
+# narrow model's batches run whole: the cut would only cost time.
+FORWARD_ELEMENTS = 1 << 21
 
 
 @torch.no_grad()
