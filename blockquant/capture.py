@@ -196,11 +196,13 @@ def micro_batches(hidden: Tensor, args: tuple, kwargs: dict[str, Any], max_eleme
 
 
 # Hidden-state values per block forward where a batch's parts can run apart (``run_block``, the
-# Hessian passes): 1024 tokens of a 2048-wide model, whose forward's intermediates (a 5632-wide
-# MLP's four bf16 activations are 44 KiB a token) then cost a third of the Hessian they feed
-# (121 MiB for the down projection), with matmuls still large enough to run at full speed. A
-# narrow model's batches run whole: the cut would only cost time.
-FORWARD_ELEMENTS = 1 << 21
+# Hessian passes): 2048 tokens of a 2048-wide model, whose forward's intermediates (a 5632-wide
+# MLP's four bf16 activations are 44 KiB a token) then cost less than the Hessians or the
+# activations they feed. A narrow model's batches run whole: the cut would only cost time.
+# Smaller parts cost more, not less: their 1–4 MiB intermediates come from the heap instead of
+# their own mappings (``lazy.LARGE_ALLOCATION``), and the heap keeps what they leave free
+# (1024 tokens: 50 MiB more at the peak of a 2048-wide model).
+FORWARD_ELEMENTS = 1 << 22
 
 
 @torch.no_grad()
@@ -328,7 +330,8 @@ def collect_hessians(
 # Rows of the upper-triangle panels of a Gram sum: narrower panels skip more of the lower
 # triangle, wider ones keep the multiply efficient.
 GRAM_PANEL = 256
-GRAM_TOKENS = 1024  # tokens converted to the sum's dtype at a time: bounds that copy (23 MiB for 5632-wide bf16 inputs)
+GRAM_TOKENS = 1024  # tokens summed at a time; fewer on wide inputs, whose copy in the sum's dtype is bounded:
+GRAM_ELEMENTS = 1 << 21  # input values at a time (8 MiB in fp32: 372 tokens of a 5632-wide MLP's down projection)
 
 
 def add_gram(h: Tensor, x: Tensor, alpha: float) -> Tensor:
@@ -338,8 +341,9 @@ def add_gram(h: Tensor, x: Tensor, alpha: float) -> Tensor:
     left as it was."""
     cols = h.shape[0]
     panel = GRAM_PANEL if cols > 2 * GRAM_PANEL else GRAM_PANEL // 2
-    for t in range(0, x.shape[0], GRAM_TOKENS):
-        xt = x[t : t + GRAM_TOKENS].to(h.dtype)
+    tokens = max(64, min(GRAM_TOKENS, GRAM_ELEMENTS // cols))
+    for t in range(0, x.shape[0], tokens):
+        xt = x[t : t + tokens].to(h.dtype)
         for a in range(0, cols, panel):
             h[a : a + panel, a:].addmm_(xt[:, a : a + panel].t(), xt[:, a:], alpha=alpha)
     return h

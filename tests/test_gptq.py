@@ -363,6 +363,22 @@ def test_collect_hessians_is_the_mean_gram_of_each_input():
         assert torch.equal(h[name], h[name].t())
 
 
+def test_gram_sum_over_token_slices_of_wide_inputs(monkeypatch):
+    """A wide input's Gram sum converts a bounded number of values at a time (fewer tokens the wider
+    the input, 64 at least): the sum over those token slices is still ``alpha · xᵀx`` above the diagonal."""
+    from blockquant import capture
+
+    monkeypatch.setattr(capture, "GRAM_ELEMENTS", 300 * 100)  # 100 tokens of a 300-wide input
+    torch.manual_seed(0)
+    x = torch.randn(1000, 300, dtype=torch.bfloat16)
+    h = capture.mirror_upper(capture.add_gram(torch.zeros(300, 300), x, 0.5))
+    expected = 0.5 * x.double().t() @ x.double()
+    assert torch.allclose(h.double(), expected, rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(capture, "GRAM_ELEMENTS", 1)  # never fewer than 64 tokens at a time
+    h64 = capture.mirror_upper(capture.add_gram(torch.zeros(300, 300), x, 0.5))
+    assert torch.allclose(h64.double(), expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("cols", [37, 300])
 def test_inverse_factor_in_place_is_the_out_of_place_one(monkeypatch, cols):
     """H's permuted copy is factored, inverted and factored again in its own memory, with the
