@@ -104,20 +104,36 @@ def _safetensors_layout(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     return start, {k: (start + v["data_offsets"][0], start + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
 
 
-def _tensor_digests(path: Path) -> dict[str, str]:
-    """The sha256 of the header and of each tensor's bytes, read ``_CHUNK`` bytes at a time (an
-    embedding is hundreds of MiB: reading it whole would cost that much memory at save)."""
+def _digests(path: Path) -> tuple[str, dict[str, str]]:
+    """The sha256 of a safetensors file, of its header and of each tensor's bytes, in one read of
+    the file, ``_CHUNK`` bytes at a time (an embedding is hundreds of MiB: reading it whole would
+    cost that much memory at save)."""
     header_end, ranges = _safetensors_layout(path)
-    digests = {}
+    whole, digests = hashlib.sha256(), {}
+
+    def feed(f, n: int, part=None) -> None:  # the next n bytes into the file's hash (and the part's)
+        while n > 0:
+            chunk = f.read(min(_CHUNK, n))
+            if not chunk:  # a file shorter than its header says: the parts read so far are hashed
+                return
+            whole.update(chunk)
+            if part is not None:
+                part.update(chunk)
+            n -= len(chunk)
+
     with path.open("rb") as f:
-        digests["__header__"] = hashlib.sha256(f.read(header_end)).hexdigest()
-        for name, (begin, end) in ranges.items():
-            f.seek(begin)
+        header = hashlib.sha256()
+        feed(f, header_end, header)
+        digests["__header__"] = header.hexdigest()
+        at = header_end
+        for name, (begin, end) in sorted(ranges.items(), key=lambda item: item[1]):
+            feed(f, begin - at)  # padding between tensors, if any
             h = hashlib.sha256()
-            for at in range(begin, end, _CHUNK):
-                h.update(f.read(min(_CHUNK, end - at)))
-            digests[name] = h.hexdigest()
-    return digests
+            feed(f, end - begin, h)
+            digests[name], at = h.hexdigest(), end
+        while chunk := f.read(_CHUNK):  # anything after the last tensor
+            whole.update(chunk)
+    return whole.hexdigest(), digests
 
 
 def write_manifest(directory: Path) -> None:
@@ -125,9 +141,11 @@ def write_manifest(directory: Path) -> None:
     files, tensors = {}, {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
         rel = path.relative_to(directory).as_posix()
-        files[rel] = {"sha256": _sha256_file(path), "bytes": path.stat().st_size}
-        if path.suffix == ".safetensors":
-            tensors[rel] = _tensor_digests(path)
+        if path.suffix == ".safetensors":  # the file's hash and its tensors' in one read
+            digest, tensors[rel] = _digests(path)
+        else:
+            digest = _sha256_file(path)
+        files[rel] = {"sha256": digest, "bytes": path.stat().st_size}
     (directory / MANIFEST_FILE).write_text(json.dumps({"algorithm": "sha256", "files": files, "tensors": tensors}, indent=1))
 
 
@@ -162,7 +180,7 @@ def _culprit(file: Path, expected: dict[str, str]) -> str:
     if not expected:
         return "its bytes differ from the manifest"
     try:
-        actual = _tensor_digests(file)
+        actual = _digests(file)[1]
     except ValueError:
         return "its safetensors header is corrupt"
     for name, digest in expected.items():
