@@ -554,6 +554,7 @@ class WindowContext:
     device: torch.device
     train_logs: list = field(default_factory=list)  # (first block, TrainLog) per trained window
     progress: bool = True
+    fp_outputs: list[Tensor] | None = None  # the full-precision window's output on fp_inputs, where the driver has it
 
     def layer_name(self, offset: int, name: str) -> str:
         return f"{self.arch.blocks}.{self.first + offset}.{name}"

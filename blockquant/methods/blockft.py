@@ -192,9 +192,11 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefi
     path, head, moved = _downstream_path(ctx, opts.downstream)
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
     source = ctx.fp_inputs if opts.target == "fp-input" else ctx.q_inputs
+    reuse = opts.target == "fp-input" and ctx.fp_outputs is not None  # the driver ran the FP window on its FP input already
     with torch.no_grad():
         targets = [
-            path(_window_forward(ctx.fp_blocks, *_call(source, j)), source.args[j], source.kwargs[j]) for j in range(len(source.hidden))
+            path(ctx.fp_outputs[j] if reuse else _window_forward(ctx.fp_blocks, *_call(source, j)), source.args[j], source.kwargs[j])
+            for j in range(len(source.hidden))
         ]
 
     def make(offset: int) -> Callable[[str, nn.Module], FakeQuantLinear]:
@@ -293,6 +295,7 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefi
         for name, (scale, zero) in grids.items():
             error = relative_error(weight_matrix(fp_block.get_submodule(name)), weight_matrix(block.get_submodule(name)), hessians[name])
             results[ctx.layer_name(offset, name)] = LayerResult(scale.cpu(), zero.cpu(), None, error)
-        x = x.with_hidden(run_block(block, x))
+        if offset < len(ctx.blocks) - 1:  # the next block's errors are measured on this one's output
+            x = x.with_hidden(run_block(block, x))
     ctx.train_logs.append((ctx.first, log_))
     return results
