@@ -66,16 +66,10 @@ GPTQ_VARIANTS = {
     BF16: ({}, "bfloat16"),
     FAST: ({"true_sequential": False}, "bfloat16"),
 }
-# The blockquant block-wise FT rows: (training options, other options) of the blockft step. "bf16 autocast": its
-# training forwards and backwards under torch.autocast(bfloat16), as AutoRound trains on CPU; "compiled": the
-# blocks train under torch.compile, as AutoRound's do on CPU.
+# The blockquant block-wise FT rows: options of the blockft step. "bf16 autocast": its training forwards and
+# backwards under torch.autocast(bfloat16), as AutoRound trains on CPU.
 AMP = "gptq,blockft (bf16 autocast)"
-AMP_COMPILED = "gptq,blockft (bf16 autocast, compiled)"
-BLOCKFT_VARIANTS = {
-    "gptq,blockft": ({}, {}),
-    AMP: ({"autocast": "bfloat16"}, {}),
-    AMP_COMPILED: ({"autocast": "bfloat16"}, {"compile": True}),
-}
+BLOCKFT_VARIANTS = {"gptq,blockft": {}, AMP: {"autocast": "bfloat16"}}
 PAIRS = {m: ("blockquant", "llm-compressor") for m in GPTQ_VARIANTS} | {m: ("blockquant", "AutoRound") for m in BLOCKFT_VARIANTS}
 
 
@@ -155,10 +149,9 @@ def _recipe(method: str, bits: int, group: int, steps: int | None):
 
         return Recipe(spec, (make_step("gptq", GPTQ_VARIANTS[method][0]),))
     recipe = parse_recipe("gptq,blockft" if method in BLOCKFT_VARIANTS else method, spec)
-    train, options = BLOCKFT_VARIANTS.get(method, ({}, {}))
-    train = dict(train) | ({} if steps is None else {"steps": steps})
+    train = dict(BLOCKFT_VARIANTS.get(method, {})) | ({} if steps is None else {"steps": steps})
     replaced = [
-        dataclasses.replace(s, options=dataclasses.replace(s.options, train=dataclasses.replace(s.options.train, **train), **options))
+        dataclasses.replace(s, options=dataclasses.replace(s.options, train=dataclasses.replace(s.options.train, **train)))
         if hasattr(s.options, "train")
         else s
         for s in recipe.steps
@@ -559,8 +552,7 @@ def note(rows: dict, args: argparse.Namespace) -> str:
         "weights its checkpoint holds; `rtn` W4 g128 without calibration data; `gptq,blockft` (GPTQ, then block-wise "
         "fine-tuning with its defaults) at W3 g128 and W2 g64, and `gptq,blockft (bf16 autocast)`: the same with the "
         "fine-tuning's forwards and backwards under `torch.autocast(bfloat16)` (option `autocast: bfloat16`), as AutoRound "
-        "trains on CPU; `… compiled`: the same with the blocks training under `torch.compile` (option `compile: true`; "
-        "its compile time is inside the seconds), as AutoRound's do on CPU.\n\n"
+        "trains on CPU.\n\n"
     )
     if versions:
         text += (

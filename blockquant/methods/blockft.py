@@ -58,10 +58,6 @@ class BlockFTOptions:
     train_float: bool = False  # also train the float tensors the checkpoint keeps: norm weights/biases, the linears' biases
     lr_float: float = 1e-3  # their learning rate (absolute)
     prox: float = 0.0  # pull of the master weights (STE) towards their start: prox · initial loss · mean squared move in code units
-    # True: the window's blocks, fake-quantized linears included, train under torch.compile. Its fused kernels make a
-    # step ~20 % faster on a CPU after a compile of ~20 s, paid once per run (the blocks share one graph). Needs a C++
-    # compiler on CPU, Triton on GPU.
-    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainConfig):
@@ -183,13 +179,6 @@ def _proximal(modules: list[FakeQuantLinear], start_loss: float, strength: float
     return penalty
 
 
-def _compiler_failed(e: Exception) -> bool:
-    """Whether ``e`` is torch.compile failing to build its kernels (no C++ compiler, no Triton)."""
-    from torch._dynamo.exc import BackendCompilerFailed  # imported here: torch._dynamo is large
-
-    return isinstance(e, BackendCompilerFailed)
-
-
 def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefix: str = "blockft") -> dict[str, LayerResult]:
     """Fine-tune the window's quantization parameters and weights; leave them on the grid."""
     names = [list(block_linears(b, ctx.arch)) for b in ctx.blocks]
@@ -247,12 +236,10 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefi
     else:
         pooled = None
 
-    trained = [torch.compile(b) for b in ctx.blocks] if opts.compile else ctx.blocks  # compiled: the same modules, wrapped
-
     def loss_on(i: int, r: int | None = None) -> Tensor:  # i: a calibration batch of the run; j: the entry holding it here
         j = ctx.q_inputs.entry(i)
         h, args, kwargs = _call(ctx.q_inputs, j, r)
-        pred = path(_window_forward(trained, h, args, kwargs), args, kwargs)
+        pred = path(_window_forward(ctx.blocks, h, args, kwargs), args, kwargs)
         target = targets[j] if r is None else targets[j][r : r + 1]  # r: sample r alone (``PerSample``)
         if opts.downstream is None:  # the model's output, from the cached FP final hidden state
             return output_loss(head, pred, target, None if pooled is None else pooled[j])
@@ -290,12 +277,6 @@ def apply(ctx: WindowContext, spec: QuantSpec, opts: BlockFTOptions, label_prefi
             share=share,
             per_sample=per_sample,
         )
-    except Exception as e:
-        if opts.compile and _compiler_failed(e):
-            raise ValueError(
-                f"blockft compile: true: torch.compile cannot build kernels here ({str(e).splitlines()[0]}); drop the option"
-            ) from e
-        raise
     finally:
         for module, attr in floats:  # the (best) trained values, rounded as stored, become plain parameters again
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
