@@ -66,10 +66,13 @@ GPTQ_VARIANTS = {
     BF16: ({}, "bfloat16"),
     FAST: ({"true_sequential": False}, "bfloat16"),
 }
-# The blockquant block-wise FT rows: options of the blockft step. "bf16 autocast": its training forwards and
-# backwards under torch.autocast(bfloat16), as AutoRound trains on CPU.
+# The blockquant block-wise FT rows: (training options of the blockft step, compute dtype). "bf16 autocast": its
+# training forwards and backwards under torch.autocast(bfloat16), as AutoRound trains on CPU; "bf16 compute": the
+# model loaded in its checkpoint's bf16, as AutoRound loads it (the fine-tuning's trained parameters,
+# fake-quantization, optimizer and losses stay fp32, as does GPTQ's arithmetic).
 AMP = "gptq,blockft (bf16 autocast)"
-BLOCKFT_VARIANTS = {"gptq,blockft": {}, AMP: {"autocast": "bfloat16"}}
+BF16_FT = "gptq,blockft (bf16 compute)"
+BLOCKFT_VARIANTS = {"gptq,blockft": ({}, "float32"), AMP: ({"autocast": "bfloat16"}, "float32"), BF16_FT: ({}, "bfloat16")}
 PAIRS = {m: ("blockquant", "llm-compressor") for m in GPTQ_VARIANTS} | {m: ("blockquant", "AutoRound") for m in BLOCKFT_VARIANTS}
 
 
@@ -149,7 +152,7 @@ def _recipe(method: str, bits: int, group: int, steps: int | None):
 
         return Recipe(spec, (make_step("gptq", GPTQ_VARIANTS[method][0]),))
     recipe = parse_recipe("gptq,blockft" if method in BLOCKFT_VARIANTS else method, spec)
-    train = dict(BLOCKFT_VARIANTS.get(method, {})) | ({} if steps is None else {"steps": steps})
+    train = dict(BLOCKFT_VARIANTS.get(method, ({}, None))[0]) | ({} if steps is None else {"steps": steps})
     replaced = [
         dataclasses.replace(s, options=dataclasses.replace(s.options, train=dataclasses.replace(s.options.train, **train)))
         if hasattr(s.options, "train")
@@ -168,7 +171,7 @@ def one_blockquant(method: str, bits: int, group: int, seed: int, nsamples: int,
     from blockquant import quantize
     from blockquant.files import load_model
 
-    dtype = GPTQ_VARIANTS.get(method, ({}, "float32"))[1]
+    dtype = (GPTQ_VARIANTS | BLOCKFT_VARIANTS).get(method, ({}, "float32"))[1]
     model, _ = load_model(subject_paths(SUBJECT)[0], getattr(torch, dtype))
     calibration = None if method == "rtn" else load_file(str(calib_file(seed, nsamples)))["input_ids"]
     torch.manual_seed(seed)
@@ -552,7 +555,9 @@ def note(rows: dict, args: argparse.Namespace) -> str:
         "weights its checkpoint holds; `rtn` W4 g128 without calibration data; `gptq,blockft` (GPTQ, then block-wise "
         "fine-tuning with its defaults) at W3 g128 and W2 g64, and `gptq,blockft (bf16 autocast)`: the same with the "
         "fine-tuning's forwards and backwards under `torch.autocast(bfloat16)` (option `autocast: bfloat16`), as AutoRound "
-        "trains on CPU.\n\n"
+        "trains on CPU, and `gptq,blockft (bf16 compute)`: the model loaded in its checkpoint's bf16, as AutoRound loads "
+        "it (`--dtype bfloat16`; the trained parameters, fake-quantization, optimizer and losses stay fp32), scored like "
+        "the GPTQ bf16 rows.\n\n"
     )
     if versions:
         text += (
