@@ -70,6 +70,26 @@ def test_window_one_equals_single_block_and_is_deterministic(make_tiny, calib_id
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("window,stride", [(1, 1), (2, 1)])
+def test_targets_from_the_driver_equal_the_fp_window_run_again(make_tiny, calib_ids, monkeypatch, window, stride):
+    """The window's targets are the driver's FP outputs (not computed twice): training on them is
+    bit for bit training on the FP window run again on its FP input."""
+    import dataclasses
+
+    import blockquant.api as api
+
+    opts = {"steps": 6, "eval_every": 3, "window": window, "stride": stride}
+    a, b = make_tiny("llama"), make_tiny("llama")
+    reused = run(a, calib_ids, ("gptq", {}), ("blockft", opts))
+    made = api.WindowContext
+    monkeypatch.setattr(api, "WindowContext", lambda *args, **kw: dataclasses.replace(made(*args, **kw), fp_outputs=None))
+    recomputed = run(b, calib_ids, ("gptq", {}), ("blockft", opts))
+    assert [log.losses for _, log in reused.train_logs] == [log.losses for _, log in recomputed.train_logs]
+    assert [(r.input_error, r.output_error) for r in reused.blocks] == [(r.input_error, r.output_error) for r in recomputed.blocks]
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize("window,stride", [(2, 1), (2, 2)])
 def test_joint_window_on_grid_with_one_report_per_block(make_tiny, calib_ids, window, stride):
     model = make_tiny("llama")
