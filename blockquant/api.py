@@ -551,7 +551,7 @@ def _quantize_blocks(
                 device,
                 result.train_logs,
                 progress,
-                fp_outs[window[-1]],
+                fp_outputs=fp_outs[window[-1]],
             )
             with result.timing(step.method):
                 result.layers.update(METHODS[step.method].window(wctx, recipe.spec, step.options))
