@@ -8,8 +8,10 @@ vocab 32000, untied head; random weights from seed 0, built in memory in bf16) a
 RTN W4 g128 sym on the bf16 grid (RTN needs no calibration: ``calibration=None``) and exported
 compressed-tensors with bf16 scales. Rows, each in a fresh process with ``--threads`` torch
 threads: the bf16 model (``from_pretrained``), the export loaded with ``blockquant.load`` (bf16
-activations; CPU int4 kernel), and the same with the kernels off (``set_cpu_kernels(model,
-False)``: unpack + dequantize + matmul in plain torch every call).
+activations; CPU int4 kernel), the same with the kernels off (``set_cpu_kernels(model,
+False)``: unpack + dequantize + matmul in plain torch every call), and the ceiling: the bf16
+model with the linears the export packs replaced by ones that cost nothing (``free_linears``),
+the tokens/s that no format of those weights can exceed.
 
 Greedy decoding at batch 1 with the KV cache: a random ``--prompt``-token prompt, then
 ``--new-tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``). *tokens/s* = new tokens /
@@ -53,7 +55,12 @@ SYNTHETIC = dict(
     tie_word_embeddings=False,
 )
 SUBJECTS = ("synthetic-1b", "llama-code")
-ROWS = {"bf16": "bf16 model", "fast": "packed W4 g128, CPU kernel", "plain": "packed W4 g128, kernels off"}
+ROWS = {
+    "bf16": "bf16 model",
+    "fast": "packed W4 g128, CPU kernel",
+    "plain": "packed W4 g128, kernels off",
+    "ceiling": "bf16 model, decoder linears at zero cost (the ceiling)",
+}
 SPEEDUP_TARGET, BANDWIDTH_TARGET, LOGITS_TARGET = 2.0, 0.5, 1e-3
 
 
@@ -118,10 +125,35 @@ def _load(row: str, path: str):
     import blockquant
     from blockquant.export.qlinear import set_cpu_kernels
 
-    if row == "bf16":
-        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    if row in ("bf16", "ceiling"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        return free_linears(model) if row == "ceiling" else model
     model = blockquant.load(path)
     set_cpu_kernels(model, row == "fast")
+    return model
+
+
+def free_linears(model):
+    """``model`` with every linear but the head replaced by one that costs nothing (it returns zeros).
+
+    The linears replaced are those the W4 export packs, so its decoding steps keep every other
+    cost (embedding, norms, attention, the head, the Python around them): the tokens/s no
+    weight format of those linears can exceed."""
+    import torch
+    from torch import nn
+
+    class Free(nn.Module):
+        def __init__(self, out_features: int) -> None:
+            super().__init__()
+            self.out_features = out_features
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and module is not head:
+            model.set_submodule(name, Free(module.out_features))
     return model
 
 
@@ -274,7 +306,7 @@ def subject_rows(subject: str, work: str, args: argparse.Namespace) -> dict:
     paths = run_child(script, ["prepare", subject, work, *common])
     rows = {}
     for row in ROWS:
-        rows[row] = run_child(script, ["measure", row, paths["bf16" if row == "bf16" else "packed"], *common])
+        rows[row] = run_child(script, ["measure", row, paths["bf16" if row in ("bf16", "ceiling") else "packed"], *common])
         print(f"{subject} {row}: {rows[row]['tok_s']:.2f} tok/s", flush=True)
     return {"paths": paths, "rows": rows, "logits": run_child(script, ["logits", paths["packed"], *common])}
 
@@ -320,14 +352,16 @@ def report(results: dict, copy: dict, kernel: dict, args: argparse.Namespace, sk
                     f"{m['tok_s'] / bf16['tok_s']:.2f}×",
                     f"{m['decode_tok_s']:.2f}",
                     f"{m['prefill_s']:.2f}",
-                    f"{m['weight_bytes'] / 2**20:.0f}",
-                    f"{gbs:.2f}",
-                    f"{gbs / copy['copy_gbs']:.0%}",
+                    *(
+                        ["-"] * 3
+                        if key == "ceiling"
+                        else [f"{m['weight_bytes'] / 2**20:.0f}", f"{gbs:.2f}", f"{gbs / copy['copy_gbs']:.0%}"]
+                    ),
                     f"{m['peak_mb']:.0f}",
                 ]
             )
         fast, lg = r["rows"]["fast"], r["logits"]
-        speedup = fast["tok_s"] / bf16["tok_s"]
+        speedup, ceiling = fast["tok_s"] / bf16["tok_s"], r["rows"]["ceiling"]["tok_s"] / bf16["tok_s"]
         share = fast["weight_bytes"] * fast["decode_tok_s"] / 1e9 / copy["copy_gbs"]
         loads = ", ".join(f"{r['rows'][k]['load_avg']:.1f}" for k in ROWS)
         shares = "; ".join(
@@ -344,7 +378,8 @@ def report(results: dict, copy: dict, kernel: dict, args: argparse.Namespace, sk
             f"off {lg['plain_vs_fp32']:.2e}. 1-minute load average when each row started: {loads} (2 cores).",
             f"Where a decoding step's time goes (torch profiler, self CPU time of 4 steps after the prompt): {shares}.",
             "Targets:\n"
-            f"- tokens/s ≥ {SPEEDUP_TARGET:.0f}× the bf16 model's: {speedup:.2f}× — {'met' if speedup >= SPEEDUP_TARGET else 'MISSED'}\n"
+            f"- tokens/s ≥ {SPEEDUP_TARGET:.0f}× the bf16 model's: {speedup:.2f}× — {'met' if speedup >= SPEEDUP_TARGET else 'MISSED'} (the ceiling, every "
+            f"other cost of a step kept and the decoder's linears free: {ceiling:.2f}×)\n"
             f"- effective bandwidth ≥ {BANDWIDTH_TARGET:.0%} of the memory copy: {share:.0%} — "
             f"{'met' if share >= BANDWIDTH_TARGET else 'MISSED'} (the int4 kernel alone: {kern['kernel_gbs'] / copy['copy_gbs']:.0%} "
             f"of the copy, and {fast['profile']['low-bit kernels']:.0%} of a decoding step's time)\n"
