@@ -155,6 +155,27 @@ def test_act_order_groups_round_trip_in_gptq_and_are_refused_by_compressed_tenso
     assert "g_idx" in compressed_tensors.problem("L", 64, 128, 32, False, True)
 
 
+@pytest.mark.parametrize("layout", ["groups", "ragged", "g_idx"])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dequantize_in_the_scales_dtype_equals_fp32_rounded_once(dtype, bits, layout):
+    """With scales stored in bf16/fp16, dequantizing to that dtype works in it directly: bit for bit
+    the exact fp32 result rounded once (every q − z exact there, every product rounded once)."""
+    gen = torch.Generator().manual_seed(bits)
+    out, cols, group = 48, 100 if layout == "ragged" else 128, 32
+    n_groups = math.ceil(cols / group)
+    codes = torch.randint(0, 2**bits, (out, cols), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(0, 2**bits, (out, n_groups), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(out, n_groups, generator=gen) * 10.0 ** torch.randint(-6, 2, (out, n_groups), generator=gen)).to(dtype)
+    g_idx = torch.randperm(cols, generator=gen) % n_groups if layout == "g_idx" else None
+    q = QuantLinear(cols, out, bits, group, False, pack_int32(codes, bits), scales, zeros, g_idx)
+    cols_group = g_idx.long() if g_idx is not None else torch.arange(cols) // group
+    exact = (codes.double() - zeros[:, cols_group].double()) * scales[:, cols_group].double()
+    assert torch.equal(q.dequantize(torch.float32), exact.float())
+    half = q.dequantize(dtype)
+    assert half.dtype == dtype and half.is_contiguous() and torch.equal(half, exact.float().to(dtype))
+
+
 def test_gptq_v1_zero_points_are_read_with_their_offset():
     spec = QuantSpec(2, 32, sym=False)
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))

@@ -85,18 +85,27 @@ class QuantLinear(nn.Module):
         return unpack_int32(self.qweight, self.bits, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``Ŵ`` ``(out, in)``: computed in fp32 (exactly ``s·(q − z)``), then cast to ``dtype``."""
+        """``Ŵ`` ``(out, in)`` in ``dtype``: ``s·(q − z)`` computed exactly in fp32, then rounded to ``dtype``.
+
+        Where the scales are stored in ``dtype`` itself (bf16 or fp16), it is computed in ``dtype``
+        with the same result: ``q − z`` is an integer it holds exactly, and each product is rounded
+        once, as the cast would round it. That path moves a third of the bytes, which matters here:
+        the plain forward dequantizes every weight on every call, and a fresh fp32 copy of a large
+        layer costs more in page faults than in arithmetic.
+        """
         q = self.codes()
+        work = dtype if dtype in (torch.bfloat16, torch.float16) and self.scales.dtype == dtype else torch.float32
         if self.g_idx is not None:
             cols = self.g_idx.long()
-            return ((q.float() - self.zeros[:, cols].float()) * self.scales[:, cols].float()).to(dtype)
+            return ((q.to(work) - self.zeros[:, cols].to(work)) * self.scales[:, cols].to(work)).to(dtype)
         out, cols, g = self.out_features, self.in_features, self.group_size
         pad = self.n_groups * g - cols  # ragged last group: pad, dequantize, cut
         if pad:
             q = torch.cat([q, q.new_zeros(out, pad)], dim=1)
-        w = q.view(out, self.n_groups, g).float()  # (out, G, g), in place from here: this runs every forward
+        w = q.view(out, self.n_groups, g).to(work)  # (out, G, g), in place from here: this runs every forward
         w.sub_(self.zeros.unsqueeze(2)).mul_(self.scales.unsqueeze(2))
-        return w.view(out, -1)[:, :cols].to(dtype)
+        w = w.view(out, -1)[:, :cols]
+        return w.to(dtype) if w.dtype != dtype else w.contiguous()
 
     @staticmethod
     def kernel_applies(device_type: str, bits: int, has_g_idx: bool, dtype: torch.dtype, tokens: int) -> bool:
