@@ -11,9 +11,10 @@ threads: the bf16 model (``from_pretrained``), the export loaded with ``blockqua
 activations; CPU int4 kernel), the same with the kernels off (``set_cpu_kernels(model,
 False)``: unpack + dequantize + matmul in plain torch every call), and the ceiling: the bf16
 model with the linears the export packs replaced by ones that cost nothing (``free_linears``),
-the tokens/s that no format of those weights can exceed. Every row runs ``--repeats`` times, in
-rounds over the rows (so that a slow spell of a shared machine falls on all of them), and shows
-its median run.
+the tokens/s that no format of those weights can exceed. Every row runs in rounds over the rows
+(so that a slow spell of a shared machine falls on all of them), ``--repeats`` rounds at least and
+more until every row has generated for ``--min-seconds`` (a small model's run lasts a second), and
+shows its median run.
 
 Greedy decoding at batch 1 with the KV cache: a random ``--prompt``-token prompt, then
 ``--new-tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``). *tokens/s* = new tokens /
@@ -347,14 +348,19 @@ def kernel_alone(threads: int, cols: int = 2048, out: int = 5632) -> dict:
 
 
 def subject_rows(subject: str, work: str, args: argparse.Namespace) -> dict:
-    """Every row ``args.repeats`` times, in rounds (bf16, fast, plain, ceiling, bf16, …) so that a
-    slow spell of the machine falls on every row alike; each row keeps its median run."""
+    """Every row in rounds (bf16, fast, plain, ceiling, bf16, …) so that a slow spell of the machine
+    falls on every row alike: ``args.repeats`` rounds, then more rounds of the rows that have not yet
+    generated for ``args.min_seconds``; each row keeps its median run."""
     script = Path(__file__).resolve()
     common = ["--threads", str(args.threads), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens)]
     paths = run_child(script, ["prepare", subject, work, *common])
     runs: dict[str, list[dict]] = {row: [] for row in ROWS}
-    for _ in range(args.repeats):
-        for row in ROWS:
+
+    def timed(row: str) -> float:  # seconds of generation measured so far
+        return sum(args.new_tokens / m["tok_s"] for m in runs[row])
+
+    while len(runs["bf16"]) < args.repeats or min(timed(row) for row in ROWS) < args.min_seconds:
+        for row in [r for r in ROWS if len(runs["bf16"]) < args.repeats or timed(r) < args.min_seconds]:
             runs[row].append(run_child(script, ["measure", row, paths["bf16" if row in ("bf16", "ceiling") else "packed"], *common]))
             print(f"{subject} {row}: {runs[row][-1]['tok_s']:.2f} tok/s", flush=True)
     rows = {}
@@ -387,7 +393,8 @@ def report(results: dict, copy: dict, kernel: dict, args: argparse.Namespace, sk
     )
     parts = [
         f"Batch 1, greedy, KV cache: {args.prompt}-token random prompt, {args.new_tokens} new tokens, {args.threads} torch "
-        f"thread(s); every row runs {args.repeats} times, in rounds over the rows, and shows its median run. Memory copy: {copy['copy_gbs']:.1f} GB/s (read + written, {args.threads} thread(s)). Exports: RTN W4 g128 "
+        f"thread(s); every row runs in rounds over the rows, {args.repeats} at least and more until each has generated for "
+        f"{args.min_seconds:g} s, and shows its median run. Memory copy: {copy['copy_gbs']:.1f} GB/s (read + written, {args.threads} thread(s)). Exports: RTN W4 g128 "
         f"sym, bf16 scales, compressed-tensors; `blockquant.load` with bf16 activations.{contended}",
         f"One layer alone ({kern['shape']}, W4 g128, one token, weights rotated through 512 MiB so that none is cached): the CPU "
         f"int4 kernel {kern['kernel_us']:.0f} µs = {kern['kernel_gbs']:.1f} GB/s of packed bytes ({kern['kernel_gbs'] / copy['copy_gbs']:.0%} "
@@ -471,6 +478,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens [128]")
     p.add_argument("--subjects", nargs="+", default=list(SUBJECTS), choices=SUBJECTS)
     p.add_argument("--repeats", type=int, default=3, help="runs of every row, in rounds; each row keeps its median [3]")
+    p.add_argument(
+        "--min-seconds", type=float, default=10.0, help="more rounds until every row has generated this long (small models) [10]"
+    )
     p.add_argument("--work", help="directory for the checkpoints, kept and reused (default: a temporary one, removed at the end)")
     p.add_argument("--reuse", action="store_true", help="rewrite the report from the last run's rows (bench/cache/decode.json)")
     args = p.parse_args()
@@ -493,11 +503,11 @@ def main() -> None:
     cache = cache_path("decode.json")
     if args.reuse:  # the rows of the last run, with the arguments and the command line it ran with
         saved = json.loads(cache.read_text())
-        vars(args).update({"repeats": 1, **saved["args"]})  # runs cached before --repeats existed ran once
+        vars(args).update({"repeats": 1, "min_seconds": 0.0, **saved["args"]})  # runs cached before these options ran once
         sys.argv = saved["argv"]
     else:
         script = Path(__file__).resolve()
-        saved = {"args": {k: vars(args)[k] for k in ("threads", "prompt", "new_tokens", "repeats")}, "argv": sys.argv}
+        saved = {"args": {k: vars(args)[k] for k in ("threads", "prompt", "new_tokens", "repeats", "min_seconds")}, "argv": sys.argv}
         saved["copy"] = run_child(script, ["copy", "--threads", str(args.threads)])
         saved["kernel"] = run_child(script, ["kernel", "--threads", str(args.threads)])
         with tempfile.TemporaryDirectory(prefix="bq-decode-") as tmp:
