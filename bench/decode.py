@@ -410,7 +410,7 @@ def report(results: dict, copy: dict, kernel: dict, args: argparse.Namespace, sk
                 [
                     label + on_kernel,
                     f"{m['tok_s']:.2f}",
-                    ", ".join(f"{v:.2f}" for v in m.get("runs_tok_s", [m["tok_s"]])),
+                    ", ".join(f"{v:.2f}" for v in m["runs_tok_s"]),
                     f"{m['tok_s'] / bf16['tok_s']:.2f}×",
                     f"{m['decode_tok_s']:.2f}",
                     f"{m['prefill_s']:.2f}",
@@ -424,7 +424,7 @@ def report(results: dict, copy: dict, kernel: dict, args: argparse.Namespace, sk
             )
         fast, lg = r["rows"]["fast"], r["logits"]
         speedup, ceiling = fast["tok_s"] / bf16["tok_s"], r["rows"]["ceiling"]["tok_s"] / bf16["tok_s"]
-        rounds = ", ".join(f"{a / b:.2f}×" for a, b in zip(fast.get("runs_tok_s", []), bf16.get("runs_tok_s", [])))
+        rounds = ", ".join(f"{a / b:.2f}×" for a, b in zip(fast["runs_tok_s"], bf16["runs_tok_s"]))
         share = fast["weight_bytes"] * fast["decode_tok_s"] / 1e9 / copy["copy_gbs"]
         loads = ", ".join(f"{r['rows'][k]['load_avg']:.1f}" for k in ROWS)
         shares = "; ".join(
@@ -438,16 +438,11 @@ def report(results: dict, copy: dict, kernel: dict, args: argparse.Namespace, sk
             markdown_table(headers, rows),
             f"Logits on the prompt (largest relative L2 difference over its {args.prompt} positions): CPU kernel vs kernels off "
             f"{lg['fast_vs_plain']:.2e}; against the same export computed in fp32: CPU kernel {lg['fast_vs_fp32']:.2e}, kernels "
-            f"off {lg['plain_vs_fp32']:.2e}"
-            + (
-                f"; against every packed layer computed exactly from bf16 activations (fp32 dequantization and matmul, the output "
-                f"rounded to bf16 as the kernel rounds its sums): CPU kernel {lg['fast_vs_exact_bf16']:.2e}, kernels off "
-                f"{lg['plain_vs_exact_bf16']:.2e}. Layer by layer, on the same inputs (the prompt, then one token: "
-                f"{lg['layer_calls']} calls), the kernel's outputs are within {lg['layer_fast_vs_exact']:.2e} of that exact "
-                f"computation"
-                if "layer_fast_vs_exact" in lg
-                else ""
-            )
+            f"off {lg['plain_vs_fp32']:.2e}; against every packed layer computed exactly from bf16 activations (fp32 "
+            f"dequantization and matmul, the output rounded to bf16 as the kernel rounds its sums): CPU kernel "
+            f"{lg['fast_vs_exact_bf16']:.2e}, kernels off {lg['plain_vs_exact_bf16']:.2e}. Layer by layer, on the same inputs "
+            f"(the prompt, then one token: {lg['layer_calls']} calls), the kernel's outputs are within "
+            f"{lg['layer_fast_vs_exact']:.2e} of that exact computation"
             + f". 1-minute load average when each row started: {loads} (2 cores).",
             f"Where a decoding step's time goes (torch profiler, self CPU time of 4 steps after the prompt): {shares}.",
             "Targets:\n"
@@ -458,13 +453,9 @@ def report(results: dict, copy: dict, kernel: dict, args: argparse.Namespace, sk
             f"of the copy, and {fast['profile']['low-bit kernels']:.0%} of a decoding step's time)\n"
             f"- logits within {LOGITS_TARGET:g} relative of the kernels-off path: {lg['fast_vs_plain']:.2e} — "
             f"{'met' if lg['fast_vs_plain'] <= LOGITS_TARGET else 'MISSED'} (from the fp32 computation of the same export: "
-            f"kernels off {lg['plain_vs_fp32']:.2e}, CPU kernel {lg['fast_vs_fp32']:.2e}"
-            + (
-                f"; layer by layer against exact dequantize + matmul: {lg['layer_fast_vs_exact']:.2e} — "
-                f"{'met' if lg['layer_fast_vs_exact'] <= LOGITS_TARGET else 'MISSED'})"
-                if "layer_fast_vs_exact" in lg
-                else ")"
-            ),
+            f"kernels off {lg['plain_vs_fp32']:.2e}, CPU kernel {lg['fast_vs_fp32']:.2e}; layer by layer against exact "
+            f"dequantize + matmul: {lg['layer_fast_vs_exact']:.2e} — "
+            f"{'met' if lg['layer_fast_vs_exact'] <= LOGITS_TARGET else 'MISSED'})",
         ]
     parts += [f"{s}: skipped ({LLAMA_CODE} is missing: ../shared is not available)." for s in skipped]
     return "\n\n".join(parts)
@@ -503,7 +494,7 @@ def main() -> None:
     cache = cache_path("decode.json")
     if args.reuse:  # the rows of the last run, with the arguments and the command line it ran with
         saved = json.loads(cache.read_text())
-        vars(args).update({"repeats": 1, "min_seconds": 0.0, **saved["args"]})  # runs cached before these options ran once
+        vars(args).update(saved["args"])
         sys.argv = saved["argv"]
     else:
         script = Path(__file__).resolve()
